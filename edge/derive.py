@@ -1,0 +1,123 @@
+"""Derive the edge's dense draft models from the shipped SmolLM2 GGUF.
+
+Every model tandem uses comes from the one GGUF a registry package ships, so a
+fresh machine needs no download. A draft is the target made cheaper: layers
+dropped from the middle (the least sensitive ones) and/or requantised. Each is
+written with `gguf`, so llama.cpp loads it like any other model.
+
+    python -m edge.derive --out-dir models        # idempotent; prints a line per step
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import gguf
+
+from edge.model_files import models_dir, shipped_gguf
+
+
+@dataclass(frozen=True)
+class DraftRecipe:
+    name: str
+    drop_layers: tuple[int, ...] = ()   # layer indices of the source to remove
+    requant: str | None = None          # e.g. "Q4_0": requantise 2-D weights
+    why: str = ""
+
+
+# The default drafter keeps every layer at a coarser quantisation: acceptance
+# stays high but below 1. The second one drops six middle layers, which the
+# design measured at ~0.6 acceptance: realistic for pairs such as 0.6B->32B.
+RECIPES = {
+    "draft-q4": DraftRecipe("draft-q4", requant="Q4_0",
+                            why="all 30 layers, Q4_1 -> Q4_0: high acceptance, not 1"),
+    "draft-l24": DraftRecipe("draft-l24", drop_layers=tuple(range(12, 18)),
+                             why="middle layers 12-17 dropped: realistic acceptance (~0.6)"),
+}
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_SKIP_FIELDS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+
+
+def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, overrides: dict) -> None:
+    for key, field in reader.fields.items():
+        if key in _SKIP_FIELDS or key == "general.architecture":
+            continue
+        value = overrides.get(key, field.contents())
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+
+
+def derive(src: Path, out: Path, recipe: DraftRecipe) -> Path:
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    n_layers = int(reader.fields[f"{arch}.block_count"].contents())
+    keep = [i for i in range(n_layers) if i not in set(recipe.drop_layers)]
+    renumber = {old: new for new, old in enumerate(keep)}
+    overrides = {f"{arch}.block_count": len(keep),
+                 "general.name": f"tandem {recipe.name} (from {src.name})"}
+    qtype = getattr(gguf.GGMLQuantizationType, recipe.requant) if recipe.requant else None
+    if qtype is not None:
+        overrides["general.file_type"] = int(getattr(gguf.LlamaFileType, f"MOSTLY_{recipe.requant}"))
+
+    tmp = out.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    _copy_metadata(reader, writer, overrides)
+    for t in reader.tensors:
+        name = t.name
+        m = _BLOCK.match(name)
+        if m:
+            layer = int(m.group(1))
+            if layer not in renumber:
+                continue
+            name = f"blk.{renumber[layer]}.{m.group(2)}"
+        requantise = (qtype is not None and len(t.shape) == 2 and name != "token_embd.weight"
+                      and t.tensor_type != qtype)
+        if requantise:
+            data = gguf.quants.quantize(gguf.quants.dequantize(t.data, t.tensor_type), qtype)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)  # atomic: an interrupted run never leaves a half-written model behind
+    return out
+
+
+def ensure(name: str, out_dir: Path | None = None, src: Path | None = None, quiet: bool = False) -> Path:
+    """Path of draft model `name`, deriving it first if it is missing."""
+    out_dir = out_dir or models_dir()
+    out = out_dir / f"{name}.gguf"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    if not quiet:
+        print(f"[models] deriving {out} ({RECIPES[name].why}) ...", flush=True)
+    derive(src or shipped_gguf(), out, RECIPES[name])
+    if not quiet:
+        print(f"[models] wrote {out} in {time.monotonic() - t0:.1f} s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, default=models_dir(), help="where derived models go (default: %(default)s)")
+    ap.add_argument("--only", choices=sorted(RECIPES), action="append", help="derive only these (repeatable)")
+    args = ap.parse_args(argv)
+    for name in args.only or sorted(RECIPES):
+        path = ensure(name, args.out_dir)
+        print(f"[models] {name}: {path} ({path.stat().st_size / 1e6:.0f} MB)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

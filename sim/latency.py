@@ -1,0 +1,81 @@
+"""Modelled compute latency of targets and edge devices.
+
+A 135M target on a CPU is far cheaper than the 32B-70B targets of real
+deployments, so daemons can *emulate* a bigger model's timing: they compute the
+real tokens with the real model and hold each forward pass until the modelled
+time t(n) = a + b*n has passed (n = tokens in the pass). Everything that uses a
+profile labels its output "emulated".
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    name: str
+    a_s: float      # fixed cost of one forward pass (weights streamed once: memory-bound)
+    b_s: float      # added cost per token in the pass
+    source: str
+
+    def forward_s(self, n_tokens: int) -> float:
+        return self.a_s + self.b_s * max(1, n_tokens)
+
+    @property
+    def ar_tokens_per_s(self) -> float:
+        return 1.0 / self.forward_s(1)
+
+
+# Targets: fitted so that t(1) matches the autoregressive rates the PicoSpec
+# paper reports for cloud-only decoding on one A100; b is the small per-token
+# cost of verifying a block in a memory-bound pass (a few % of a per token).
+TARGETS = {
+    p.name: p for p in [
+        LatencyProfile("qwen3-32b-a100", 0.0700, 0.0019,
+                       "Qwen3-32B on one A100: 13.9 tok/s autoregressive (PicoSpec paper)"),
+        LatencyProfile("llama-70b-a100", 0.1420, 0.0029,
+                       "Llama-70B on one A100: 6.9 tok/s autoregressive (PicoSpec paper)"),
+    ]
+}
+
+# Edge devices drafting with a ~0.6B-1B model.
+DEVICES = {
+    p.name: p for p in [
+        LatencyProfile("jetson-orin", 0.0240, 0.0010,
+                       "Qwen3-0.6B-class draft on Jetson AGX Orin: ~40 tok/s decode (assumed)"),
+        LatencyProfile("jetson-orin-1b", 0.0330, 0.0015,
+                       "Llama-1B-class draft on Jetson AGX Orin: ~29 tok/s decode (assumed)"),
+    ]
+}
+
+
+def lookup(table: dict[str, LatencyProfile], name: str, what: str) -> LatencyProfile:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} profile {name!r}; known: {', '.join(sorted(table))}") from None
+
+
+class Hold:
+    """Stretches a real computation to its modelled duration.
+
+        with Hold(profile, n_tokens):
+            real_forward()
+    returns only once max(real time, modelled time) has passed. With no profile
+    it does nothing, so callers need no branches.
+    """
+
+    def __init__(self, profile: LatencyProfile | None, n_tokens: int):
+        self.profile, self.n = profile, n_tokens
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        if self.profile is not None and exc[0] is None:
+            left = self.profile.forward_s(self.n) - (time.monotonic() - self.t0)
+            if left > 0:
+                time.sleep(left)
+        return False
