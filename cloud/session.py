@@ -1,0 +1,214 @@
+"""One edge's verification session: the cloud half of PicoSpec.
+
+Positions are absolute. `tokens` is everything decided so far (prompt +
+accepted output + corrections); the KV cache may lag behind it by the tokens
+decided but not yet evaluated (a correction or bonus). Each block of drafts is
+evaluated in one pass together with that lag, which yields the target's
+distribution at every drafted position plus one.
+
+    accepted   drafted tokens that passed the test, kept in order
+    correction the token drawn from the residual after the first rejection
+    bonus      a token drawn from p after a fully accepted block, only when
+               the edge asked for it (it has no follow-up block in flight:
+               otherwise the next block's first token takes that position)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels import packing
+from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, sample_residual,
+                               snap_p, verify_greedy)
+from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
+                              SamplingConfig, logits_to_probs, rng_for, sample)
+from sim.latency import Hold, LatencyProfile
+
+CODEC_P, CODEC_Q = 0, 1
+
+
+class BadDraft(ValueError):
+    """A draft the session cannot accept; the servicer maps it to INVALID_ARGUMENT."""
+
+
+class ContextFull(BadDraft):
+    """The draft would overflow the context window (OUT_OF_RANGE)."""
+
+
+@dataclass
+class VerdictData:
+    epoch: int
+    start: int
+    accepted: int
+    token: int | None = None
+    p_payload: bytes = b""
+    tail: bytes = b""
+    verify_s: float = 0.0
+
+
+@dataclass
+class PendingRejection:
+    """Codec P: the cloud sent p at `pos`; the edge owes the correction."""
+    pos: int
+    p: np.ndarray
+    top_ids: np.ndarray
+    draws: int
+
+
+@dataclass
+class Session:
+    sid: str
+    ctx: object                      # TargetContext
+    sampling: SamplingConfig
+    codec: int
+    n_vocab: int
+    n_ctx: int
+    max_draft: int
+    width: int
+    p_top_k: int = 16
+    p_tail: int = 4
+    emulate: LatencyProfile | None = None
+    tokens: list[int] = field(default_factory=list)
+    epoch: int = 0
+    pending: np.ndarray | None = None     # logits predicting position len(tokens)
+    rejection: PendingRejection | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    blocks: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    # -- setup ------------------------------------------------------------
+    def prefill(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise BadDraft("empty prompt: at least one token is needed to predict from")
+        self._check_ids(prompt)
+        if len(prompt) >= self.n_ctx:
+            raise ContextFull(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        with Hold(self.emulate, len(prompt)):
+            logits = self.ctx.eval(prompt)
+        self.tokens = list(prompt)
+        self.pending = logits[-1]
+
+    # -- the verify step ---------------------------------------------------
+    def verify(self, epoch: int, start: int, block: list[int], fixed: int, q_u16: list[int],
+               q_sparse: list, want_bonus: bool) -> VerdictData | None:
+        """Verify one block; None when the block is stale (older epoch)."""
+        self.last_used = time.monotonic()
+        if epoch < self.epoch:
+            return None
+        if epoch > self.epoch:
+            raise BadDraft(f"epoch {epoch} is ahead of the session's epoch {self.epoch}")
+        if start != len(self.tokens):
+            raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
+        self._check_ids(block)
+        if fixed > len(block) or fixed > 1:
+            raise BadDraft(f"fixed={fixed} is invalid for a block of {len(block)} tokens (at most 1)")
+        drafted = block[fixed:]
+        if len(drafted) > self.max_draft:
+            raise BadDraft(f"draft of {len(drafted)} tokens exceeds the limit of {self.max_draft}")
+        if not drafted and not want_bonus:
+            raise BadDraft("empty draft: send at least one token, or ask for the bonus")
+        if len(self.tokens) + len(block) + 1 > self.n_ctx:
+            raise ContextFull(f"context full: {len(self.tokens)} + {len(block)} tokens exceed n_ctx={self.n_ctx}")
+        sampled = not self.sampling.greedy
+        if sampled:
+            self._check_q(drafted, q_u16, q_sparse)
+        if fixed:
+            self._take_correction(block[0])
+        elif self.rejection is not None:
+            raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
+
+        t0 = time.monotonic()
+        rows = self._score(drafted)                       # (len(drafted)+1, V)
+        p0 = len(self.tokens)
+        if not sampled:
+            n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
+            rejected = n_acc < len(drafted)
+            token = nxt if (rejected or want_bonus) else None
+            payload = b""
+        else:
+            n_acc, token, payload = self._verify_sampled(p0, drafted, rows, q_u16, q_sparse, want_bonus)
+            rejected = n_acc < len(drafted)
+
+        self.tokens += drafted[:n_acc]
+        self.ctx.truncate(len(self.tokens))
+        self.pending = rows[n_acc] if self.ctx.n_past == len(self.tokens) else None
+        if token is not None:
+            self.tokens.append(token)
+        if rejected:
+            self.epoch += 1
+        self.blocks += 1
+        self.drafted += len(drafted)
+        self.accepted += n_acc
+        return VerdictData(epoch, start, n_acc, token, payload, verify_s=time.monotonic() - t0)
+
+    def more_tail(self, epoch: int) -> VerdictData:
+        rej = self.rejection
+        if rej is None or epoch != self.epoch:
+            raise BadDraft("no pending rejection to send more tail draws for")
+        ids, probs = draw_tail(rej.p, rej.top_ids, self.p_tail,
+                               rng_for(self.sampling.seed, rej.pos, STREAM_TAIL + 16 * (1 + rej.draws)))
+        rej.draws += 1
+        tail = PPayload(np.zeros(0, np.int64), np.zeros(0, np.float32), ids, probs)
+        return VerdictData(epoch, rej.pos, 0, tail=packing.pack_payload(tail, self.width))
+
+    # -- helpers -----------------------------------------------------------
+    def _score(self, drafted: list[int]) -> np.ndarray:
+        lag = self.tokens[self.ctx.n_past:]
+        todo = lag + drafted
+        if not todo:
+            return self.pending[None, :]
+        with Hold(self.emulate, len(todo)):
+            logits = self.ctx.eval(todo)
+        if lag:
+            return logits[len(lag) - 1:]
+        return np.concatenate([self.pending[None, :], logits])
+
+    def _verify_sampled(self, p0, drafted, rows, q_u16, q_sparse, want_bonus):
+        seed = self.sampling.seed
+        for i, x in enumerate(drafted):
+            p = snap_p(logits_to_probs(rows[i], self.sampling))
+            qx = q_u16[i] / 65535.0 if self.codec == CODEC_P else q_sparse[i].prob(x)
+            u = rng_for(seed, p0 + i, STREAM_ACCEPT).random()
+            if accept_token(p[x], qx, u):
+                continue
+            if self.codec == CODEC_Q:
+                y = sample_residual(p, q_sparse[i], rng_for(seed, p0 + i, STREAM_RESIDUAL))
+                return i, y, b""
+            payload = encode_p(p, self.p_top_k, self.p_tail, rng_for(seed, p0 + i, STREAM_TAIL))
+            self.rejection = PendingRejection(p0 + i, p, payload.top_ids, 0)
+            return i, None, packing.pack_payload(payload, self.width)
+        token = None
+        if want_bonus:
+            p = logits_to_probs(rows[len(drafted)], self.sampling)
+            token = sample(p, rng_for(seed, p0 + len(drafted), STREAM_TARGET))
+        return len(drafted), token, b""
+
+    def _take_correction(self, token: int) -> None:
+        rej = self.rejection
+        if rej is None or rej.pos != len(self.tokens):
+            raise BadDraft("a fixed token is only allowed right after a codec-P rejection")
+        if rej.p[token] <= 0.0:
+            raise BadDraft(f"correction {token} has zero probability under the target at position {rej.pos}")
+        self.tokens.append(token)
+        self.rejection = None
+
+    def _check_ids(self, ids) -> None:
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise BadDraft(f"token id {bad[0]} is outside the vocabulary (n_vocab={self.n_vocab})")
+
+    def _check_q(self, drafted, q_u16, q_sparse) -> None:
+        if self.codec == CODEC_P:
+            if len(q_u16) != len(drafted):
+                raise BadDraft(f"codec P needs one q per drafted token: got {len(q_u16)} for {len(drafted)}")
+            if any(v == 0 for v in q_u16):
+                raise BadDraft("q(x) = 0 for a drafted token: the draft cannot have sampled it")
+        else:
+            if len(q_sparse) != len(drafted):
+                raise BadDraft(f"codec Q needs one sparse q per drafted token: got {len(q_sparse)} for {len(drafted)}")
+            for x, q in zip(drafted, q_sparse):
+                if q.prob(x) <= 0.0:
+                    raise BadDraft(f"drafted token {x} has q = 0 in its own sparse q")
