@@ -58,6 +58,20 @@ def test_sparse_dist_sample_is_one_integer_draw():
     assert a.random() == b.random()
 
 
+def test_sparse_dist_sample_maps_every_integer_to_its_bucket():
+    # Exactness without statistics: r in [0, total) covers each id exactly `weight` times.
+    class Fixed:
+        def __init__(self, r):
+            self.r = r
+
+        def integers(self, low, high):
+            assert (low, high) == (0, 6)
+            return self.r
+
+    d = SparseDist(ids=np.array([2, 5, 8]), weights=np.array([1, 2, 3]), total=6)
+    assert [d.sample(Fixed(r)) for r in range(6)] == [2, 5, 5, 8, 8, 8]
+
+
 def test_sparse_dist_equality():
     a = SparseDist([1, 2], [3, 4], 7)
     assert a == SparseDist(np.array([1, 2]), np.array([3, 4]), 7)
