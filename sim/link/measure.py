@@ -1,0 +1,154 @@
+"""Measuring a link from the outside: an upstream test server, delivered rate, RTT.
+
+Used by the tests and by `tandem-bench link`. The upstream server speaks a
+one-byte preamble: b"S" sink (count what arrives), b"D" source (send until the
+client closes), b"E" echo. Rates are measured at the receiver, over a window
+that starts after a warm-up, from receive timestamps: bytes in (t_a, t_b] /
+(t_b − t_a).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass, field
+
+_BLOCK = 64 * 1024
+
+
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass
+class Arrivals:
+    """Receive timestamps and cumulative byte counts of one stream."""
+
+    times: list[float] = field(default_factory=list)
+    totals: list[int] = field(default_factory=list)
+    total: int = 0
+
+    def add(self, t: float, n: int) -> None:
+        self.total += n
+        self.times.append(t)
+        self.totals.append(self.total)
+
+    def rate_mbit(self, start: float, end: float | None = None) -> float:
+        """Delivered rate between the first arrival at/after `start` and the last one before `end`."""
+        idx = [i for i, t in enumerate(self.times) if t >= start and (end is None or t <= end)]
+        if len(idx) < 2:
+            raise ValueError("too few arrivals in the measurement window")
+        a, b = idx[0], idx[-1]
+        return (self.totals[b] - self.totals[a]) * 8 / (self.times[b] - self.times[a]) / 1e6
+
+
+class Upstream:
+    """Sink / source / echo server standing in for the cloud side."""
+
+    def __init__(self) -> None:
+        self.sinks: list[Arrivals] = []
+        self.received: list[bytes] = []  # full payload of each sink connection (only when keep=True)
+        self.keep = False
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=4 * 1024 * 1024, backlog=1024)
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _nodelay(writer)
+        loop = asyncio.get_running_loop()
+        try:
+            mode = await reader.readexactly(1)
+            if mode == b"S":
+                arr = Arrivals()
+                self.sinks.append(arr)
+                parts = []
+                while data := await reader.read(1 << 20):
+                    arr.add(loop.time(), len(data))
+                    if self.keep:
+                        parts.append(data)
+                self.received.append(b"".join(parts))
+            elif mode == b"D":
+                block = os.urandom(_BLOCK)
+                while True:
+                    writer.write(block)
+                    await writer.drain()
+            elif mode == b"E":
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                writer.write_eof()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _send_for(writer: asyncio.StreamWriter, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    block = os.urandom(_BLOCK)
+    end = loop.time() + seconds
+    while loop.time() < end:
+        writer.write(block)
+        await writer.drain()
+
+
+async def measure_rate(proxy: tuple[str, int], upstream: Upstream, direction: str, seconds: float, warmup: float) -> float:
+    """Saturate one direction through the proxy for warmup+seconds; return delivered Mbit/s."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(*proxy, limit=4 * 1024 * 1024)
+    _nodelay(writer)
+    try:
+        if direction == "up":
+            n_before = len(upstream.sinks)
+            writer.write(b"S")
+            t0 = loop.time()
+            await _send_for(writer, warmup + seconds)
+            arr = upstream.sinks[n_before]
+            return arr.rate_mbit(t0 + warmup, t0 + warmup + seconds)
+        writer.write(b"D")
+        arr = Arrivals()
+        t0 = loop.time()
+        while loop.time() < t0 + warmup + seconds:
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            arr.add(loop.time(), len(data))
+        return arr.rate_mbit(t0 + warmup, t0 + warmup + seconds)
+    finally:
+        writer.transport.abort()
+
+
+async def measure_rtt(proxy: tuple[str, int], count: int, gap_s: float = 0.01, size: int = 1) -> list[float]:
+    """Ping-pong `size`-byte messages through an echo connection; one RTT per ping, seconds."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(*proxy)
+    _nodelay(writer)
+    payload = b"p" * size
+    try:
+        writer.write(b"E" + payload)  # the first exchange also pays the handshake; discard it
+        await reader.readexactly(size)
+        rtts = []
+        for _ in range(count):
+            await asyncio.sleep(gap_s)
+            t = loop.time()
+            writer.write(payload)
+            await reader.readexactly(size)
+            rtts.append(loop.time() - t)
+        return rtts
+    finally:
+        writer.transport.abort()
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
