@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MODELS := models
-DRAFT := $(MODELS)/draft-q4.gguf
-DRAFT_SMALL := $(MODELS)/draft-l22.gguf
+DRAFT := $(MODELS)/draft-l29.gguf
+DRAFT_BEST := $(MODELS)/draft-q8.gguf
 
 .PHONY: setup models demo test test-all bench bench-quick proto lint clean help
 

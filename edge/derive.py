@@ -30,14 +30,18 @@ class DraftRecipe:
     why: str = ""
 
 
-# The default drafter keeps every layer at a coarser quantisation: acceptance
-# stays high but below 1. The second one drops six middle layers, which the
-# design measured at ~0.6 acceptance: realistic for pairs such as 0.6B->32B.
+# Measured on this machine (teacher-forced greedy agreement with the target, 3
+# prompts x 32 tokens): requantising every layer Q4_1 -> Q4_0 gave 0.69,
+# dropping layers 14-15 0.63, dropping 12-17 0.55, dropping layer 25 alone
+# 0.77 and a Q8_0 copy of all layers 0.94. The default drafter is the cheaper
+# one with realistic acceptance (as for pairs like 0.6B->32B); draft-q8 is the
+# near-copy that shows what high acceptance buys (it flatters every number).
+DEFAULT_DRAFT = "draft-l29"
 RECIPES = {
-    "draft-q4": DraftRecipe("draft-q4", requant="Q4_0",
-                            why="all 30 layers, Q4_1 -> Q4_0: high acceptance, not 1"),
-    "draft-l24": DraftRecipe("draft-l24", drop_layers=tuple(range(12, 18)),
-                             why="middle layers 12-17 dropped: realistic acceptance (~0.6)"),
+    "draft-l29": DraftRecipe("draft-l29", drop_layers=(25,),
+                             why="layer 25 dropped: cheaper than the target, acceptance ~0.77"),
+    "draft-q8": DraftRecipe("draft-q8", requant="Q8_0",
+                            why="all 30 layers requantised to Q8_0: near-copy of the target, acceptance ~0.94"),
 }
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")

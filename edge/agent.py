@@ -1,0 +1,130 @@
+"""One completion, whatever the mode: the orchestration around the loops.
+
+Speculation falls back to cloud-only streaming when the planner finds it does
+not pay, and to edge-only generation when the cloud is lost (marked in the
+stats); it reconnects and resumes by re-opening with the committed prefix. A
+token once handed to the user is never retracted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+
+from edge.baselines import cloud_only, edge_only
+from edge.client import CloudError, VerifierClient
+from edge.config import GenConfig
+from edge.drafter import Drafter
+from edge.picospec import Speculator, SwitchToCloudOnly, choose_codec, open_request
+from edge.planner import Planner
+from edge.stats import GenStats
+from proto import tandem_pb2 as pb
+from sim.latency import DEVICES, Hold, lookup
+
+log = logging.getLogger("tandem.edge")
+
+# Errors that say the request itself is wrong: falling back would hide them.
+FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED,
+         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+         grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
+EDGE_ONLY_CHUNK = 16
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    stats: GenStats
+
+
+class Agent:
+    def __init__(self, client: VerifierClient | None, drafter: Drafter | None, fingerprint: str,
+                 n_vocab: int, eos: int):
+        self.client, self.drafter = client, drafter
+        self.fingerprint, self.n_vocab, self.eos = fingerprint, n_vocab, eos
+
+    def generate(self, prompt: list[int], cfg: GenConfig,
+                 on_tokens: Callable[[list[int]], None] = lambda t: None) -> Completion:
+        t0 = time.monotonic()
+        stats = GenStats(mode=cfg.mode, emulated=cfg.emulate_device is not None)
+        out: list[int] = []
+
+        def emit(tokens: list[int]) -> None:
+            out.extend(tokens)
+            on_tokens(tokens)
+
+        mode = cfg.mode
+        if mode in ("picospec", "sync", "edge-only") and self.drafter is None:
+            raise ValueError(f"mode {mode} needs a draft model")
+        while len(out) < cfg.max_tokens and not (out and out[-1] == self.eos and cfg.stop_at_eos):
+            left = dataclasses.replace(cfg, max_tokens=cfg.max_tokens - len(out))
+            try:
+                if mode == "edge-only":
+                    edge_only(self.drafter, prompt + out, left, self.eos, emit, stats, t0)
+                elif mode == "cloud-only":
+                    cloud_only(self.client, self.fingerprint, prompt + out, left, emit, stats, t0)
+                else:
+                    self._speculate(prompt + out, left, emit, stats, t0)
+                break
+            except SwitchToCloudOnly:
+                log.info("speculation does not pay here: streaming from the cloud after %d tokens", len(out))
+                stats.fallback = "cloud-only"
+                mode = "cloud-only"
+            except CloudError as e:
+                if e.code in FATAL or mode == "edge-only" or self.drafter is None:
+                    raise
+                log.warning("cloud lost (%s): generating edge-only, will reconnect", e)
+                stats.fallback = "edge-only"
+                cfg_chunk = dataclasses.replace(left, max_tokens=min(EDGE_ONLY_CHUNK, left.max_tokens))
+                edge_only(self.drafter, prompt + out, cfg_chunk, self.eos, emit, stats, t0)
+                if not self._reachable():
+                    continue  # stays in this mode; the next loop turn retries the cloud
+        stats.wall_s = time.monotonic() - t0
+        if self.client is not None:
+            stats.bytes_up, stats.bytes_down = self.client.bytes.up, self.client.bytes.down
+        if self.drafter is not None:
+            stats.drafter = self.drafter.stats()
+        return Completion(out[:cfg.max_tokens], stats)
+
+    def _reachable(self) -> bool:
+        try:
+            grpc.channel_ready_future(self.client.channel).result(timeout=0.5)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    def _speculate(self, prompt: list[int], cfg: GenConfig, emit, stats: GenStats, t0: float) -> None:
+        device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
+        codec = choose_codec(cfg, self.n_vocab)
+        stats.codec = codec
+        t_open = time.monotonic()
+        fut = self.client.open_async(open_request(self.fingerprint, cfg, codec, prompt))
+        self.drafter.truncate(0)
+        with Hold(device, len(prompt)):
+            logits = self.drafter.eval(prompt)
+        # one probe token prices a draft step; rolled back at once
+        t = time.monotonic()
+        with Hold(device, 1):
+            self.drafter.eval([int(logits.argmax())])
+        t_draft = time.monotonic() - t
+        self.drafter.truncate(len(prompt))
+        reply = self.client.open_result(fut)
+        stats.emulated = stats.emulated or reply.emulated
+        open_s = time.monotonic() - t_open
+        rtt = max(0.0005, open_s - (reply.verify_a_s + reply.verify_b_s * len(prompt)))
+        planner = Planner(cfg.pipelined, t_draft, rtt, reply.verify_a_s, reply.verify_b_s, reply.ar_token_s,
+                          prior_accept=0.9, gamma=cfg.gamma, window=cfg.window)
+        if cfg.adaptive and not planner.plan().speculate:
+            self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=self.client.meta)
+            raise SwitchToCloudOnly()
+        stream = self.client.speculate(reply.session)
+        spec = Speculator(stream, self.drafter, prompt, cfg, codec, reply.token_width, self.eos, planner,
+                          device, emit, stats, t0, logits)
+        try:
+            spec.run()
+        finally:
+            stats.gamma, stats.window = spec.plan.gamma, spec.plan.window
+            stream.close()

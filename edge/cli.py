@@ -1,0 +1,164 @@
+"""edge-agent: generate text with a draft model on this device and a verifier in the cloud."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from edge.config import CODECS, MODES, GenConfig
+from kernels.sampling import SamplingConfig
+from sim.latency import DEVICES
+
+GEN_EPILOG = """modes:
+  picospec    pipelined speculative decoding: keep drafting while the cloud verifies (default)
+  sync        stop-and-wait speculative decoding (draft a block, wait for its verdict)
+  cloud-only  stream the target's own decoding (the baseline)
+  edge-only   the draft model alone (a different model: a fallback, not a speed choice)
+
+examples:
+  edge-agent generate --cloud 127.0.0.1:50051 "Why is the sky blue?"
+  edge-agent generate --cloud 127.0.0.1:50052 --mode sync --temperature 0.8 --top-k 8 --n 4 --json "Hi"
+"""
+
+
+def add_generate_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
+    ap.add_argument("--cloud", default="127.0.0.1:50051", help="verifier HOST:PORT (default: %(default)s)")
+    ap.add_argument("--mode", choices=MODES, default="picospec", help="see below (default: %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed; completion i uses seed+i")
+    ap.add_argument("--n", type=int, default=1, help="independent completions (default: %(default)s)")
+    ap.add_argument("--raw", action="store_true", help="feed PROMPT as is, without the chat template")
+    ap.add_argument("--json", action="store_true", help="one JSON object per completion per line")
+    ap.add_argument("--codec", choices=CODECS, default="auto",
+                    help="residual codec at T>0: P = sparse p down once per rejection, Q = sparse q up per "
+                         "token, auto = by expected link cost (default: %(default)s)")
+    ap.add_argument("--drafter", choices=("dense", "moe"), default="dense",
+                    help="dense: a llama.cpp GGUF (--draft-model); moe: the DyMoE runtime (default: %(default)s)")
+    ap.add_argument("--draft-model", type=Path,
+                    help="dense draft GGUF (default: models/draft-l29.gguf, derived on first use)")
+    ap.add_argument("--gamma", type=int, help="fixed block length (default: adapt to the link)")
+    ap.add_argument("--window", type=int, help="fixed blocks in flight, picospec (default: adapt)")
+    ap.add_argument("--no-adaptive", action="store_true",
+                    help="never fall back to cloud-only streaming, even where speculation is slower")
+    ap.add_argument("--emulate-device", choices=sorted(DEVICES),
+                    help="hold each draft step to a device's modelled time (outputs say 'emulated')")
+    ap.add_argument("--token", help="bearer token for the verifier")
+    ap.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
+    ap.add_argument("--threads", type=int, default=2, help="draft model threads (default: %(default)s)")
+    ap.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    try:
+        from edge.moe.cli import add_drafter_args
+        add_drafter_args(ap)
+    except ImportError:
+        pass
+
+
+def build_config(a) -> GenConfig:
+    return GenConfig(mode=a.mode, codec=a.codec, max_tokens=a.max_tokens,
+                     sampling=SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed),
+                     gamma=a.gamma, window=a.window, adaptive=not a.no_adaptive,
+                     stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device)
+
+
+def build_drafter(a):
+    """(drafter or None, GGUF path whose vocabulary the edge tokenises with)."""
+    from edge.derive import DEFAULT_DRAFT, ensure
+    from edge.model_files import shipped_gguf
+    if a.mode == "cloud-only":
+        return None, shipped_gguf()
+    if a.drafter == "moe":
+        from edge.moe.cli import build_drafter as build_moe
+        d = build_moe(a)
+        return d, Path(getattr(d, "path", None) or a.moe_model)
+    from edge.llama_model import LlamaDrafter
+    path = a.draft_model or ensure(DEFAULT_DRAFT)
+    return LlamaDrafter(path, n_threads=a.threads), path
+
+
+def run_generate(a) -> int:
+    from edge.agent import Agent
+    from edge.client import CloudError, VerifierClient
+    from edge.llama_model import Tokenizer
+    cfg = build_config(a)
+    drafter, vocab_path = build_drafter(a)
+    tok = Tokenizer(vocab_path)
+    prompt = tok.encode(a.prompt, raw=a.raw)
+    client = None
+    if cfg.mode != "edge-only":
+        client = VerifierClient(a.cloud, token=a.token, tls_ca=a.tls_ca.read_bytes() if a.tls_ca else None)
+        client.wait_ready()
+    agent = Agent(client, drafter, tok.fingerprint, tok.n_vocab, tok.eos)
+    import dataclasses
+    for i in range(a.n):
+        run_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=cfg.sampling.seed + i))
+        if client is not None:
+            client.bytes.up = client.bytes.down = 0
+        shown: list[int] = []
+
+        def stream_text(new, shown=shown):
+            if a.json:
+                return
+            text = tok.decode(new, prev=prompt + shown)
+            shown.extend(new)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        try:
+            c = agent.generate(prompt, run_cfg, stream_text)
+        except CloudError as e:
+            print(f"\nedge-agent: verifier error: {e}", file=sys.stderr)
+            return 3
+        text = tok.decode([t for t in c.tokens if not (t == tok.eos and cfg.stop_at_eos)], prev=prompt)
+        if a.json:
+            print(json.dumps({"text": text, "tokens": c.tokens, "mode": cfg.mode, "stats": c.stats.as_dict()}),
+                  flush=True)
+        else:
+            s = c.stats
+            print(f"\n[{cfg.mode}{' emulated' if s.emulated else ''}] {s.tokens} tokens, "
+                  f"{s.tokens_per_s:.1f} tok/s, ttft {s.ttft_s * 1e3:.0f} ms, acceptance {s.acceptance_rate:.2f}, "
+                  f"bytes up/down {s.bytes_up}/{s.bytes_down}"
+                  f"{', fallback: ' + s.fallback if s.fallback else ''}", file=sys.stderr, flush=True)
+    if client is not None:
+        client.close()
+    if drafter is not None:
+        drafter.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    ap.add_argument("--log-level", default="WARNING", help="logging level (default: %(default)s)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text (speculative, cloud-only or edge-only)",
+                         epilog=GEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generate_args(gen)
+    gen.set_defaults(func=run_generate)
+    try:
+        from edge.moe import cli as moe_cli
+        m = sub.add_parser("moeify", help="build the local MoE draft model from the shipped SmolLM2")
+        moe_cli.add_moeify_args(m)
+        m.set_defaults(func=moe_cli.run_moeify)
+        if hasattr(moe_cli, "add_calibrate_args"):
+            c = sub.add_parser("moe-calibrate", help="measure per-layer precision floors for a MoE model")
+            moe_cli.add_calibrate_args(c)
+            c.set_defaults(func=moe_cli.run_calibrate)
+    except ImportError:
+        pass
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s edge %(levelname)s %(message)s")
+    try:
+        return a.func(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""edge-agent configuration for one generation request: one dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels.sampling import SamplingConfig
+
+MODES = ("picospec", "sync", "cloud-only", "edge-only")
+CODECS = ("P", "Q", "auto")
+
+
+@dataclass
+class GenConfig:
+    mode: str = "picospec"
+    codec: str = "auto"
+    max_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    gamma: int | None = None          # None: adapt
+    window: int | None = None         # None: adapt (picospec only)
+    adaptive: bool = True             # may fall back to cloud-only when speculation does not pay
+    q_top_k: int = 16                 # codec Q: entries of the sparse q sent per drafted token
+    stop_at_eos: bool = True
+    emulate_device: str | None = None
+    stall_timeout_s: float = 30.0     # no verdict for this long: the cloud is considered lost
+    uplink_share: float = 0.25        # codec auto: assumed uplink/downlink rate ratio
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; choose from {', '.join(CODECS)}")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.gamma is not None and not 1 <= self.gamma <= 64:
+            raise ValueError("gamma must be in 1..64")
+        if self.window is not None and not 1 <= self.window <= 32:
+            raise ValueError("window must be in 1..32")
+
+    @property
+    def pipelined(self) -> bool:
+        return self.mode == "picospec"

@@ -1,0 +1,230 @@
+"""The edge half of speculative decoding, stop-and-wait (`sync`) or pipelined (`picospec`).
+
+    draft -> send block -> (keep drafting the next block) -> verdict -> accept / roll back
+
+Positions are absolute. `seq` is what the drafter should have seen: the prompt,
+the committed output, then speculative tokens of blocks in flight. A verdict
+commits accepted tokens; a rejection bumps the epoch (the cloud drops every
+block of the old one), throws the speculative tail away, rolls the drafter's
+KV cache back and continues from the correction. With codec P the edge draws
+the correction itself from the sparse p the verdict carries; it then travels
+up as the `fixed` first token of the next block.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.baselines import OnTokens, sampling_proto
+from edge.client import CloudError, DraftStream
+from edge.config import GenConfig
+from edge.drafter import Drafter
+from edge.planner import Planner
+from edge.stats import GenStats
+from kernels import packing
+from kernels.rejection import PPayload, sample_residual_p
+from kernels.sampling import STREAM_DRAFT, STREAM_RESIDUAL, logits_to_probs, rng_for
+from kernels.sparse import SparseDist, quantize_dist
+from proto import tandem_pb2 as pb
+from sim.latency import Hold, LatencyProfile
+
+CODEC_ID = {"P": pb.CODEC_P, "Q": pb.CODEC_Q}
+
+
+@dataclass
+class Block:
+    epoch: int
+    start: int
+    fixed: int | None                      # codec P correction carried up front
+    drafted: list[int] = field(default_factory=list)
+    qs: list[SparseDist | None] = field(default_factory=list)
+    sent_at: float = 0.0
+
+
+class SwitchToCloudOnly(Exception):
+    """The planner found speculation slower than cloud-only streaming."""
+
+
+class Speculator:
+    def __init__(self, stream: DraftStream, drafter: Drafter, prompt: list[int], cfg: GenConfig,
+                 codec: str, width: int, eos: int, planner: Planner, device: LatencyProfile | None,
+                 on_tokens: OnTokens, stats: GenStats, t0: float, first_logits: np.ndarray):
+        self.stream, self.drafter, self.cfg, self.codec, self.width = stream, drafter, cfg, codec, width
+        self.eos, self.planner, self.device, self.on_tokens, self.stats, self.t0 = (
+            eos, planner, device, on_tokens, stats, t0)
+        self.n_prompt = len(prompt)
+        self.seq = list(prompt)
+        self.out: list[int] = []
+        self.in_flight: deque[Block] = deque()
+        self.cur: Block | None = None
+        self.epoch = 0
+        self.fixed_next: int | None = None
+        self.logits = first_logits            # predicts position len(seq) while drafter.n_past == len(seq)
+        self.plan = planner.plan()
+        self.done = False
+
+    # -- the loop, on one screen -------------------------------------------
+    def run(self) -> list[int]:
+        while not self.done:
+            can_draft = self._can_draft()
+            verdict = self.stream.recv(timeout=0 if can_draft else self.cfg.stall_timeout_s)
+            if verdict is not None:
+                self._on_verdict(verdict)
+            elif can_draft:
+                self._draft_one()
+                if self._block_complete():
+                    self._send(self.cur)
+                    self.cur = None
+            else:
+                raise CloudError(None, f"no verdict for {self.cfg.stall_timeout_s:.0f} s")
+        return self.out
+
+    # -- drafting ------------------------------------------------------------
+    def _spec_len(self) -> int:
+        return len(self.seq) - self.n_prompt - len(self.out)
+
+    def _can_draft(self) -> bool:
+        if self.cur is None and len(self.in_flight) >= (self.plan.window if self.cfg.pipelined else 1):
+            return False
+        if self.seq[-1] == self.eos and self._spec_len() > 0 and self.cfg.stop_at_eos:
+            return False
+        return len(self.out) + self._spec_len() < self.cfg.max_tokens
+
+    def _draft_one(self) -> None:
+        if self.cur is None:
+            start = len(self.seq) - (1 if self.fixed_next is not None else 0)
+            self.cur = Block(self.epoch, start, self.fixed_next)
+            self.fixed_next = None
+        t = time.monotonic()
+        if self.drafter.n_past < len(self.seq):
+            todo = self.seq[self.drafter.n_past:]
+            with Hold(self.device, len(todo)):
+                self.logits = self.drafter.eval(todo)
+        pos = len(self.seq)
+        s = self.cfg.sampling
+        if s.greedy:
+            x, q = int(np.argmax(self.logits)), None
+        else:
+            probs = logits_to_probs(self.logits, s)
+            q = (quantize_dist(probs, bits=16) if self.codec == "P"
+                 else quantize_dist(probs, bits=8, top_k=self.cfg.q_top_k))
+            x = q.sample(rng_for(s.seed, pos, STREAM_DRAFT))
+        self.planner.observe_draft(time.monotonic() - t)
+        self.seq.append(x)
+        self.cur.drafted.append(x)
+        self.cur.qs.append(q)
+
+    def _block_complete(self) -> bool:
+        b = self.cur
+        return (len(b.drafted) >= self.plan.gamma or (b.drafted[-1] == self.eos and self.cfg.stop_at_eos)
+                or len(self.out) + self._spec_len() >= self.cfg.max_tokens)
+
+    def _send(self, b: Block) -> None:
+        ids = ([b.fixed] if b.fixed is not None else []) + b.drafted
+        d = pb.Draft(epoch=b.epoch, start=b.start, tokens=packing.pack_tokens(ids, self.width),
+                     fixed=1 if b.fixed is not None else 0)
+        if not self.cfg.sampling.greedy:
+            if self.codec == "P":
+                d.q = packing.pack_u16([q.weights[np.searchsorted(q.ids, x)] for x, q in zip(b.drafted, b.qs)])
+            else:
+                d.q_sparse.extend(packing.pack_sparse(q, self.width) for q in b.qs)
+        reaches_end = len(self.out) + self._spec_len() >= self.cfg.max_tokens or b.drafted[-1] == self.eos
+        # With no follow-up block coming, the position after the block needs the cloud's bonus token.
+        d.want_bonus = not reaches_end and (not self.cfg.pipelined or self.plan.window == 1)
+        b.sent_at = time.monotonic()
+        self.stream.send(d)
+        self.in_flight.append(b)
+        self.stats.blocks += 1
+        self.stats.drafted += len(b.drafted)
+
+    # -- verdicts ------------------------------------------------------------
+    def _on_verdict(self, v: pb.Verdict) -> None:
+        if v.epoch != self.epoch or not self.in_flight:
+            return                                   # answer to a block we already gave up
+        b = self.in_flight.popleft()
+        if v.start != b.start or v.accepted > len(b.drafted):
+            raise CloudError(None, f"verdict for position {v.start} does not match block at {b.start}")
+        self.planner.observe_block(len(b.drafted), v.accepted, time.monotonic() - b.sent_at, v.verify_us / 1e6)
+        self.stats.accepted += v.accepted
+        self._commit(b.drafted[:v.accepted])
+        if v.accepted == len(b.drafted):
+            if v.HasField("token"):                  # bonus: nothing speculative follows it
+                self.seq.append(v.token)
+                self._commit([v.token])
+        else:
+            self.epoch += 1
+            self.stats.rejections += 1
+            self.in_flight.clear()
+            self.cur = None
+            self.seq = self.seq[:self.n_prompt + len(self.out)]
+            if v.HasField("token"):
+                y = v.token
+            else:
+                y = self._residual_p(v, b.qs[v.accepted])
+                self.fixed_next = y
+            self.drafter.truncate(min(self.drafter.n_past, len(self.seq)))
+            self.seq.append(y)
+            self._commit([y])
+        if not self.done and self.cfg.adaptive:
+            self.plan = self.planner.plan()
+            if not self.plan.speculate and self.planner.blocks >= 4:
+                raise SwitchToCloudOnly()
+
+    def _residual_p(self, v: pb.Verdict, q: SparseDist) -> int:
+        payload = packing.unpack_payload(v.p_payload, self.width)
+        pos = v.start + v.accepted
+        rng = rng_for(self.cfg.sampling.seed, pos, STREAM_RESIDUAL)
+        token, cursor = sample_residual_p(payload, q, rng)
+        while token is None:                         # out of tail draws: ask for more (rare)
+            self.stats.tail_requests += 1
+            self.stream.send(pb.Draft(epoch=self.epoch, start=pos, more_tail=True))
+            extra = self._wait_tail()
+            payload = PPayload(payload.top_ids, payload.top_probs,
+                               np.concatenate([payload.tail_ids, extra.tail_ids]),
+                               np.concatenate([payload.tail_probs, extra.tail_probs]))
+            token, cursor = sample_residual_p(payload, q, rng, cursor)
+        return token
+
+    def _wait_tail(self) -> PPayload:
+        v = self.stream.recv(timeout=self.cfg.stall_timeout_s)
+        if v is None or not v.tail:
+            raise CloudError(None, "verifier did not answer a request for more tail draws")
+        return packing.unpack_payload(v.tail, self.width)
+
+    def _commit(self, tokens: list[int]) -> None:
+        for t in tokens:
+            if self.done:
+                return
+            self.out.append(t)
+            self.stats.tokens += 1
+            if self.stats.tokens == 1:
+                self.stats.ttft_s = time.monotonic() - self.t0
+            self.on_tokens([t])
+            if (t == self.eos and self.cfg.stop_at_eos) or len(self.out) >= self.cfg.max_tokens:
+                self.done = True
+
+
+def choose_codec(cfg: GenConfig, n_vocab: int, p_top_k: int = 16, p_tail: int = 4,
+                 prior_accept: float = 0.7, gamma: int = 4) -> str:
+    """`auto`: the codec whose expected bytes cost less link time per block,
+    uplink weighted by how much scarcer it is (cfg.uplink_share). At T=0 both
+    send only token ids, and P is the protocol default."""
+    if cfg.codec != "auto":
+        return cfg.codec
+    if cfg.sampling.greedy:
+        return "P"
+    w = packing.token_width(n_vocab)
+    reject = 1 - prior_accept ** gamma
+    p_down = reject * (p_top_k * (w + 4) + p_tail * (w + 4) + 4)
+    p_up = gamma * 2
+    q_up = gamma * (1 + cfg.q_top_k * (w + 1))
+    cost = lambda up, down: up / cfg.uplink_share + down
+    return "P" if cost(p_up, p_down) <= cost(q_up, 0) else "Q"
+
+
+def open_request(fingerprint: str, cfg: GenConfig, codec: str, prompt: list[int]) -> pb.OpenRequest:
+    return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=CODEC_ID[codec],
+                          prompt=prompt, client="edge-agent")

@@ -1,0 +1,101 @@
+"""Chooses block length, window and whether speculation pays at all.
+
+A small cost model fed by measurements (EMAs): draft time per token t_d,
+link round trip + verify time for a block, acceptance rate a. For block
+length g, with W blocks in flight:
+
+    sync      rate = E_bonus(g) / (g*t_d + rtt + t_v(g))
+    pipelined rate = E(g) / (max(g*t_d, (rtt + t_v(g)) / W) + (1 - a^g) * (rtt + t_v(g)))
+
+E(g) = sum over outcomes of tokens kept (a rejection still yields the
+correction); the second term is the pipeline refill after a rejection. The
+cloud-only rate is the verifier's autoregressive rate, which streaming
+preserves over any link. Speculation is abandoned for cloud-only streaming
+when its best predicted rate falls below that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def expected_tokens(a: float, g: int, bonus: bool) -> float:
+    """Tokens a block of g drafts yields: accepted + correction/bonus."""
+    a = min(max(a, 0.0), 0.999)
+    full = (1 - a ** (g + 1)) / (1 - a)          # with a bonus after full acceptance
+    return full if bonus else full - a ** g
+
+
+@dataclass
+class Ema:
+    value: float
+    weight: float = 0.25
+
+    def add(self, x: float) -> None:
+        self.value += self.weight * (x - self.value)
+
+
+@dataclass
+class Plan:
+    gamma: int
+    window: int
+    spec_rate: float
+    cloud_rate: float
+
+    @property
+    def speculate(self) -> bool:
+        return self.spec_rate >= self.cloud_rate
+
+
+class Planner:
+    def __init__(self, pipelined: bool, t_draft_s: float, rtt_s: float, verify_a_s: float,
+                 verify_b_s: float, ar_token_s: float, prior_accept: float = 0.7,
+                 gamma: int | None = None, window: int | None = None, max_gamma: int = 16,
+                 max_window: int = 8):
+        self.pipelined = pipelined
+        self.t_draft = Ema(t_draft_s)
+        self.rtt = Ema(rtt_s)                         # round trip minus the verifier's own time
+        self.accept = Ema(prior_accept, weight=0.1)
+        self.verify_a, self.verify_b = verify_a_s, verify_b_s
+        self.ar_token_s = ar_token_s
+        self.fixed_gamma, self.fixed_window = gamma, window
+        self.max_gamma, self.max_window = max_gamma, max_window
+        self.blocks = 0
+
+    def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float) -> None:
+        self.blocks += 1
+        if drafted:
+            self.accept.add(accepted / drafted)
+        self.rtt.add(max(0.0, round_trip_s - verify_s))
+        if verify_s > 0 and drafted:
+            # keep the cloud's advertised fixed cost, learn only the level
+            self.verify_a = 0.8 * self.verify_a + 0.2 * max(0.0, verify_s - self.verify_b * drafted)
+
+    def observe_draft(self, seconds: float) -> None:
+        self.t_draft.add(seconds)
+
+    def rate(self, g: int, w: int) -> float:
+        a, td, rtt = self.accept.value, self.t_draft.value, self.rtt.value
+        tv = self.verify_a + self.verify_b * (g + 1)
+        if not self.pipelined:
+            return expected_tokens(a, g, bonus=True) / (g * td + rtt + tv)
+        a = min(max(a, 0.0), 0.999)
+        per_block = max(g * td, (rtt + tv) / w) + (1 - a ** g) * (rtt + tv)
+        return expected_tokens(a, g, bonus=False) / per_block
+
+    def plan(self) -> Plan:
+        cloud = 1.0 / max(self.ar_token_s, 1e-6)
+        gammas = [self.fixed_gamma] if self.fixed_gamma else range(1, self.max_gamma + 1)
+        best = None
+        for g in gammas:
+            if not self.pipelined:
+                w = 1
+            elif self.fixed_window:
+                w = self.fixed_window
+            else:
+                cycle = g * self.t_draft.value + self.rtt.value + self.verify_a + self.verify_b * (g + 1)
+                w = max(1, min(self.max_window, math.ceil(cycle / max(g * self.t_draft.value, 1e-6))))
+            r = self.rate(g, w)
+            if best is None or r > best.spec_rate:
+                best = Plan(g, w, r, cloud)
+        return best

@@ -1,0 +1,47 @@
+"""What one completion did: counters the CLI prints and the benchmark reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenStats:
+    mode: str
+    emulated: bool = False
+    drafted: int = 0
+    accepted: int = 0
+    blocks: int = 0
+    rejections: int = 0
+    tail_requests: int = 0        # codec P: times the edge ran out of tail draws
+    tokens: int = 0
+    ttft_s: float = 0.0
+    wall_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    fallback: str | None = None   # why the edge left speculation, if it did
+    edge_only_tokens: int = 0     # generated without the cloud (its model, not the target's)
+    gamma: int = 0
+    window: int = 0
+    codec: str = ""
+    drafter: dict = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = {"drafted": self.drafted, "accepted": self.accepted,
+             "acceptance_rate": round(self.acceptance_rate, 4),
+             "tokens_per_s": round(self.tokens_per_s, 3), "ttft_s": round(self.ttft_s, 4),
+             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+             "blocks": self.blocks, "rejections": self.rejections, "tail_requests": self.tail_requests,
+             "gamma": self.gamma, "window": self.window, "codec": self.codec,
+             "emulated": self.emulated, "fallback": self.fallback, "edge_only_tokens": self.edge_only_tokens,
+             "wall_s": round(self.wall_s, 4)}
+        if self.drafter:
+            d["drafter_stats"] = self.drafter
+        return d
