@@ -35,8 +35,14 @@ class Trace:
 
 def opps_before(trace: Trace, t_ms: float) -> int:
     """Number of delivery opportunities strictly before t_ms (trace time, looping)."""
+    if t_ms <= 0:
+        return 0
     loops, rem = divmod(t_ms, trace.period_ms)
-    return int(loops) * len(trace.times_ms) + bisect.bisect_left(trace.times_ms, rem)
+    n = int(loops) * len(trace.times_ms) + bisect.bisect_left(trace.times_ms, rem)
+    if rem == 0:
+        # the previous loop's opportunities at its very end (time == period) coincide with t
+        n -= len(trace.times_ms) - bisect.bisect_left(trace.times_ms, trace.period_ms)
+    return n
 
 
 def parse_trace(text: str, path: str = "<trace>") -> Trace:
