@@ -1,0 +1,108 @@
+"""Resident expert cache under a byte budget, each expert at one precision.
+
+Holding an expert at another precision is a move inside the budget: the old
+copy is dropped when the new one is admitted. Eviction takes the lowest
+`score`: plain LRU for the baselines, DyMoE's prior (running gate frequency
+and weight-norm score, decayed by recency) for dymoe. Experts being used by
+the current layer are pinned.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from edge.moe.store import ExpertWeights
+
+
+@dataclass
+class Entry:
+    w: ExpertWeights
+    last_used: int = 0
+    prefetched: bool = False      # admitted by a prefetch and not used yet
+
+
+@dataclass
+class CacheConfig:
+    budget_bytes: int
+    use_prior: bool = False
+
+
+@dataclass
+class CacheCounters:
+    evictions: int = 0
+    rejected: int = 0             # admissions refused: everything pinned
+
+
+class ExpertCache:
+    def __init__(self, cfg: CacheConfig, prior: dict[tuple[int, int], float] | None = None):
+        self.cfg = cfg
+        self.entries: dict[tuple[int, int], Entry] = {}
+        self.used_bytes = 0
+        self.clock = 0
+        self.freq: dict[tuple[int, int], float] = {}
+        self.prior = prior or {}
+        self.pinned: set[tuple[int, int]] = set()
+        self.lock = threading.RLock()
+        self.counters = CacheCounters()
+        self.wasted_prefetch: dict[int, int] = {}
+
+    def get(self, key) -> Entry | None:
+        with self.lock:
+            return self.entries.get(key)
+
+    def touch(self, key, weight: float = 1.0) -> None:
+        with self.lock:
+            self.clock += 1
+            e = self.entries.get(key)
+            if e is not None:
+                e.last_used = self.clock
+                e.prefetched = False
+            self.freq[key] = self.freq.get(key, 0.0) + weight
+
+    def score(self, key, e: Entry) -> float:
+        if not self.cfg.use_prior:
+            return float(e.last_used)
+        # Frequency + calibration-free norm prior, with recency as tie-break;
+        # freshly prefetched entries count as just used.
+        recency = (e.last_used if not e.prefetched else self.clock) / max(self.clock, 1)
+        return self.freq.get(key, 0.0) / max(self.clock, 1) * 50 + self.prior.get(key, 0.0) + recency
+
+    def admit(self, key, w: ExpertWeights, prefetched: bool = False) -> bool:
+        """Insert (or replace) `key`; evict until it fits. False if it cannot."""
+        with self.lock:
+            old = self.entries.get(key)
+            free_after = self.cfg.budget_bytes - self.used_bytes + (old.w.nbytes if old else 0)
+            victims = []
+            if w.nbytes > free_after:
+                cands = sorted((self.score(k, e), k) for k, e in self.entries.items()
+                               if k != key and k not in self.pinned)
+                for _, k in cands:
+                    victims.append(k)
+                    free_after += self.entries[k].w.nbytes
+                    if free_after >= w.nbytes:
+                        break
+                if free_after < w.nbytes:
+                    self.counters.rejected += 1
+                    return False
+            for k in victims:
+                ev = self.entries.pop(k)
+                self.used_bytes -= ev.w.nbytes
+                self.counters.evictions += 1
+                if ev.prefetched:
+                    self.wasted_prefetch[k[0]] = self.wasted_prefetch.get(k[0], 0) + 1
+            if old is not None:
+                self.used_bytes -= old.w.nbytes
+            self.entries[key] = Entry(w, last_used=self.clock, prefetched=prefetched)
+            self.used_bytes += w.nbytes
+            return True
+
+    def fits_without_eviction(self, nbytes: int) -> bool:
+        with self.lock:
+            return self.used_bytes + nbytes <= self.cfg.budget_bytes
+
+    def precision_mix(self) -> dict[int, int]:
+        with self.lock:
+            mix: dict[int, int] = {}
+            for e in self.entries.values():
+                mix[e.w.bits] = mix.get(e.w.bits, 0) + 1
+            return mix

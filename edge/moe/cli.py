@@ -1,0 +1,125 @@
+"""`edge-agent moeify`, `edge-agent moe-calibrate` and the `--drafter moe` flags."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge.model_files import models_dir, shipped_gguf
+
+DEFAULT_NAME = "smollm2-moe.gguf"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_model() -> Path:
+    return models_dir() / DEFAULT_NAME
+
+
+def calib_cache() -> Path:
+    return models_dir() / "moe-calib.json"
+
+
+# ---- moeify -----------------------------------------------------------------
+def add_moeify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None, help=f"output GGUF (default models/{DEFAULT_NAME})")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
+    p.add_argument("--top-k", type=int, default=4, help="experts per token (default 4)")
+    p.add_argument("--source", type=Path, default=None, help="dense llama GGUF (default: shipped SmolLM2)")
+    p.add_argument("--carve-layer0", action="store_true", help="carve layer 0 too (default: keep it dense)")
+    p.add_argument("--f32", action="store_true", help="write F32 instead of F16 weights")
+    p.add_argument("--force", action="store_true", help="rebuild even if the output exists")
+
+
+def run_moeify(args) -> int:
+    from edge.moe.calib_text import load_or_generate
+    from edge.moe.moeify import Dense, MoeifyConfig, dense_logits, moeify
+    from edge.moe.quality import dense_quality, evaluate
+    import torch
+    torch.set_num_threads(2)
+    out = args.out or default_model()
+    source = args.source or shipped_gguf()
+    if out.exists() and not args.force:
+        _log(f"[moeify] {out} exists; use --force to rebuild")
+        return 0
+    _log("[moeify] step 1/4: calibration text from the target (cached after the first run)")
+    text = load_or_generate(source, calib_cache(), log=_log)
+    cfg = MoeifyConfig(n_expert=args.experts, top_k=args.top_k,
+                       dense_layers=() if args.carve_layer0 else (0,),
+                       dtype="f32" if args.f32 else "f16")
+    _log("[moeify] step 2/4: carve, route and refit layer by layer")
+    try:
+        res = moeify(Path(source), out, text["calib"], cfg, log=_log)
+    except ValueError as exc:
+        _log(f"[moeify] error: {exc}")
+        return 2
+    _log("[moeify] step 3/4: quality on held-out text (not the calibration text)")
+    from edge.moe.gguf_loader import GGUFModel
+    from edge.moe.model import MoETransformer, ResidentExperts
+    gm = GGUFModel(out)
+    experts = ResidentExperts(gm)
+    src = Dense(Path(source))
+    dl = lambda seq: dense_logits(src, seq)
+    q = evaluate(lambda: MoETransformer(gm, experts, max_ctx=1024), dl,
+                 text["heldout"], text["heldout_prompt_len"])
+    q["dense"] = dense_quality(dl, text["heldout"], text["heldout_prompt_len"])
+    q.update(build_seconds=round(res["seconds"], 1), experts=cfg.n_expert, top_k=cfg.top_k)
+    out.with_name(out.name.removesuffix(".gguf") + ".quality.json").write_text(json.dumps(q, indent=1))
+    _log(f"[moeify] MoE {cfg.n_expert}x top-{cfg.top_k}: top-1 vs dense {q['top1_vs_dense']:.3f}, "
+         f"greedy acceptance {q['acceptance']:.3f}, ppl {q['ppl']:.1f} "
+         f"(dense: acceptance {q['dense']['acceptance']:.3f}, ppl {q['dense']['ppl']:.1f}); "
+         f"{q['positions']} positions")
+    _log("[moeify] step 4/4: done. This model is a test bed for the MoE runtime, "
+         "not a good language model.")
+    return 0
+
+
+# ---- precision floors -------------------------------------------------------
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--moe-model", type=Path, default=None, help="MoE GGUF (default models/smollm2-moe.gguf)")
+    p.add_argument("--tokens", type=int, default=600, help="held-out tokens to measure KL on")
+
+
+def run_calibrate(args) -> int:
+    from edge.moe.calib_text import load_or_generate
+    from edge.moe.drafter import floors_path
+    from edge.moe.sensitivity import SensitivityConfig, measure, save
+    import torch
+    torch.set_num_threads(2)
+    model = args.moe_model or default_model()
+    if not model.exists():
+        _log(f"[moe-calibrate] {model} not found; run `edge-agent moeify` first")
+        return 2
+    text = load_or_generate(shipped_gguf(), calib_cache(), log=_log)
+    res = measure(model, text["heldout"], SensitivityConfig(max_tokens=args.tokens), log=_log)
+    save(res, floors_path(model))
+    _log(f"[moe-calibrate] floors -> {floors_path(model)}: {res['floors']}")
+    return 0
+
+
+# ---- drafter ----------------------------------------------------------------
+def add_drafter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE drafter (--drafter moe)")
+    g.add_argument("--moe-model", type=Path, default=None, help="MoE GGUF (default models/smollm2-moe.gguf)")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--expert-budget-mb", type=float, default=None, help="resident expert memory in MB")
+    b.add_argument("--expert-budget-pct", type=float, default=None,
+                   help="resident expert memory as %% of the full-precision expert bytes")
+    g.add_argument("--storage", default="none", choices=["ufs", "emmc", "sd-card", "none"],
+                   help="modelled flash the experts are read from (default none)")
+    g.add_argument("--moe-policy", default="dymoe",
+                   choices=["dymoe", "resident-fp", "lru-fp", "lru-prefetch-int4",
+                            "static-int2", "static-int4"])
+
+
+def build_drafter(args):
+    from edge.moe.drafter import MoEDrafter, MoEDrafterConfig
+    model = getattr(args, "moe_model", None) or default_model()
+    if not Path(model).exists():
+        raise FileNotFoundError(f"MoE model {model} not found; build it with `edge-agent moeify`")
+    return MoEDrafter(MoEDrafterConfig(model=Path(model), policy=args.moe_policy,
+                                       budget_mb=args.expert_budget_mb,
+                                       budget_pct=args.expert_budget_pct, storage=args.storage))

@@ -1,0 +1,191 @@
+"""The offloaded expert runtime: store + cache + policy + prefetcher.
+
+`OffloadedExperts` is the `Experts` the model calls per MoE layer. For each
+expert the layer needs it decides the precision (policy), uses a resident
+copy if good enough (hit), otherwise issues a demand read and waits (stall).
+Resident experts are computed while the missing ones are still loading.
+
+Working copies are kept dequantised to float32 for CPU matmuls (a stand-in
+for a fused low-bit kernel); the budget, the bytes read and the modelled I/O
+time all use the packed low-bit size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from edge.moe.cache import CacheConfig, ExpertCache
+from edge.moe.gguf_loader import GGUFModel
+from edge.moe.model import Experts, swiglu
+from edge.moe.policy import PolicyConfig, expert_requirements
+from edge.moe.prefetch import DEMAND, PREFETCH, IOQueue
+from edge.moe.store import FP, ExpertStore, ExpertWeights
+
+
+class BudgetTooSmall(ValueError):
+    pass
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    stall_s: float = 0.0
+    pred_tp: int = 0
+    n_pred: int = 0
+    n_actual: int = 0
+    bits_used: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        uses = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses,
+                "hit_rate": self.hits / uses if uses else None,
+                "bytes_read": self.bytes_read, "stall_s": round(self.stall_s, 6),
+                "prefetch_precision": self.pred_tp / self.n_pred if self.n_pred else None,
+                "prefetch_recall": self.pred_tp / self.n_actual if self.n_pred else None,
+                "precision_mix": {("fp" if b == FP else f"int{b}"): n
+                                  for b, n in sorted(self.bits_used.items())}}
+
+
+def norm_prior(gm: GGUFModel) -> dict[tuple[int, int], float]:
+    """Calibration-free residency prior (AIMER-style): experts whose weights
+    carry more energy change the output more. Scaled to [0, 1] per layer."""
+    from edge.moe.gguf_loader import expert_to_f32
+    prior = {}
+    for layer in gm.cfg.moe_layers:
+        scores = []
+        for e in range(gm.cfg.n_expert):
+            up, down = (torch.from_numpy(expert_to_f32(*gm.expert_raw(layer, k, e)))
+                        for k in ("up", "down"))
+            scores.append(float(up.norm() * down.norm()))
+        top = max(scores) or 1.0
+        for e, s in enumerate(scores):
+            prior[layer, e] = s / top
+    return prior
+
+
+class OffloadedExperts(Experts):
+    def __init__(self, gm: GGUFModel, store: ExpertStore, policy: PolicyConfig,
+                 budget_bytes: int | None):
+        self.gm, self.store, self.policy = gm, store, policy
+        c = gm.cfg
+        total = store.total_fp_nbytes()
+        if policy.all_resident or budget_bytes is None:
+            budget_bytes = max(budget_bytes or 0, total)
+        need = max(c.expert_used[l] * store.nbytes(l, policy.min_bits()) for l in c.moe_layers)
+        if budget_bytes < need:
+            raise BudgetTooSmall(
+                f"expert budget {budget_bytes / 1e6:.2f} MB is below what one token needs: "
+                f"{need / 1e6:.2f} MB ({max(c.expert_used)} experts of one layer at "
+                f"{'full precision' if policy.min_bits() == FP else f'int{policy.min_bits()}'} "
+                f"under policy {policy.name}); raise --expert-budget-mb/--expert-budget-pct")
+        self.budget_bytes = budget_bytes
+        store.prepare(policy.bits_all())
+        prior = norm_prior(gm) if policy.prior else {}
+        self.cache = ExpertCache(CacheConfig(budget_bytes, use_prior=policy.prior), prior)
+        self.stats = {l: LayerStats() for l in c.moe_layers}
+        self.step = 0
+        self._predicted: dict[int, set[int]] = {}
+        self.io = IOQueue(store, self._on_read)
+        self._warm_start(prior)
+
+    # ---- setup ------------------------------------------------------------
+    def _warm_start(self, prior) -> None:
+        """Fill the budget before the first token, as a device would after
+        loading the model: baselines in file order, DyMoE by its prior, first
+        everything at low precision, then upgrades of the most likely ones."""
+        c, p = self.gm.cfg, self.policy
+        keys = [(l, e) for l in c.moe_layers for e in range(c.n_expert)]
+        if p.prior:
+            keys.sort(key=lambda k: -prior.get(k, 0.0))
+        passes = [p.high_bits] if p.low_bits == p.high_bits else [p.low_bits, p.high_bits]
+        for bits in passes:
+            for l, e in keys:
+                b = max(bits, p.floors.get(l, 0)) if bits != FP else FP
+                cur = self.cache.get((l, e))
+                extra = self.store.nbytes(l, b) - (cur.w.nbytes if cur else 0)
+                if (cur is None or cur.w.bits < b) and self.cache.fits_without_eviction(extra):
+                    self.cache.admit((l, e), self.store.resident_copy(l, e, b))
+
+    def _on_read(self, key, w: ExpertWeights, prefetched: bool, busy: float) -> None:
+        self.stats[key[0]].bytes_read += w.nbytes
+        cur = self.cache.get(key)
+        if cur is None or cur.w.bits <= w.bits:
+            self.cache.admit(key, w, prefetched=prefetched)
+
+    # ---- Experts interface ------------------------------------------------
+    def wants_hints(self) -> bool:
+        return self.policy.prefetch
+
+    def hint(self, layer: int, sel: torch.Tensor, imp: torch.Tensor) -> None:
+        need = expert_requirements(self.policy, layer, sel, imp)
+        self._predicted[layer] = set(need)
+        for e, bits in need.items():
+            cur = self.cache.get((layer, e))
+            if cur is None or not self.policy.acceptable(cur.w.bits, bits):
+                self.io.submit(layer, e, bits, PREFETCH, self.step)
+
+    def ffn(self, layer, x, sel, w, imp):
+        st = self.stats[layer]
+        self.io.horizon = (self.step, layer)
+        need = expert_requirements(self.policy, layer, sel, imp)
+        pred = self._predicted.pop(layer, None)
+        if pred is not None:
+            st.pred_tp += len(pred & set(need))
+            st.n_pred += len(pred)
+            st.n_actual += len(need)
+        self.cache.pinned = {(layer, e) for e in need}
+        ready, waiting = {}, {}
+        for e, bits in need.items():
+            cur = self.cache.get((layer, e))
+            if cur is not None and self.policy.acceptable(cur.w.bits, bits):
+                ready[e] = cur.w
+                st.hits += 1
+            else:
+                st.misses += 1
+                waiting[e] = (bits, self.io.submit(layer, e, bits, DEMAND, self.step))
+            self.cache.touch((layer, e))
+        out = torch.zeros_like(x)
+        for e, ew in ready.items():
+            self._accumulate(out, layer, e, ew, x, sel, w)
+        for e, (bits, fut) in waiting.items():
+            t0 = time.perf_counter()
+            ew = fut.result()
+            while ew is None or ew.bits < bits:      # a dropped or too-coarse prefetch
+                ew = self.io.submit(layer, e, bits, DEMAND, self.step).result()
+            st.stall_s += time.perf_counter() - t0
+            self._accumulate(out, layer, e, ew, x, sel, w)
+        self.cache.pinned = set()
+        if layer == self.gm.cfg.moe_layers[-1]:
+            self.step += 1
+        return out
+
+    def _accumulate(self, out, layer, e, ew: ExpertWeights, x, sel, w) -> None:
+        rows, slot = (sel == e).nonzero(as_tuple=True)
+        out.index_add_(0, rows, swiglu(x[rows], ew.gate, ew.up, ew.down) * w[rows, slot, None])
+        bu = self.stats[layer].bits_used
+        bu[ew.bits] = bu.get(ew.bits, 0) + 1
+
+    # ---- reporting --------------------------------------------------------
+    def summary(self) -> dict:
+        tot = LayerStats()
+        for s in self.stats.values():
+            tot.hits += s.hits; tot.misses += s.misses; tot.bytes_read += s.bytes_read
+            tot.stall_s += s.stall_s; tot.pred_tp += s.pred_tp; tot.n_pred += s.n_pred
+            tot.n_actual += s.n_actual
+            for b, n in s.bits_used.items():
+                tot.bits_used[b] = tot.bits_used.get(b, 0) + n
+        return {"policy": self.policy.name, "budget_bytes": self.budget_bytes,
+                "resident_bytes": self.cache.used_bytes,
+                "resident_mix": {("fp" if b == FP else f"int{b}"): n
+                                 for b, n in sorted(self.cache.precision_mix().items())},
+                "steps": self.step, "prefetch_dropped": self.io.dropped,
+                "evictions": self.cache.counters.evictions,
+                "total": tot.as_dict(),
+                "layers": {l: s.as_dict() for l, s in self.stats.items()}}
+
+    def close(self) -> None:
+        self.io.close()
