@@ -100,7 +100,9 @@ class LinkDirection:
         the buffer plus what is in flight on the wire, so a receiver that stops
         reading stops its sender instead of growing our memory."""
         c = self.cond
-        wire_s = (c.delay_ms + 3 * c.jitter_ms) / 1000 + (self.rto_s if c.loss > 0 else 0.0)
+        # with loss the stream is often held behind a retransmission: allow two RTOs
+        # in flight so the memory bound never throttles a reading receiver
+        wire_s = (c.delay_ms + 3 * c.jitter_ms) / 1000 + (2 * self.rto_s if c.loss > 0 else 0.0)
         return self.capacity + int(self.mean_rate_mbit * 1e6 / 8 * wire_s) + 2 * self.chunk
 
     # -- admission ------------------------------------------------------------

@@ -10,11 +10,18 @@ that starts after a warm-up, from receive timestamps: bytes in (t_a, t_b] /
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _BLOCK = 64 * 1024
+_ROOT = Path(__file__).resolve().parents[2]
+READY = "link-sim listening on "
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:
@@ -88,41 +95,60 @@ class Upstream:
                 writer.write_eof()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # loop shutting down; re-raising makes asyncio's stream callback log a spurious error
         finally:
             writer.close()
 
 
-async def _send_for(writer: asyncio.StreamWriter, seconds: float) -> None:
+async def _send_until(writer: asyncio.StreamWriter, deadline) -> None:
+    """Keep the link saturated until deadline() (re-read as it may move) has passed."""
     loop = asyncio.get_running_loop()
     block = os.urandom(_BLOCK)
-    end = loop.time() + seconds
-    while loop.time() < end:
+    while loop.time() < deadline():
         writer.write(block)
-        await writer.drain()
+        # On a slow link a full kernel send buffer reports writable only after a
+        # third of it has drained — minutes at 64 kbit/s — so re-check the deadline.
+        try:
+            await asyncio.wait_for(writer.drain(), max(0.0, min(1.0, deadline() - loop.time())))
+        except asyncio.TimeoutError:
+            pass
 
 
-async def measure_rate(proxy: tuple[str, int], upstream: Upstream, direction: str, seconds: float, warmup: float) -> float:
-    """Saturate one direction through the proxy for warmup+seconds; return delivered Mbit/s."""
+async def measure_rate(
+    proxy: tuple[str, int], upstream: Upstream, direction: str, seconds: float, warmup: float, limit_s: float = 120.0
+) -> float:
+    """Saturate one direction through the proxy; return delivered Mbit/s over `seconds`,
+    counted from `warmup` after the first byte arrived (bytes of earlier connections
+    may still be ahead of ours in the bottleneck queue, as in a real network)."""
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(*proxy, limit=4 * 1024 * 1024)
     _nodelay(writer)
+    give_up = loop.time() + limit_s
     try:
         if direction == "up":
             n_before = len(upstream.sinks)
             writer.write(b"S")
-            t0 = loop.time()
-            await _send_for(writer, warmup + seconds)
+
+            def deadline() -> float:
+                if len(upstream.sinks) > n_before and upstream.sinks[n_before].times:
+                    return upstream.sinks[n_before].times[0] + warmup + seconds
+                return give_up
+
+            await _send_until(writer, deadline)
             arr = upstream.sinks[n_before]
-            return arr.rate_mbit(t0 + warmup, t0 + warmup + seconds)
-        writer.write(b"D")
-        arr = Arrivals()
-        t0 = loop.time()
-        while loop.time() < t0 + warmup + seconds:
-            data = await reader.read(1 << 20)
-            if not data:
-                break
-            arr.add(loop.time(), len(data))
-        return arr.rate_mbit(t0 + warmup, t0 + warmup + seconds)
+        else:
+            writer.write(b"D")
+            arr = Arrivals()
+            while loop.time() < (arr.times[0] + warmup + seconds if arr.times else give_up):
+                data = await reader.read(1 << 20)
+                if not data:
+                    break
+                arr.add(loop.time(), len(data))
+        if not arr.times:
+            raise TimeoutError(f"nothing arrived within {limit_s:g} s")
+        first = arr.times[0]
+        return arr.rate_mbit(first + warmup, first + warmup + seconds)
     finally:
         writer.transport.abort()
 
@@ -152,3 +178,27 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+class LinkSimProcess:
+    """`link-sim` as its own process, the way other scripts run it."""
+
+    def __init__(self, upstream: tuple[str, int], *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sim.link.cli", "--listen", "127.0.0.1:0", "--upstream", f"{upstream[0]}:{upstream[1]}", *args],
+            cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith(READY):
+            self.proc.kill()
+            raise RuntimeError(f"link-sim did not start: {self.proc.stderr.read().strip()}")
+        host, port = line[len(READY):].strip().rsplit(":", 1)
+        self.addr = (host, int(port))
+
+    def stop(self) -> dict:
+        """SIGTERM; returns the final JSON report."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=15)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"link-sim exited {self.proc.returncode}: {err.strip()}")
+        return json.loads(out.strip().splitlines()[-1])

@@ -146,15 +146,19 @@ class Connection:
             for w in (self.client_w, self.up_w):
                 w.close()
 
-    def abort(self) -> None:
-        """Reset both sides; pending bytes of this connection are discarded."""
+    def abort(self, reset: bool = True) -> None:
+        """End both sides now, with RST (an error or outage) or FIN (link-sim shutting down);
+        bytes still inside the link are discarded."""
         self.aborted = True
         for p in self.pipes:
             p.closed = True
         for t in self.tasks:
             t.cancel()
-        _reset(self.client_w)
-        _reset(self.up_w)
+        for w in (self.client_w, self.up_w):
+            if reset:
+                _reset(w)
+            elif w is not None:
+                w.close()
 
 
 class LinkSim:
@@ -194,7 +198,7 @@ class LinkSim:
         if self._server is not None:
             self._server.close()
         for c in list(self.connections):
-            c.abort()
+            c.abort(reset=False)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
