@@ -298,3 +298,29 @@ def test_interval_report_says_what_was_delivered():
     assert d["added_delay_ms_p50"] >= 10.0  # at least the propagation delay
     assert d["queue_full_events"] > 0  # a saturating sender fills the buffer
     assert rep["conditions"]["down"]["rate_mbit"] == 4.0
+
+
+@pytest.mark.parametrize("queue_kb, expect_s", [(8, 0.02 + 0.032), (100, 0.02 + 0.4)])
+def test_bottleneck_buffer_sets_delay_under_load(queue_kb, expect_s):
+    """Bufferbloat: a saturating download fills the buffer; a ping on another connection waits behind it."""
+
+    async def main():
+        sim, paddr, upstream = await started(link(rate=2, delay=10, queue_kbyte=queue_kb))
+        reader, writer = await asyncio.open_connection(*paddr)
+        writer.write(b"D")
+
+        async def sink():
+            while await reader.read(1 << 20):
+                pass
+
+        task = asyncio.create_task(sink())
+        await asyncio.sleep(1.0)  # let the buffer fill
+        rtts = await measure_rtt(paddr, 5, gap_s=0.05)
+        task.cancel()
+        writer.transport.abort()
+        await sim.stop()
+        return median(rtts)
+
+    rtt = run(main())
+    # RTT = 2 × 10 ms + the full buffer's drain time at 2 Mbit/s (queue_kb·8/2000 s)
+    assert rtt == pytest.approx(expect_s, rel=0.2)

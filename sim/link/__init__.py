@@ -13,6 +13,8 @@ Layout (one job per module):
   schedule  timed command files
   report    what was delivered, as JSON lines
   mqttctl   optional MQTT control topic
+  timing    sub-millisecond asyncio timers (select() on the epoll fd)
+  measure   measuring a link from outside: upstream test server, rate, RTT
   netns     optional cross-check with tc tbf inside network namespaces
   cli       the `link-sim` entry point
 """
