@@ -42,6 +42,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement window per rate and direction")
     parser.add_argument("--pings", type=int, default=20, help="RTT pings per profile")
     parser.add_argument("--no-tbf", action="store_true", help="skip the tc tbf cross-check")
+    parser.add_argument("--quick", action="store_true",
+                        help="~1 minute: 1.5 s windows, 10 pings, sweep 0.064/1/16/200 Mbit/s, delays 0/10 ms, no tbf")
 
 
 # -- measurements -----------------------------------------------------------
@@ -321,6 +323,9 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.seconds, args.pings, args.no_tbf = 1.5, 10, True
+        args.sweep, args.delays = "0.064,1,16,200", "0,10"
     res = run_precise(_bench(args))
     for p in (args.json, args.md, args.png):
         Path(p).parent.mkdir(parents=True, exist_ok=True)

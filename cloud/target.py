@@ -19,6 +19,7 @@ from proto.fingerprint import fingerprint_llama
 
 
 def _llama(path: Path, n_ctx: int, n_threads: int, logits_all: bool, vocab_only: bool = False):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see edge/llama_model.py: idle spinning starves peers
     import llama_cpp  # imported late: loading the shared library costs ~0.2 s
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx),

@@ -51,6 +51,7 @@ class Agent:
         t0 = time.monotonic()
         stats = GenStats(mode=cfg.mode, emulated=cfg.emulate_device is not None)
         out: list[int] = []
+        bytes0 = (self.client.bytes.up, self.client.bytes.down) if self.client else (0, 0)
 
         def emit(tokens: list[int]) -> None:
             out.extend(tokens)
@@ -84,7 +85,8 @@ class Agent:
                     continue  # stays in this mode; the next loop turn retries the cloud
         stats.wall_s = time.monotonic() - t0
         if self.client is not None:
-            stats.bytes_up, stats.bytes_down = self.client.bytes.up, self.client.bytes.down
+            stats.bytes_up = self.client.bytes.up - bytes0[0]
+            stats.bytes_down = self.client.bytes.down - bytes0[1]
         if self.drafter is not None:
             stats.drafter = self.drafter.stats()
         return Completion(out[:cfg.max_tokens], stats)

@@ -97,8 +97,6 @@ def run_generate(a) -> int:
     import dataclasses
     for i in range(a.n):
         run_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=cfg.sampling.seed + i))
-        if client is not None:
-            client.bytes.up = client.bytes.down = 0
         shown: list[int] = []
 
         def stream_text(new, shown=shown):

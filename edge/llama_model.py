@@ -13,6 +13,10 @@ from proto.fingerprint import fingerprint_llama
 
 
 def load_llama(path: Path, n_ctx: int = 2048, n_threads: int = 2, vocab_only: bool = False):
+    # llama.cpp's OpenMP workers spin while idle by default; with an edge and a
+    # cloud sharing cores that spinning starves the other process (measured: a
+    # 64-token speculative run went from 6.7 s to 21 s). Must precede the load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import llama_cpp  # late: loading the shared library is not free
     if not Path(path).exists():
         raise FileNotFoundError(f"model not found: {path}")

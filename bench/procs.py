@@ -1,0 +1,68 @@
+"""Start the real daemons as subprocesses (benchmarks, the demo and the tests)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Daemon:
+    """A daemon started with `python -m MODULE ARGS` that prints
+    '<name> listening on HOST:PORT' when ready."""
+
+    def __init__(self, module: str, args: list[str], ready: str, timeout_s: float = 60.0, env=None):
+        self.cmd = [sys.executable, "-m", module, *args]
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(env or {})})
+        self.stderr: deque[str] = deque(maxlen=400)
+        self.stdout: list[str] = []
+        threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr), daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        self.address = None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.stdout.append(line)
+            if ready in line:
+                self.address = line.strip().rsplit(" ", 1)[-1]
+                break
+        if self.address is None:
+            self.stop()
+            raise RuntimeError(f"{' '.join(self.cmd)} did not start:\n{''.join(self.stderr)}")
+        threading.Thread(target=self._drain, args=(self.proc.stdout, self.stdout), daemon=True).start()
+
+    @staticmethod
+    def _drain(stream, sink) -> None:
+        for line in stream:
+            sink.append(line)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_cloud(*extra: str) -> Daemon:
+    return Daemon("cloud.cli", ["--listen", "127.0.0.1:0", *extra], "cloud-verifier listening on")
+
+
+def start_link(upstream: str, *extra: str) -> Daemon:
+    return Daemon("sim.link.cli", ["--listen", "127.0.0.1:0", "--upstream", upstream, *extra],
+                  "link-sim listening on")

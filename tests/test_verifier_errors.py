@@ -1,0 +1,131 @@
+"""Bad input gets a precise gRPC status, and the verifier keeps serving."""
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kernels import packing
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pb_grpc
+
+
+@pytest.fixture()
+def stub(cloud):
+    ch = grpc.insecure_channel(cloud.address)
+    yield pb_grpc.VerifierStub(ch), ch
+    ch.close()
+
+
+def open_session(stub, tokenizer, prompt="Hello there"):
+    return stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=tokenizer.encode(prompt)))
+
+
+def speculate(stub, session, drafts):
+    return list(stub.Speculate(iter(drafts), metadata=(("tandem-session", session),)))
+
+
+def assert_serving(ch, stub, tokenizer):
+    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="tandem.v1.Verifier"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    reply = open_session(stub, tokenizer)
+    out = speculate(stub, reply.session, [pb.Draft(epoch=0, start=len(tokenizer.encode("Hello there")),
+                                                   tokens=packing.pack_tokens([28], 2))])
+    assert len(out) == 1 and out[0].accepted <= 1
+
+
+def expect(code, fn):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == code, e.value.details()
+    return e.value.details()
+
+
+def test_wrong_tokenizer_is_refused_with_both_fingerprints(stub, tokenizer):
+    s, ch = stub
+    msg = expect(grpc.StatusCode.FAILED_PRECONDITION,
+                 lambda: s.Open(pb.OpenRequest(fingerprint="0123456789abcdef", prompt=[1, 2, 3])))
+    assert "0123456789abcdef" in msg and tokenizer.fingerprint in msg
+    assert_serving(ch, s, tokenizer)
+
+
+def test_token_id_outside_vocabulary(stub, tokenizer):
+    s, ch = stub
+    r = open_session(s, tokenizer)
+    n = len(tokenizer.encode("Hello there"))
+    msg = expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
+        s, r.session, [pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([60000], 2))]))
+    assert "outside the vocabulary" in msg
+    expect(grpc.StatusCode.INVALID_ARGUMENT,
+           lambda: s.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=[1, 99999])))
+    assert_serving(ch, s, tokenizer)
+
+
+def test_empty_and_oversized_and_garbled_drafts(stub, tokenizer):
+    s, ch = stub
+    n = len(tokenizer.encode("Hello there"))
+    r = open_session(s, tokenizer)
+    assert "empty draft" in expect(grpc.StatusCode.INVALID_ARGUMENT,
+                                   lambda: speculate(s, r.session, [pb.Draft(epoch=0, start=n, tokens=b"")]))
+    r = open_session(s, tokenizer)
+    assert "exceeds the limit" in expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
+        s, r.session, [pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([28] * 1000, 2))]))
+    r = open_session(s, tokenizer)
+    expect(grpc.StatusCode.INVALID_ARGUMENT,
+           lambda: speculate(s, r.session, [pb.Draft(epoch=0, start=n, tokens=b"\x01\x02\x03")]))
+    r = open_session(s, tokenizer)
+    assert "expected" in expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
+        s, r.session, [pb.Draft(epoch=0, start=n + 7, tokens=packing.pack_tokens([28], 2))]))
+    r = open_session(s, tokenizer)
+    assert "ahead" in expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
+        s, r.session, [pb.Draft(epoch=5, start=n, tokens=packing.pack_tokens([28], 2))]))
+    assert_serving(ch, s, tokenizer)
+
+
+def test_context_overflow_is_out_of_range(stub, tokenizer):
+    s, ch = stub
+    expect(grpc.StatusCode.OUT_OF_RANGE,
+           lambda: s.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=[28] * 5000)))
+    assert_serving(ch, s, tokenizer)
+
+
+def test_unknown_session(stub, tokenizer):
+    s, ch = stub
+    msg = expect(grpc.StatusCode.NOT_FOUND, lambda: speculate(s, "nope", [pb.Draft(epoch=0, start=1, tokens=b"\x01\x00")]))
+    assert "unknown session" in msg
+    assert_serving(ch, s, tokenizer)
+
+
+def test_client_disconnecting_mid_stream(cloud, tokenizer):
+    """A stream cancelled half-way frees the session; the server carries on."""
+    ch = grpc.insecure_channel(cloud.address)
+    s = pb_grpc.VerifierStub(ch)
+    r = open_session(s, tokenizer)
+    n = len(tokenizer.encode("Hello there"))
+
+    def drafts():
+        yield pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([28, 29], 2))
+        import time
+        time.sleep(30)  # never sends more: the client goes away instead
+
+    call = s.Speculate(drafts(), metadata=(("tandem-session", r.session),))
+    next(call)
+    call.cancel()
+    ch.close()
+    ch2 = grpc.insecure_channel(cloud.address)
+    assert_serving(ch2, pb_grpc.VerifierStub(ch2), tokenizer)
+    ch2.close()
+
+
+def test_stale_epoch_blocks_are_dropped(stub, tokenizer):
+    """After a rejection, blocks of the old epoch get no verdict; the next epoch proceeds."""
+    s, ch = stub
+    prompt = tokenizer.encode("Hello there")
+    n = len(prompt)
+    r = open_session(s, tokenizer)
+    bad = [tokenizer.eos] * 3  # almost surely rejected at the first position
+    out = speculate(s, r.session, [
+        pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens(bad, 2)),
+        pb.Draft(epoch=0, start=n + 3, tokens=packing.pack_tokens(bad, 2)),  # stale once the first is rejected
+    ])
+    assert len(out) == 1 and out[0].accepted == 0 and out[0].HasField("token")
