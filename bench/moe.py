@@ -65,7 +65,7 @@ def run(args) -> int:
         return 2
     text = load_or_generate(shipped_gguf(), calib_cache())
     seq, pl = text["heldout"][0], text["heldout_prompt_len"][0]
-    n_dec = args.decode_tokens or (24 if args.quick else 64)
+    n_dec = args.decode_tokens or (16 if args.quick else 64)
     prompt, cont = seq[:pl], seq[pl:pl + n_dec]
     budgets = [25, 100] if args.quick else [25, 50, 75, 100]
     storages = ["sd-card"] if args.quick else ["ufs", "emmc", "sd-card"]

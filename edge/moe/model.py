@@ -55,7 +55,7 @@ class ResidentExperts(Experts):
         out = torch.zeros_like(x)
         for e in sel.unique().tolist():
             rows, slot = (sel == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, swiglu(x[rows], *self.w[layer, e]) * w[rows, slot, None])
+            out[rows] += swiglu(x[rows], *self.w[layer, e]) * w[rows, slot, None]
         return out
 
 
@@ -183,6 +183,8 @@ class MoETransformer:
         rep = H // G
         K = K.repeat_interleave(rep, dim=1).transpose(0, 1)               # (H, S, hd)
         V = V.repeat_interleave(rep, dim=1).transpose(0, 1)
-        mask = torch.arange(S)[None, :] <= pos[:, None]                   # (T, S)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), K, V, attn_mask=mask)  # (H, T, hd)
+        mask = torch.arange(S)[None, :] > pos[:, None]                    # (T, S) future
+        # Plain softmax attention: for one query SDPA's CPU path was 10x slower.
+        att = (q.transpose(0, 1) @ K.transpose(1, 2)) * hd ** -0.5        # (H, T, S)
+        o = att.masked_fill(mask, float("-inf")).softmax(-1) @ V          # (H, T, hd)
         return o.transpose(0, 1).reshape(T, H * hd) @ L.wo.T             # (T, D)

@@ -58,7 +58,7 @@ def norm_prior(gm: GGUFModel) -> dict[tuple[int, int], float]:
     for layer in gm.cfg.moe_layers:
         scores = []
         for e in range(gm.cfg.n_expert):
-            up, down = (torch.from_numpy(expert_to_f32(*gm.expert_raw(layer, k, e)))
+            up, down = (torch.from_numpy(expert_to_f32(*gm.expert_raw(layer, k, e)).copy())
                         for k in ("up", "down"))
             scores.append(float(up.norm() * down.norm()))
         top = max(scores) or 1.0
@@ -165,7 +165,8 @@ class OffloadedExperts(Experts):
 
     def _accumulate(self, out, layer, e, ew: ExpertWeights, x, sel, w) -> None:
         rows, slot = (sel == e).nonzero(as_tuple=True)
-        out.index_add_(0, rows, swiglu(x[rows], ew.gate, ew.up, ew.down) * w[rows, slot, None])
+        # rows are distinct (a token picks an expert once): plain indexed add.
+        out[rows] += swiglu(x[rows], ew.gate, ew.up, ew.down) * w[rows, slot, None]
         bu = self.stats[layer].bits_used
         bu[ew.bits] = bu.get(ew.bits, 0) + 1
 

@@ -1,0 +1,92 @@
+"""Expert store, cache, policies and the MoE drafter on a tiny random MoE."""
+import numpy as np
+import pytest
+import torch
+
+from edge.model_files import shipped_gguf
+from edge.moe.drafter import MoEDrafter, MoEDrafterConfig
+from edge.moe.gguf_loader import GGUFModel
+from edge.moe.gguf_writer import MoESpec, random_moe, write_moe
+from edge.moe.model import MoETransformer
+from edge.moe.policy import PolicyConfig
+from edge.moe.runtime import BudgetTooSmall, OffloadedExperts
+from edge.moe.store import ExpertStore, StorageProfile, StoreConfig
+
+SPEC = MoESpec("llama", 3, 64, 4, 2, 16, 8, 64, [2, 2, 2])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    p = tmp_path_factory.mktemp("rt") / "tiny.gguf"
+    return write_moe(p, SPEC, random_moe(SPEC, 49152, seed=3), shipped_gguf())
+
+
+def run_policy(path, policy, pct, storage="none", n=12):
+    d = MoEDrafter(MoEDrafterConfig(model=path, policy=policy, budget_pct=pct, storage=storage,
+                                    max_ctx=64))
+    torch.manual_seed(0)
+    toks = torch.randint(0, 49152, (n,)).tolist()
+    out = [d.eval(toks[:4])] + [d.eval([t]) for t in toks[4:]]
+    stats = d.stats()
+    d.close()
+    return np.stack(out), stats
+
+
+def test_resident_fp_equals_reference_model(tiny):
+    out, _ = run_policy(tiny, "resident-fp", 100)
+    gm = GGUFModel(tiny)
+    torch.manual_seed(0)
+    toks = torch.randint(0, 49152, (12,))
+    ref = MoETransformer(gm, max_ctx=64).forward(toks)[3:].numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lru_fp_under_small_budget_is_exact_but_misses(tiny):
+    ref, _ = run_policy(tiny, "resident-fp", 100)
+    out, st = run_policy(tiny, "lru-fp", 30)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert st["total"]["misses"] > 0 and st["total"]["bytes_read"] > 0
+    assert set(st["layers"][0]) >= {"hit_rate", "prefetch_recall", "bytes_read", "stall_s",
+                                    "precision_mix"}
+
+
+def test_dymoe_prefetches_and_mixes_precision(tiny):
+    ref, _ = run_policy(tiny, "resident-fp", 100)
+    out, st = run_policy(tiny, "dymoe", 25)
+    mix = st["total"]["precision_mix"]
+    assert set(mix) <= {"int2", "int4", "int8"} and "int4" in mix
+    assert st["total"]["prefetch_recall"] is not None
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.5
+
+
+def test_storage_model_makes_reads_cost_time(tiny):
+    gm = GGUFModel(tiny)
+    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name("sd-card")))
+    _, busy = store.read(0, 0, 16)
+    expect = StorageProfile.from_name("sd-card").read_seconds(gm.expert_nbytes(0))
+    assert busy >= expect * 0.95
+
+
+def test_budget_below_one_token_is_a_clear_error(tiny):
+    gm = GGUFModel(tiny)
+    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none")))
+    with pytest.raises(BudgetTooSmall, match="below what one token needs"):
+        OffloadedExperts(gm, store, PolicyConfig.from_name("lru-fp"), 1000)
+    with pytest.raises(ValueError, match="unknown storage profile"):
+        StorageProfile.from_name("floppy")
+    with pytest.raises(ValueError, match="unknown MoE policy"):
+        PolicyConfig.from_name("magic")
+
+
+def test_drafter_rollback_reproduces_logits(tiny):
+    d = MoEDrafter(MoEDrafterConfig(model=tiny, policy="dymoe", budget_pct=50, max_ctx=64))
+    a = d.eval([1, 2, 3, 4, 5])
+    d.eval([6, 7])
+    d.truncate(5)
+    assert d.n_past == 5
+    b = d.eval([6, 7])
+    d.truncate(4)
+    c = d.eval([5])
+    np.testing.assert_allclose(a, c, atol=1e-5)
+    assert b.shape == (d.n_vocab,) and b.dtype == np.float32
+    d.close()
