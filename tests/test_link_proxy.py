@@ -7,7 +7,7 @@ import pytest
 
 from sim.link.config import Direction, LinkConfig
 from sim.link.control import Controller
-from sim.link.measure import Arrivals, Upstream, measure_rate, measure_rtt, median
+from sim.link.measure import Arrivals, Upstream, compare_rtt, measure_rate, measure_rtt, median
 from sim.link.proxy import LinkSim
 from sim.link.timing import run
 
@@ -153,8 +153,7 @@ def test_rate_and_rtt_match_configuration():
     async def main():
         sim, paddr, upstream = await started(link(rate=8, delay=20))
         uaddr = upstream._server.sockets[0].getsockname()[:2]
-        base = median(await measure_rtt(uaddr, 30, gap_s=0.005))
-        rtt = median(await measure_rtt(paddr, 30, gap_s=0.005))
+        rtt, base = await compare_rtt(paddr, uaddr, rounds=3, pings=10)
         up = await measure_rate(paddr, upstream, "up", 3.0, 0.5)
         down = await measure_rate(paddr, upstream, "down", 3.0, 0.5)
         await sim.stop()

@@ -174,6 +174,16 @@ async def measure_rtt(proxy: tuple[str, int], count: int, gap_s: float = 0.01, s
         writer.transport.abort()
 
 
+async def compare_rtt(proxy: tuple[str, int], bare: tuple[str, int], rounds: int = 3, pings: int = 10) -> tuple[float, float]:
+    """Median RTT through the proxy and straight to the echo server, measured in
+    alternating rounds so a burst of load on a shared machine hits both alike."""
+    via, base = [], []
+    for _ in range(rounds):
+        base += await measure_rtt(bare, pings, gap_s=0.005)
+        via += await measure_rtt(proxy, pings, gap_s=0.005)
+    return median(via), median(base)
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)

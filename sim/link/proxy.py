@@ -41,8 +41,7 @@ def _reset(writer: asyncio.StreamWriter | None) -> None:
 
 
 class Pipe:
-    def __init__(self, conn: "Connection", src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: LinkDirection):
-        self.conn = conn
+    def __init__(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: LinkDirection):
         self.src = src
         self.dst = dst
         self.link = link
@@ -135,8 +134,8 @@ class Connection:
             sock = w.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        up = Pipe(self, self.client_r, self.up_w, sim.up)
-        down = Pipe(self, up_r, self.client_w, sim.down)
+        up = Pipe(self.client_r, self.up_w, sim.up)
+        down = Pipe(up_r, self.client_w, sim.down)
         self.pipes = [up, down]
         self.tasks = [asyncio.create_task(c) for p in self.pipes for c in (p.pump(), p.write_loop())]
         done, pending = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_EXCEPTION)

@@ -16,7 +16,7 @@ import selectors
 from typing import Callable, Coroutine, TypeVar
 
 T = TypeVar("T")
-_MAX_BIAS_S = 0.0005
+_MAX_BIAS_S = 0.001  # bounds how early a delivery can be if the load suddenly vanishes
 
 if hasattr(selectors, "EpollSelector"):
 
