@@ -20,6 +20,8 @@ _EPILOG = """\
 subcommands:
   link-sim ctl HOST:PORT COMMAND...   send one command to a running link-sim's --control port
   link-sim profiles [--profiles FILE] list the named profiles and their sources
+  link-sim tbf RATE_MBIT              cross-check: bulk TCP through kernel tc tbf between two
+                                      network namespaces it creates (needs root; else says why)
 
 commands (control port, --schedule files, MQTT):
   profile NAME | set KEY=VALUE ... | outage SECONDS [wait|reset] | restore | status
@@ -204,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         return _ctl(argv[1:])
     if argv and argv[0] == "profiles":
         return _list_profiles(argv[1:])
+    if argv and argv[0] == "tbf":
+        from sim.link import netns
+
+        if len(argv) != 2:
+            print("usage: link-sim tbf RATE_MBIT", file=sys.stderr)
+            return 2
+        return netns.main(["measure", argv[1]])
     args = build_parser().parse_args(argv)
     try:
         profiles = load_profiles(args.profiles)

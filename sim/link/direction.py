@@ -1,9 +1,11 @@
 """One direction of the link: a bounded FIFO shared by all connections, drained by one task.
 
-Senders join the FIFO in arrival order and wait (TCP backpressure, not loss)
-while the bottleneck buffer is full; waiting senders are admitted first come,
-first served, so concurrent connections take turns chunk by chunk and none
-starves. The drainer books each chunk on the shaper, hands it to its
+Senders wait (TCP backpressure, not loss) while the bottleneck buffer is full.
+The buffer is one FIFO, so a ping queues behind a bulk transfer (bufferbloat);
+but while several connections want room, none may hold more than an equal
+share of it. Each connection then has the same number of bytes in the FIFO, so
+departures — and the rate — are shared byte-fairly whatever sizes the reads
+returned, and none starves. The drainer books each chunk on the shaper, hands it to its
 connection with a delivery time (departure + delay + jitter [+ one RTO]) and
 keeps its bytes counted in the buffer until they have left the bottleneck.
 """
@@ -56,6 +58,7 @@ class LinkDirection:
         self._traces = traces
         self._queue: deque[Item] = deque()
         self._queued = 0
+        self._held: dict[Sink, int] = {}  # bytes each connection has in the buffer
         self._waiters: deque[tuple[asyncio.Future, Item]] = deque()
         self._full_since: float | None = None
         self._kick = asyncio.Event()
@@ -107,13 +110,33 @@ class LinkDirection:
 
     # -- admission ------------------------------------------------------------
 
+    @staticmethod
+    def _size(item: Item) -> int:
+        return len(item.data) if item.data else 0
+
+    def _share(self) -> int:
+        """Most bytes one connection may hold while others want room too."""
+        active = len(self._held.keys() | {it.sink for _, it in self._waiters})
+        return max(self.chunk, self.capacity // max(1, active))
+
+    def _fits(self, item: Item, share: int) -> bool:
+        n = self._size(item)
+        if self._queued == 0:
+            return True  # an empty buffer takes anything, even a chunk larger than itself
+        if self._queued + n > self.capacity:
+            return False
+        mine = self._held.get(item.sink, 0)
+        return mine == 0 or mine + n <= share
+
     async def put(self, item: Item) -> None:
-        n = len(item.data) if item.data else 0
-        if not self._waiters and (self._queued == 0 or self._queued + n <= self.capacity):
+        if not self._waiters and self._fits(item, self._share()):
             self._enqueue(item)
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((fut, item))
+        self._admit()  # the line may hold connections at their share; this one may fit now
+        if fut.done():
+            return
         self.stats.queue_full_events += 1
         if self._full_since is None:
             self._full_since = self.clock()
@@ -127,19 +150,27 @@ class LinkDirection:
     def _enqueue(self, item: Item) -> None:
         item.queued_at = self.clock()
         self._queue.append(item)
-        self._queued += len(item.data) if item.data else 0
+        n = self._size(item)
+        if n:
+            self._queued += n
+            self._held[item.sink] = self._held.get(item.sink, 0) + n
         self._kick.set()
 
     def _admit(self) -> None:
-        while self._waiters:
-            fut, item = self._waiters[0]
-            n = len(item.data) if item.data else 0
-            if self._queued > 0 and self._queued + n > self.capacity:
-                break
-            self._waiters.popleft()
-            if not fut.done():
+        """Let in, in arrival order, every waiting sender that fits."""
+        if not self._waiters:
+            return
+        share = self._share()
+        kept: deque[tuple[asyncio.Future, Item]] = deque()
+        for fut, item in self._waiters:
+            if fut.done():
+                continue
+            if self._fits(item, share):
                 self._enqueue(item)
                 fut.set_result(None)
+            else:
+                kept.append((fut, item))
+        self._waiters = kept
         self._update_full()
 
     def _update_full(self) -> None:
@@ -154,8 +185,13 @@ class LinkDirection:
             self.stats.queue_full_s += now - self._full_since
             self._full_since = now
 
-    def _release(self, n: int) -> None:
+    def _release(self, sink: Sink, n: int) -> None:
         self._queued -= n
+        left = self._held.get(sink, 0) - n
+        if left > 0:
+            self._held[sink] = left
+        else:
+            self._held.pop(sink, None)
         self._admit()
 
     # -- the drainer ----------------------------------------------------------
@@ -180,7 +216,7 @@ class LinkDirection:
             item = self._queue[0]
             if item.sink.closed:
                 self._queue.popleft()
-                self._release(len(item.data) if item.data else 0)
+                self._release(item.sink, self._size(item))
                 continue
             if item.data is None:
                 self._queue.popleft()
@@ -202,4 +238,4 @@ class LinkDirection:
             item.sink.schedule(piece, depart + imp.delay_s + imp.rto_s, item.queued_at)
             if depart > now:
                 await asyncio.sleep(depart - now)
-            self._release(n)
+            self._release(item.sink, n)
