@@ -44,9 +44,14 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
         self.ar_token_s = self._measure_ar()
+        # Creating a llama.cpp context costs ~0.2 s: have a few ready before the first Open.
+        warm = [target.acquire() for _ in range(min(2, cfg.max_sessions))]
+        for ctx in warm:
+            target.release(ctx)
 
     # -- Open --------------------------------------------------------------
     def Open(self, request: pb.OpenRequest, context):
+        t_open = time.monotonic()
         self._check_fingerprint(request.fingerprint, context)
         self._reap_idle()
         try:
@@ -78,7 +83,8 @@ class VerifierService(pb_grpc.VerifierServicer):
                             token_width=self.width, n_ctx=self.cfg.n_ctx, max_draft=self.cfg.max_draft,
                             target=self.target_label, emulated=self.emulate is not None,
                             ar_token_s=self.ar_token_s, verify_a_s=a, verify_b_s=b,
-                            p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail)
+                            p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail,
+                            server_s=time.monotonic() - t_open)
 
     # -- Speculate ---------------------------------------------------------
     def Speculate(self, request_iterator, context):

@@ -32,6 +32,7 @@ FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, 
          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
 EDGE_ONLY_CHUNK = 16
+REPROBE_EVERY = 8
 
 
 @dataclass
@@ -45,6 +46,11 @@ class Agent:
                  n_vocab: int, eos: int):
         self.client, self.drafter = client, drafter
         self.fingerprint, self.n_vocab, self.eos = fingerprint, n_vocab, eos
+        # What the last session learned about this drafter/target pair: the next
+        # one starts from it instead of a guess (an edge serves many requests).
+        self.learned_accept: float | None = None
+        self.last_planner: Planner | None = None
+        self.skipped = 0      # sessions sent straight to cloud-only since the last probe
 
     def generate(self, prompt: list[int], cfg: GenConfig,
                  on_tokens: Callable[[list[int]], None] = lambda t: None) -> Completion:
@@ -100,6 +106,12 @@ class Agent:
 
     def _speculate(self, prompt: list[int], cfg: GenConfig, emit, stats: GenStats, t0: float) -> None:
         device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
+        last = self.last_planner
+        if cfg.adaptive and last is not None and last.pipelined == cfg.pipelined and not last.plan().speculate:
+            if self.skipped < REPROBE_EVERY:
+                self.skipped += 1     # known not to pay on this link: don't even open a session
+                raise SwitchToCloudOnly()
+            self.skipped = 0          # conditions change: measure again now and then
         codec = choose_codec(cfg, self.n_vocab)
         stats.codec = codec
         t_open = time.monotonic()
@@ -116,9 +128,11 @@ class Agent:
         reply = self.client.open_result(fut)
         stats.emulated = stats.emulated or reply.emulated
         open_s = time.monotonic() - t_open
-        rtt = max(0.0005, open_s - (reply.verify_a_s + reply.verify_b_s * len(prompt)))
+        rtt = max(0.0005, open_s - reply.server_s)
         planner = Planner(cfg.pipelined, t_draft, rtt, reply.verify_a_s, reply.verify_b_s, reply.ar_token_s,
-                          prior_accept=0.9, gamma=cfg.gamma, window=cfg.window)
+                          prior_accept=self.learned_accept if self.learned_accept is not None else 0.8,
+                          gamma=cfg.gamma, window=cfg.window)
+        self.last_planner = planner
         if cfg.adaptive and not planner.plan().speculate:
             self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=self.client.meta)
             raise SwitchToCloudOnly()
@@ -129,4 +143,6 @@ class Agent:
             spec.run()
         finally:
             stats.gamma, stats.window = spec.plan.gamma, spec.plan.window
+            if planner.blocks:
+                self.learned_accept = planner.accept.value
             stream.close()

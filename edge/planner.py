@@ -5,17 +5,22 @@ link round trip + verify time for a block, acceptance rate a. For block
 length g, with W blocks in flight:
 
     sync      rate = E_bonus(g) / (g*t_d + rtt + t_v(g))
-    pipelined rate = E(g) / (max(g*t_d, (rtt + t_v(g)) / W) + (1 - a^g) * (rtt + t_v(g)))
+    pipelined rate = E(g) / (c + (1 - a^g) * (g*t_d + rtt + t_v(g) - c)),
+              c = max(g*t_d, t_v(g), (g*t_d + rtt + t_v(g)) / W)
 
-E(g) = sum over outcomes of tokens kept (a rejection still yields the
-correction); the second term is the pipeline refill after a rejection. The
-cloud-only rate is the verifier's autoregressive rate, which streaming
+E(g) = expected tokens kept per block (a rejection still yields the
+correction). c is the steady-state time between verdicts: the edge drafting a
+block, the cloud verifying one (passes are serial per session) or the window
+running dry; the second term is the refill after a rejection, when the blocks
+in flight are thrown away and the next useful verdict is a whole cycle away.
+The cloud-only rate is the verifier's autoregressive rate, which streaming
 preserves over any link. Speculation is abandoned for cloud-only streaming
 when its best predicted rate falls below that.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -54,8 +59,10 @@ class Planner:
                  max_window: int = 8):
         self.pipelined = pipelined
         self.t_draft = Ema(t_draft_s)
-        self.rtt = Ema(rtt_s)                         # round trip minus the verifier's own time
-        self.accept = Ema(prior_accept, weight=0.1)
+        # Round trip minus the verifier's compute: a windowed minimum, since
+        # blocks queued behind others at the verifier inflate single samples.
+        self.rtt_samples: deque[float] = deque([rtt_s], maxlen=16)
+        self.accept = Ema(prior_accept, weight=0.2)
         self.verify_a, self.verify_b = verify_a_s, verify_b_s
         self.ar_token_s = ar_token_s
         self.fixed_gamma, self.fixed_window = gamma, window
@@ -66,7 +73,7 @@ class Planner:
         self.blocks += 1
         if drafted:
             self.accept.add(accepted / drafted)
-        self.rtt.add(max(0.0, round_trip_s - verify_s))
+        self.rtt_samples.append(max(0.0, round_trip_s - verify_s))
         if verify_s > 0 and drafted:
             # keep the cloud's advertised fixed cost, learn only the level
             self.verify_a = 0.8 * self.verify_a + 0.2 * max(0.0, verify_s - self.verify_b * drafted)
@@ -74,28 +81,41 @@ class Planner:
     def observe_draft(self, seconds: float) -> None:
         self.t_draft.add(seconds)
 
+    @property
+    def rtt(self) -> float:
+        return min(self.rtt_samples)
+
     def rate(self, g: int, w: int) -> float:
-        a, td, rtt = self.accept.value, self.t_draft.value, self.rtt.value
+        """Predicted tokens/s for block length g and window w; w == 1 is
+        stop-and-wait, where the cloud adds a bonus token after a full accept."""
+        a, td, rtt = self.accept.value, self.t_draft.value, self.rtt
         tv = self.verify_a + self.verify_b * (g + 1)
-        if not self.pipelined:
-            return expected_tokens(a, g, bonus=True) / (g * td + rtt + tv)
+        cycle = g * td + rtt + tv
+        if w == 1:
+            return expected_tokens(a, g, bonus=True) / cycle
         a = min(max(a, 0.0), 0.999)
-        per_block = max(g * td, (rtt + tv) / w) + (1 - a ** g) * (rtt + tv)
-        return expected_tokens(a, g, bonus=False) / per_block
+        c = max(g * td, tv, cycle / w)
+        return expected_tokens(a, g, bonus=False) / (c + (1 - a ** g) * (cycle - c))
 
     def plan(self) -> Plan:
+        """The best (g, w); pipelined sessions also weigh stop-and-wait, which
+        wins when rejections are frequent enough that drafting ahead is waste."""
         cloud = 1.0 / max(self.ar_token_s, 1e-6)
         gammas = [self.fixed_gamma] if self.fixed_gamma else range(1, self.max_gamma + 1)
         best = None
         for g in gammas:
-            if not self.pipelined:
-                w = 1
-            elif self.fixed_window:
-                w = self.fixed_window
-            else:
-                cycle = g * self.t_draft.value + self.rtt.value + self.verify_a + self.verify_b * (g + 1)
-                w = max(1, min(self.max_window, math.ceil(cycle / max(g * self.t_draft.value, 1e-6))))
-            r = self.rate(g, w)
-            if best is None or r > best.spec_rate:
-                best = Plan(g, w, r, cloud)
+            for w in self._windows(g):
+                r = self.rate(g, w)
+                if best is None or r > best.spec_rate:
+                    best = Plan(g, w, r, cloud)
         return best
+
+    def _windows(self, g: int) -> list[int]:
+        if not self.pipelined:
+            return [1]
+        if self.fixed_window:
+            return [self.fixed_window]
+        td = self.t_draft.value
+        tv = self.verify_a + self.verify_b * (g + 1)
+        full = math.ceil((g * td + self.rtt + tv) / max(g * td, tv, 1e-6))  # enough to keep the pipe busy
+        return sorted({1, max(2, min(self.max_window, full))})

@@ -41,7 +41,7 @@ class OpenRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail")
+    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class OpenReply(_message.Message):
     VERIFY_B_S_FIELD_NUMBER: _ClassVar[int]
     P_TOP_K_FIELD_NUMBER: _ClassVar[int]
     P_TAIL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_S_FIELD_NUMBER: _ClassVar[int]
     session: str
     fingerprint: str
     n_vocab: int
@@ -68,7 +69,8 @@ class OpenReply(_message.Message):
     verify_b_s: float
     p_top_k: int
     p_tail: int
-    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ...) -> None: ...
+    server_s: float
+    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("epoch", "start", "tokens", "fixed", "q", "q_sparse", "want_bonus", "more_tail")
