@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 MODELS := models
 DRAFT := $(MODELS)/draft-l29.gguf
 DRAFT_BEST := $(MODELS)/draft-q8.gguf
+MOE := $(MODELS)/smollm2-moe.gguf
 
-.PHONY: setup models demo test test-all bench bench-quick proto lint clean help
+.PHONY: setup models models-moe demo test test-all bench bench-quick proto lint clean help
 
 help:
 	@echo "make demo      set up (venv, deps, models) and generate over a shaped link"
@@ -17,7 +18,7 @@ help:
 	@echo "make test-all  also the slow suites"
 	@echo "make bench     run every benchmark suite (bench/results/)"
 	@echo "make proto     regenerate the gRPC code from proto/tandem.proto"
-	@echo "make models    derive the models into $(MODELS)/"
+	@echo "make models    derive the draft models into $(MODELS)/ (models-moe: also the DyMoE test bed)"
 
 # The venv is rebuilt only when the project's requirements change. torch is
 # pinned first so nothing pulls a CUDA build; llama-cpp-python builds from
@@ -39,19 +40,27 @@ setup: $(STAMP)
 models: $(STAMP)
 	@$(PY) -m edge.derive --out-dir $(MODELS)
 
+# The DyMoE test bed: a MoE carved and trained from SmolLM2 (~6 min on 2 cores, once),
+# then its per-layer precision floors (stored beside it).
+$(MOE): $(STAMP)
+	@$(VENV)/bin/edge-agent moeify --out $@
+	@$(VENV)/bin/edge-agent moe-calibrate --moe-model $@
+
+models-moe: models $(MOE)
+
 demo: setup models
 	@$(PY) -m bench.demo
 
 test: setup models
 	@$(PY) -m pytest -q
 
-test-all: setup models
+test-all: setup models-moe
 	@$(PY) -m pytest -q -m 'slow or not slow'
 
-bench: setup models
+bench: setup models-moe
 	@$(VENV)/bin/tandem-bench all
 
-bench-quick: setup models
+bench-quick: setup models-moe
 	@$(VENV)/bin/tandem-bench all --quick
 
 proto: setup

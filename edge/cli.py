@@ -74,8 +74,8 @@ def build_drafter(a):
         return None, shipped_gguf()
     if a.drafter == "moe":
         from edge.moe.cli import build_drafter as build_moe
-        d = build_moe(a)
-        return d, Path(getattr(d, "path", None) or a.moe_model)
+        from edge.moe.cli import default_model
+        return build_moe(a), Path(a.moe_model or default_model())
     from edge.llama_model import LlamaDrafter
     path = a.draft_model or ensure(DEFAULT_DRAFT)
     return LlamaDrafter(path, n_threads=a.threads), path
