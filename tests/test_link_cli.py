@@ -3,6 +3,7 @@
 import json
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -53,20 +54,32 @@ class EchoServer:
         self.sock.close()
 
 
-def start(*args, wait_ready=True):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sim.link.cli", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    if not wait_ready:
-        return proc, None
-    line = proc.stdout.readline()
-    assert line.startswith(READY), (line, proc.stderr.read() if proc.poll() is not None else "")
-    host, port = line[len(READY) :].strip().rsplit(":", 1)
-    return proc, (host, int(port))
+@pytest.fixture
+def start():
+    """Starts link-sim processes; kills any a failing test left running."""
+    procs = []
+
+    def _start(*args, wait_ready=True):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sim.link.cli", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        if not wait_ready:
+            return proc, None
+        line = proc.stdout.readline()
+        assert line.startswith(READY), (line, proc.stderr.read() if proc.poll() is not None else "")
+        host, port = line[len(READY) :].strip().rsplit(":", 1)
+        return proc, (host, int(port))
+
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def stop(proc, sig=signal.SIGTERM, with_stderr=False):
@@ -112,7 +125,7 @@ def test_help_explains_every_flag():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_ready_line_forwarding_and_clean_stop(echo, sig):
+def test_ready_line_forwarding_and_clean_stop(echo, sig, start):
     proc, addr = start("--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo.addr[1]}", "--delay-ms", "1")
     rtt = ping(addr, b"x" * 1000)
     assert rtt >= 0.002
@@ -122,7 +135,7 @@ def test_ready_line_forwarding_and_clean_stop(echo, sig):
     assert rep["conditions"]["profile"] == "picospec-wan"  # the default profile
 
 
-def test_flags_override_profile(echo):
+def test_flags_override_profile(echo, start):
     port = free_port()
     proc, addr = start(
         "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{echo.addr[1]}",
@@ -147,7 +160,7 @@ def test_flags_override_profile(echo):
         (["--trace-down", "/nonexistent.mahi"], "cannot read trace"),
     ],
 )
-def test_bad_values_exit_2_with_reason(args, words):
+def test_bad_values_exit_2_with_reason(args, words, start):
     proc, _ = start("--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", *args, wait_ready=False)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 2
@@ -155,7 +168,7 @@ def test_bad_values_exit_2_with_reason(args, words):
     assert READY not in out
 
 
-def test_bad_schedule_names_file_line(tmp_path):
+def test_bad_schedule_names_file_line(tmp_path, start):
     sched = tmp_path / "s.txt"
     sched.write_text("1 profile 3g\n2 outage two\n")
     proc, _ = start("--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--schedule", str(sched), wait_ready=False)
@@ -164,35 +177,37 @@ def test_bad_schedule_names_file_line(tmp_path):
     assert f"{sched}:2:" in err
 
 
-def test_control_port_and_ctl_subcommand(echo):
+def test_control_port_and_ctl_subcommand(echo, start):
     cport = free_port()
     proc, addr = start(
         "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo.addr[1]}",
         "--control", f"127.0.0.1:{cport}", "--profile", "lan",
     )
-    conn = socket.create_connection(addr, timeout=5)
-    fast = ping_on(conn)
-    reply = send_command("127.0.0.1", cport, "set delay=30")
-    assert reply["ok"] and reply["conditions"]["up"]["delay_ms"] == 30
-    slow = ping_on(conn)  # the live connection sees the new delay
-    conn.close()
-    assert slow - fast == pytest.approx(0.060, abs=0.003)
-    ctl = subprocess.run(
-        [sys.executable, "-m", "sim.link.cli", "ctl", f"127.0.0.1:{cport}", "profile", "3g"],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert ctl.returncode == 0 and json.loads(ctl.stdout)["conditions"]["profile"] == "3g"
-    bad = subprocess.run(
-        [sys.executable, "-m", "sim.link.cli", "ctl", f"127.0.0.1:{cport}", "set", "rate-up=-1"],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert bad.returncode == 1 and "out of range" in json.loads(bad.stdout)["error"]
-    status = send_command("127.0.0.1", cport, "status")
-    assert status["report"]["up"]["bytes_out"] == 10  # two 5-byte pings
-    stop(proc)
+    try:
+        conn = socket.create_connection(addr, timeout=5)
+        fast = statistics.median(ping_on(conn) for _ in range(5))
+        reply = send_command("127.0.0.1", cport, "set delay=30")
+        assert reply["ok"] and reply["conditions"]["up"]["delay_ms"] == 30
+        slow = statistics.median(ping_on(conn) for _ in range(5))  # the live connection sees the new delay
+        conn.close()
+        assert slow - fast == pytest.approx(0.060, abs=0.003)
+        ctl = subprocess.run(
+            [sys.executable, "-m", "sim.link.cli", "ctl", f"127.0.0.1:{cport}", "profile", "3g"],
+            cwd=ROOT, capture_output=True, text=True,
+        )
+        assert ctl.returncode == 0 and json.loads(ctl.stdout)["conditions"]["profile"] == "3g"
+        bad = subprocess.run(
+            [sys.executable, "-m", "sim.link.cli", "ctl", f"127.0.0.1:{cport}", "set", "rate-up=-1"],
+            cwd=ROOT, capture_output=True, text=True,
+        )
+        assert bad.returncode == 1 and "out of range" in json.loads(bad.stdout)["error"]
+        status = send_command("127.0.0.1", cport, "status")
+        assert status["report"]["up"]["bytes_out"] == 50  # ten 5-byte pings
+    finally:
+        stop(proc)
 
 
-def test_schedule_switches_conditions_and_interval_reports(echo, tmp_path):
+def test_schedule_switches_conditions_and_interval_reports(echo, tmp_path, start):
     sched = tmp_path / "s.txt"
     sched.write_text("# switch to 3g, then an outage\n0.3 profile 3g\n0.6 outage 0.5\n")
     reports = tmp_path / "r.jsonl"
@@ -217,7 +232,7 @@ def test_list_profiles():
         assert any(line.startswith(name + " ") for line in out.stdout.splitlines())
 
 
-def test_upstream_down_resets_client_but_proxy_survives(echo):
+def test_upstream_down_resets_client_but_proxy_survives(echo, start):
     dead = free_port()
     proc, addr = start("--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{dead}", "--profile", "lan")
     with socket.create_connection(addr, timeout=5) as s:

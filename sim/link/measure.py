@@ -24,10 +24,18 @@ _ROOT = Path(__file__).resolve().parents[2]
 READY = "link-sim listening on "
 
 
-def _nodelay(writer: asyncio.StreamWriter) -> None:
+_SOCKBUF = 4 * 1024 * 1024
+
+
+def tune_socket(writer: asyncio.StreamWriter) -> None:
+    """No Nagle, and deep socket buffers: on a shared, loaded machine this process
+    can be descheduled for tens of ms; the kernel buffers must carry the link
+    through that, or we would measure our own stalls instead of link-sim."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKBUF)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKBUF)
 
 
 @dataclass
@@ -70,7 +78,7 @@ class Upstream:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _nodelay(writer)
+        tune_socket(writer)
         loop = asyncio.get_running_loop()
         try:
             mode = await reader.readexactly(1)
@@ -123,7 +131,7 @@ async def measure_rate(
     may still be ahead of ours in the bottleneck queue, as in a real network)."""
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(*proxy, limit=4 * 1024 * 1024)
-    _nodelay(writer)
+    tune_socket(writer)
     give_up = loop.time() + limit_s
     try:
         if direction == "up":
@@ -157,7 +165,7 @@ async def measure_rtt(proxy: tuple[str, int], count: int, gap_s: float = 0.01, s
     """Ping-pong `size`-byte messages through an echo connection; one RTT per ping, seconds."""
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(*proxy)
-    _nodelay(writer)
+    tune_socket(writer)
     payload = b"p" * size
     try:
         writer.write(b"E" + payload)  # the first exchange also pays the handshake; discard it

@@ -22,6 +22,7 @@ from typing import Callable
 from sim.link.config import LinkConfig
 from sim.link.direction import Item, LinkDirection
 from sim.link.report import Reporter
+from sim.link.shaper import TraceShaper
 from sim.link.trace import Trace, load_trace
 
 _READER_LIMIT = 4 * 1024 * 1024
@@ -276,6 +277,11 @@ class LinkSim:
                 "reset_by_outage": self.reset_connections,
             },
             "link_down": self.clock() < self.down_until,
+            # lets an observer on this machine (same monotonic clock) line up its
+            # measurements with a trace's delivery opportunities
+            "trace_origin_monotonic": {
+                d.name: d.shaper.origin for d in (self.up, self.down) if isinstance(d.shaper, TraceShaper)
+            },
             "conditions": self.config.to_json(),
         }
 
