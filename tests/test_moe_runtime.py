@@ -8,7 +8,8 @@ from edge.moe.drafter import MoEDrafter, MoEDrafterConfig
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.gguf_writer import MoESpec, random_moe, write_moe
 from edge.moe.model import MoETransformer
-from edge.moe.policy import PolicyConfig
+from edge.moe.policy import PolicyConfig, default_floors, expert_requirements
+from edge.moe.sensitivity import floors_from_kl, tolerance
 from edge.moe.runtime import BudgetTooSmall, OffloadedExperts
 from edge.moe.store import ExpertStore, StorageProfile, StoreConfig
 
@@ -90,3 +91,45 @@ def test_drafter_rollback_reproduces_logits(tiny):
     np.testing.assert_allclose(a, c, atol=1e-5)
     assert b.shape == (d.n_vocab,) and b.dtype == np.float32
     d.close()
+
+
+def test_floors_follow_measured_kl_with_a_noise_floor():
+    kl = {8: {1: 0.02, 2: 0.01, 3: 0.03}, 4: {1: 0.05, 2: 0.2, 3: 0.02}, 2: {1: 0.5, 2: 0.9, 3: 0.05}}
+    tol = tolerance(kl, kl_tol=0.01, noise_factor=3.0)       # 3 x median int8 KL
+    assert tol == pytest.approx(0.06)
+    assert floors_from_kl(kl, tol) == {1: 4, 2: 8, 3: 2}
+    assert floors_from_kl(kl, 0.001) == {1: 16, 2: 16, 3: 16}   # too sensitive for int8
+    assert floors_from_kl(kl, 0.001, max_floor=8) == {1: 8, 2: 8, 3: 8}
+
+
+def test_default_floors_protect_first_last_and_dense_layers():
+    assert default_floors([0, 1, 2, 3], [8, 4, 4, 4], 8) == {0: 8, 1: 4, 2: 4, 3: 8}
+
+
+def test_dymoe_precision_by_importance_floor_and_prefill():
+    p = PolicyConfig.from_name("dymoe", {1: 2, 2: 4, 3: 8, 4: 16})
+    sel = torch.tensor([[0, 1, 2, 3]])
+    imp = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
+    # The top expert (>= half the mass) runs above the floor, the tail at it.
+    assert expert_requirements(p, 1, sel, imp) == {1: 8, 2: 2, 0: 2, 3: 2}
+    assert expert_requirements(p, 2, sel, imp) == {1: 8, 2: 4, 0: 4, 3: 4}
+    assert expert_requirements(p, 3, sel, imp) == {1: 16, 2: 8, 0: 8, 3: 8}
+    assert set(expert_requirements(p, 4, sel, imp).values()) == {16}
+    # A prompt reads every expert it needs once, at the layer's low precision.
+    assert expert_requirements(p, 1, sel.repeat(3, 1), imp.repeat(3, 1)) == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
+def test_low_bit_image_is_written_once_and_read_back(tiny):
+    from kernels import quant
+    gm = GGUFModel(tiny)
+    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none")))
+    store.prepare([4])
+    path = store.image_path(4)
+    mtime = path.stat().st_mtime_ns
+    again = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none")))
+    again.prepare([4])
+    assert path.stat().st_mtime_ns == mtime
+    w, _ = again.read(1, 3, 4)
+    fp = store.resident_copy(1, 3, 16)
+    torch.testing.assert_close(w.down, quant.dequantize(quant.quantize(fp.down, 4)))
+    assert w.nbytes == store.nbytes(1, 4) < fp.nbytes / 3

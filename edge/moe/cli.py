@@ -80,23 +80,43 @@ def run_moeify(args) -> int:
 # ---- precision floors -------------------------------------------------------
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-model", type=Path, default=None, help="MoE GGUF (default models/smollm2-moe.gguf)")
-    p.add_argument("--tokens", type=int, default=600, help="held-out tokens to measure KL on")
+    p.add_argument("--tokens", type=int, default=400, help="held-out tokens to measure KL on")
+    p.add_argument("--kl-tol", type=float, default=0.01,
+                   help="per-layer KL (nats/token) a layer may add at its floor precision")
+    p.add_argument("--noise-factor", type=float, default=3.0,
+                   help="... or this many times the median int8 KL, if larger (model noise floor)")
+    p.add_argument("--max-floor", type=int, default=8, choices=[2, 4, 8, 16],
+                   help="cap on any layer's floor (default 8; 16 lets a layer too sensitive "
+                        "for int8 stay at full precision, at a large cost in reads)")
+    p.add_argument("--from-kl", action="store_true",
+                   help="recompute floors from the KL already stored beside the model (no measuring)")
 
 
 def run_calibrate(args) -> int:
     from edge.moe.calib_text import load_or_generate
     from edge.moe.drafter import floors_path
-    from edge.moe.sensitivity import SensitivityConfig, measure, save
+    from edge.moe.sensitivity import SensitivityConfig, measure, refloor, save
     import torch
     torch.set_num_threads(2)
     model = args.moe_model or default_model()
     if not model.exists():
         _log(f"[moe-calibrate] {model} not found; run `edge-agent moeify` first")
         return 2
-    text = load_or_generate(shipped_gguf(), calib_cache(), log=_log)
-    res = measure(model, text["heldout"], SensitivityConfig(max_tokens=args.tokens), log=_log)
+    cfg = SensitivityConfig(max_tokens=args.tokens, kl_tol=args.kl_tol,
+                            noise_factor=args.noise_factor, max_floor=args.max_floor)
+    if args.from_kl:
+        res = refloor(json.loads(floors_path(model).read_text()), cfg)
+    else:
+        text = load_or_generate(shipped_gguf(), calib_cache(), log=_log)
+        res = measure(model, text["heldout"], cfg, log=_log)
     save(res, floors_path(model))
-    _log(f"[moe-calibrate] floors -> {floors_path(model)}: {res['floors']}")
+    _log(f"[moe-calibrate] tolerance {res['tolerance']:.4f} nats/token; "
+         f"floors -> {floors_path(model)}: {res['floors']}")
+    # The low-bit flash images every policy reads, built once here.
+    from edge.moe.gguf_loader import GGUFModel
+    from edge.moe.store import ExpertStore, StorageProfile, StoreConfig
+    ExpertStore(GGUFModel(model), StoreConfig(StorageProfile.from_name("none"))).prepare(
+        [8, 4, 2], log=_log)
     return 0
 
 

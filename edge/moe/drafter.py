@@ -13,7 +13,7 @@ import torch
 from edge.drafter import Drafter
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.model import MoETransformer
-from edge.moe.policy import PolicyConfig
+from edge.moe.policy import PolicyConfig, default_floors
 from edge.moe.runtime import OffloadedExperts
 from edge.moe.store import ExpertStore, StorageProfile, StoreConfig
 
@@ -33,11 +33,15 @@ def floors_path(model: Path) -> Path:
     return model.with_name(model.name.removesuffix(".gguf") + ".floors.json")
 
 
-def load_floors(model: Path) -> dict[int, int]:
+def load_floors(model: Path, gm: GGUFModel | None = None) -> dict[int, int]:
+    """Measured floors (`moe-calibrate`) if present, else `default_floors`."""
     p = floors_path(model)
-    if not p.exists():
+    if p.exists():
+        return {int(k): int(v) for k, v in json.loads(p.read_text())["floors"].items()}
+    if gm is None:
         return {}
-    return {int(k): int(v) for k, v in json.loads(p.read_text())["floors"].items()}
+    c = gm.cfg
+    return default_floors(c.moe_layers, c.expert_used, c.n_expert)
 
 
 def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExperts]:
@@ -46,7 +50,7 @@ def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExper
         raise ValueError("give --expert-budget-mb or --expert-budget-pct, not both")
     gm = GGUFModel(cfg.model)
     store = ExpertStore(gm, StoreConfig(StorageProfile.from_name(cfg.storage)))
-    policy = PolicyConfig.from_name(cfg.policy, load_floors(cfg.model))
+    policy = PolicyConfig.from_name(cfg.policy, load_floors(cfg.model, gm))
     total = store.total_fp_nbytes()
     if cfg.budget_mb is not None:
         if cfg.budget_mb <= 0:

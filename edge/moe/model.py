@@ -142,10 +142,27 @@ class MoETransformer:
         if int(tokens.max()) >= c.n_vocab or int(tokens.min()) < 0:
             raise ValueError(f"token id out of range for vocab {c.n_vocab}")
         self.kv.check_room(T)
+        return self._run(self.tok_embd[tokens], 0)
+
+    def forward_from(self, layer: int, h: torch.Tensor, capture: list | None = None) -> torch.Tensor:
+        """Run layers `layer`.. on h (T, D), the residual stream entering
+        `layer` (e.g. captured from an earlier pass of the same tokens), at
+        positions n_past..; returns logits (T, V). Attention in a layer only
+        reads that layer's cache, so on a fresh model this equals `forward`
+        of the same tokens from `layer` on. Used by the sensitivity probe."""
+        self.kv.check_room(h.shape[0])
+        return self._run(h, layer, capture)
+
+    def _run(self, h: torch.Tensor, first: int, capture: list | None = None) -> torch.Tensor:
+        c = self.cfg
+        T = h.shape[0]
         start = self.kv.n_past
         pos = torch.arange(start, start + T)
-        h = self.tok_embd[tokens]                                         # (T, D)
         for i, L in enumerate(self.layers):
+            if i < first:
+                continue
+            if capture is not None:
+                capture.append(h)
             h = h + self._attention(i, L, rms_norm(h, L.attn_norm, c.rms_eps), pos, start)
             x = rms_norm(h, L.ffn_norm, c.rms_eps)                        # (T, D)
             if L.moe:

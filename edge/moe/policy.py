@@ -8,10 +8,18 @@ so the runtime stays a plain loop.
 - lru-prefetch-int4: LRU + next-layer gate prefetch, everything int4
   (Mixtral-offloading).
 - static-int2 / static-int4: uniform precision, LRU.
-- dymoe: per-token importance picks each expert's precision (top gate
-  weight high, the rest low), per-layer floors from measured sensitivity,
-  residency by a calibration-free prior (running gate frequency + weight
-  norm score), look-ahead prefetch.
+- dymoe: per-token importance picks each expert's precision: the experts
+  holding the first `high_share` of the router's mass run one level above
+  the layer's floor (and at least int8; full precision where the floor is
+  int8), the tail runs at the floor (int4, or int2 where measured
+  sensitivity permits). Floors come from `moe-calibrate` (KL when one layer
+  is degraded); without them, `default_floors` keeps the first and last
+  MoE layers and any layer that uses every expert (dense / shared) at int8
+  and lets the rest go to int4, never int2. A prompt (prefill) reads each
+  missing expert once for all its tokens at the layer's low precision,
+  since prompt positions are not sampled from. Residency by a calibration-
+  free prior (running gate frequency + weight-norm score), look-ahead
+  prefetch.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from dataclasses import dataclass, field
 
 from edge.moe.store import FP
 
+LADDER = (2, 4, 8, FP)
 POLICIES = ("resident-fp", "lru-fp", "lru-prefetch-int4", "static-int2", "static-int4", "dymoe")
 
 
@@ -31,6 +40,8 @@ class PolicyConfig:
     prefetch: bool = False
     prior: bool = False          # residency by frequency + norm prior (else LRU)
     all_resident: bool = False
+    prefill_low: bool = False    # prompt tokens read experts at the layer's low precision
+    high_above_floor: bool = False
     floors: dict[int, int] = field(default_factory=dict)   # layer -> min bits
 
     @classmethod
@@ -41,13 +52,28 @@ class PolicyConfig:
             "lru-prefetch-int4": dict(high_bits=4, low_bits=4, prefetch=True),
             "static-int2": dict(high_bits=2, low_bits=2),
             "static-int4": dict(high_bits=4, low_bits=4),
-            "dymoe": dict(high_bits=4, low_bits=2, high_share=0.5, prefetch=True, prior=True),
+            "dymoe": dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
+                          prefill_low=True, high_above_floor=True),
         }
         if name not in table:
             raise ValueError(f"unknown MoE policy {name!r}; known: {', '.join(POLICIES)}")
         return cls(name=name, floors=dict(floors or {}) if name == "dymoe" else {}, **table[name])
 
     # ---- precision --------------------------------------------------------
+    def low_for(self, layer: int) -> int:
+        return FP if self.low_bits == FP else max(self.low_bits, self.floors.get(layer, 0))
+
+    def high_for(self, layer: int) -> int:
+        """High precision: at least `high_bits`, and with `high_above_floor`
+        one level above the layer's floor (important experts of a layer
+        whose floor is int8 run at full precision)."""
+        if self.high_bits == FP:
+            return FP
+        floor = self.floors.get(layer, 0)
+        if self.high_above_floor and floor:
+            floor = LADDER[min(LADDER.index(floor) + 1, len(LADDER) - 1)] if floor in LADDER else FP
+        return max(self.high_bits, floor)
+
     def bits_all(self) -> set[int]:
         return {self.high_bits, self.low_bits} | set(self.floors.values())
 
@@ -58,17 +84,32 @@ class PolicyConfig:
         """Precision an expert needs for this token. `cum_before` is the gate
         mass of the more important experts chosen with it: the first experts
         up to `high_share` of the mass run high, the tail may run low."""
-        bits = self.high_bits if (imp_sorted_rank == 0 or cum_before < self.high_share) else self.low_bits
-        return max(bits, self.floors.get(layer, 0)) if bits != FP else FP
+        high = imp_sorted_rank == 0 or cum_before < self.high_share
+        return self.high_for(layer) if high else self.low_for(layer)
 
     def acceptable(self, resident_bits: int, need_bits: int) -> bool:
         """A resident copy at higher precision than needed is always fine."""
         return resident_bits >= need_bits
 
 
+def default_floors(moe_layers: list[int], expert_used: list[int], n_expert: int) -> dict[int, int]:
+    """Floors without a calibration: int8 for the first and last MoE layer
+    and for layers that use every expert (a dense or shared FFN carved into
+    experts), int4 elsewhere. Early and last layers are usually the most
+    sensitive; int2 only ever comes from a measurement."""
+    floors = {l: 4 for l in moe_layers}
+    for l in moe_layers:
+        if l in (moe_layers[0], moe_layers[-1]) or expert_used[l] >= n_expert:
+            floors[l] = 8
+    return floors
+
+
 def expert_requirements(policy: PolicyConfig, layer: int, sel, imp) -> dict[int, int]:
     """sel, imp: (T, A). For each expert used by any token, the highest
-    precision any token needs from it."""
+    precision any token needs from it (one read per expert for a batch)."""
+    if policy.prefill_low and sel.shape[0] > 1:
+        low = policy.low_for(layer)
+        return {int(e): low for e in sel.unique().tolist()}
     need: dict[int, int] = {}
     order = imp.argsort(dim=-1, descending=True)
     for t in range(sel.shape[0]):

@@ -69,13 +69,13 @@ def norm_prior(gm: GGUFModel) -> dict[tuple[int, int], float]:
 
 class OffloadedExperts(Experts):
     def __init__(self, gm: GGUFModel, store: ExpertStore, policy: PolicyConfig,
-                 budget_bytes: int | None):
+                 budget_bytes: int | None, log=None):
         self.gm, self.store, self.policy = gm, store, policy
         c = gm.cfg
         total = store.total_fp_nbytes()
         if policy.all_resident or budget_bytes is None:
             budget_bytes = max(budget_bytes or 0, total)
-        need = max(c.expert_used[l] * store.nbytes(l, policy.min_bits()) for l in c.moe_layers)
+        need = max(c.expert_used[l] * store.nbytes(l, policy.low_for(l)) for l in c.moe_layers)
         if budget_bytes < need:
             raise BudgetTooSmall(
                 f"expert budget {budget_bytes / 1e6:.2f} MB is below what one token needs: "
@@ -83,7 +83,7 @@ class OffloadedExperts(Experts):
                 f"{'full precision' if policy.min_bits() == FP else f'int{policy.min_bits()}'} "
                 f"under policy {policy.name}); raise --expert-budget-mb/--expert-budget-pct")
         self.budget_bytes = budget_bytes
-        store.prepare(policy.bits_all())
+        store.prepare(policy.bits_all(), log=log)
         prior = norm_prior(gm) if policy.prior else {}
         self.cache = ExpertCache(CacheConfig(budget_bytes, use_prior=policy.prior), prior)
         self.stats = {l: LayerStats() for l in c.moe_layers}
@@ -101,10 +101,9 @@ class OffloadedExperts(Experts):
         keys = [(l, e) for l in c.moe_layers for e in range(c.n_expert)]
         if p.prior:
             keys.sort(key=lambda k: -prior.get(k, 0.0))
-        passes = [p.high_bits] if p.low_bits == p.high_bits else [p.low_bits, p.high_bits]
-        for bits in passes:
+        for pick in (p.low_for, p.high_for):
             for l, e in keys:
-                b = max(bits, p.floors.get(l, 0)) if bits != FP else FP
+                b = pick(l)
                 cur = self.cache.get((l, e))
                 extra = self.store.nbytes(l, b) - (cur.w.nbytes if cur else 0)
                 if (cur is None or cur.w.bits < b) and self.cache.fits_without_eviction(extra):

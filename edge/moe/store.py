@@ -6,17 +6,23 @@ the wait a phone or SBC would see: `latency + bytes / bandwidth`, served one
 request at a time like a single flash queue.
 
 Low-precision reads (int8/int4/int2) model HOBBIT-style low-bit copies kept
-on flash next to the full-precision experts: they are made once when the
-store opens (`prepare`) and a read charges their packed size.
+on flash next to the full-precision experts: one file per precision beside
+the model (`<model>.q{bits}g{group}.bin`), written once (by `moe-calibrate`,
+or by the first run that needs it) and memory-mapped after that. A read
+charges the packed size of the precision it reads, codes plus fp16 scales
+and minima, which is also what the copy occupies in the cache.
 """
 from __future__ import annotations
 
 import json
+import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edge.moe.gguf_loader import GGUFModel, expert_to_f32
@@ -25,6 +31,8 @@ from kernels import quant
 FP = 16          # "full precision": whatever the file holds (F16/F32)
 KINDS = ("gate", "up", "down")
 PROFILES_FILE = Path(__file__).with_name("storage_profiles.json")
+_MAGIC = b"TNDQ"
+_HEADER = struct.Struct("<4sIIIIQQ")    # magic, version, bits, group, rounds, model size, mtime
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,7 @@ class StoreConfig:
 class ExpertStore:
     def __init__(self, gm: GGUFModel, cfg: StoreConfig):
         self.gm, self.cfg = gm, cfg
-        self._flash: dict[tuple[int, int, int], tuple] = {}   # (layer, e, bits) -> QTensors
+        self._images: dict[int, np.memmap] = {}                 # bits -> low-bit flash image
         self._device = threading.Lock()                       # one flash queue
         self.fp_nbytes = {layer: gm.expert_nbytes(layer) for layer in gm.cfg.moe_layers}
 
@@ -86,23 +94,72 @@ class ExpertStore:
         return sum(self.fp_nbytes.values()) * self.gm.cfg.n_expert
 
     # ---- flash image ----------------------------------------------------
-    def prepare(self, bits_list) -> None:
-        """Build the low-bit copies for the precisions a policy may read."""
+    def image_path(self, bits: int) -> Path:
+        p = self.gm.path
+        return p.with_name(f"{p.name.removesuffix('.gguf')}.q{bits}g{self.cfg.group}.bin")
+
+    def prepare(self, bits_list, log=None) -> None:
+        """Open (or build once and write) the low-bit images a policy reads."""
         for bits in sorted(set(bits_list) - {FP}):
-            for layer in self.gm.cfg.moe_layers:
-                for e in range(self.gm.cfg.n_expert):
-                    self._quantised(layer, e, bits)
+            if bits not in self._images:
+                self._images[bits] = self._open_image(bits, log)
+
+    def _layout(self, bits: int) -> list[tuple[int, int]]:
+        """(rows, cols) of gate, up, down of one expert."""
+        c = self.gm.cfg
+        return [(c.n_ff_exp, c.d_model), (c.n_ff_exp, c.d_model), (c.d_model, c.n_ff_exp)]
+
+    def _fingerprint(self, bits: int) -> bytes:
+        st = self.gm.path.stat()
+        return _HEADER.pack(_MAGIC, 1, bits, self.cfg.group, quant.REFINE_ROUNDS,
+                            st.st_size, st.st_mtime_ns)
+
+    def _open_image(self, bits: int, log):
+        path, head = self.image_path(bits), self._fingerprint(bits)
+        c = self.gm.cfg
+        per_expert = self.nbytes(c.moe_layers[0], bits)
+        size = _HEADER.size + per_expert * c.n_expert * len(c.moe_layers)
+        ok = path.exists() and path.stat().st_size == size
+        if ok:
+            with open(path, "rb") as f:
+                ok = f.read(_HEADER.size) == head
+        if not ok:
+            t0 = time.perf_counter()
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(head)
+                for layer in c.moe_layers:
+                    for e in range(c.n_expert):
+                        for w in self._fp32(layer, e):
+                            q = quant.quantize(w, bits, self.cfg.group)
+                            for t in (q.codes, q.scale, q.minv):
+                                f.write(t.contiguous().numpy().tobytes())
+            os.replace(tmp, path)
+            if log:
+                log(f"[moe] wrote int{bits} expert image {path.name} "
+                    f"({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=_HEADER.size)
 
     def _fp32(self, layer: int, e: int) -> list[torch.Tensor]:
         return [torch.from_numpy(expert_to_f32(*self.gm.expert_raw(layer, k, e)).copy())
                 for k in KINDS]
 
     def _quantised(self, layer: int, e: int, bits: int):
-        key = (layer, e, bits)
-        if key not in self._flash:
-            self._flash[key] = tuple(quant.quantize(w, bits, self.cfg.group)
-                                     for w in self._fp32(layer, e))
-        return self._flash[key]
+        if bits not in self._images:
+            self.prepare([bits])
+        img, c, g = self._images[bits], self.gm.cfg, self.cfg.group
+        per_expert = self.nbytes(layer, bits)
+        off = (c.moe_layers.index(layer) * c.n_expert + e) * per_expert
+        raw = torch.from_numpy(np.array(img[off:off + per_expert]))   # one copy = the read
+        out, o = [], 0
+        for rows, cols in self._layout(bits):
+            n_codes, n_par = rows * cols * bits // 8, rows * (cols // g) * 2
+            codes = raw[o:o + n_codes].view(rows, cols * bits // 8)
+            scale = raw[o + n_codes:o + n_codes + n_par].view(torch.float16).view(rows, cols // g)
+            minv = raw[o + n_codes + n_par:o + n_codes + 2 * n_par].view(torch.float16).view(rows, cols // g)
+            out.append(quant.QTensor(bits, g, (rows, cols), codes, scale, minv))
+            o += n_codes + 2 * n_par
+        return out
 
     # ---- reads ----------------------------------------------------------
     def read(self, layer: int, e: int, bits: int) -> tuple[ExpertWeights, float]:
