@@ -168,7 +168,7 @@ async def _bench(args: argparse.Namespace) -> dict:
     delays = []
     for d in [float(x) for x in args.delays.split(",") if x.strip()]:
         proc = LinkSimProcess(uaddr, "--rate-up", "50", "--rate-down", "50", "--delay-ms", str(d), "--jitter-ms", "0", "--loss", "0")
-        n = max(3, (args.pings if d < 50 else args.pings // 2) // 3)
+        n = max(5, args.pings // 3)
         try:
             rtts, bases = [], []
             for _ in range(3):  # alternate with bare pings so bursts of load hit both alike
