@@ -27,13 +27,16 @@ def add_args(p) -> None:
     p.add_argument("--json", type=Path, default=RESULTS / "moe.json")
     p.add_argument("--moe-model", type=Path, default=None)
     p.add_argument("--decode-tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: 2 threads on a shared 2-core box crawl)")
 
 
-def _cell(model_path, policy, budget_pct, storage, prompt, cont):
+def _cell(model_path, policy, budget_pct, storage, prompt, cont, threads=1):
     from edge.moe.drafter import MoEDrafterConfig, build_runtime
     model, experts = build_runtime(MoEDrafterConfig(model=model_path, policy=policy,
                                                     budget_pct=budget_pct, storage=storage,
-                                                    max_ctx=len(prompt) + len(cont) + 1))
+                                                    max_ctx=len(prompt) + len(cont) + 1,
+                                                    threads=threads))
     try:
         t0 = time.perf_counter()
         pre = model.forward(torch.tensor(prompt))                      # (P, V)
@@ -70,7 +73,7 @@ def run(args) -> int:
     from edge.moe.calib_text import load_or_generate
     from edge.moe.cli import calib_cache, default_model
     from edge.model_files import shipped_gguf
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model_path = args.moe_model or default_model()
     if not model_path.exists():
         print(f"{model_path} not found; run `edge-agent moeify` first")
@@ -84,12 +87,12 @@ def run(args) -> int:
     storages = ["sd-card"] if args.quick else ["ufs", "emmc", "sd-card"]
     rows = []
     ref_top, ref = None, None
-    _cell(model_path, "resident-fp", 100, "none", prompt, cont[:2])   # warm-up, untimed
+    _cell(model_path, "resident-fp", 100, "none", prompt, cont[:2], args.threads)   # warm-up, untimed
     for storage in storages:
         for policy in POLICIES:
             for budget in ([100] if policy == "resident-fp" else budgets):
                 t0 = time.time()
-                top, r = _cell(model_path, policy, budget, storage, prompt, cont)
+                top, r = _cell(model_path, policy, budget, storage, prompt, cont, args.threads)
                 if policy == "resident-fp" and ref_top is None:
                     ref_top = top
                 r["top1_agreement"] = (top == ref_top).float().mean().item()
@@ -107,7 +110,8 @@ def run(args) -> int:
             "agreement_positions": len(prompt) - 1 + len(cont),
             "floors": (json.loads(fp.read_text())["floors"] if fp.exists() else "default_floors"),
             "storage_latency": "modelled (edge/moe/storage_profiles.json)",
-            "machine": "2-core CPU, torch fp32"}
+            "machine": f"2-core CPU shared with other jobs, torch fp32, {args.threads} thread(s)",
+            "load_average": __import__("os").getloadavg()}
     _write(args.json, rows, meta)
     return 0
 

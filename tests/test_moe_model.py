@@ -12,6 +12,16 @@ from edge.moe.gguf_loader import GGUFError, GGUFModel
 from edge.moe.gguf_writer import MoESpec, random_moe, write_moe
 from edge.moe.model import MoETransformer
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """2 torch threads on a shared 2-core box spin on preempted peers (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 N_VOCAB = 49152   # the files carry SmolLM2's tokenizer so llama.cpp can load them
 N_POS = 520
 
@@ -35,7 +45,7 @@ def files(tmp_path_factory):
 def llama_cpp_logits(path, tokens):
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=1024, logits_all=True,
-                          flash_attn=True, verbose=False, n_threads=2,
+                          flash_attn=True, verbose=False, n_threads=1,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(tokens)
     out = np.array(llm.scores[:len(tokens)], dtype=np.float32)

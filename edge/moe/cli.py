@@ -34,12 +34,19 @@ def add_moeify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if the output exists")
 
 
+# One torch thread for moeify and calibration: with 2, OpenMP workers wait on
+# a preempted peer whenever the box is shared (the verifier, tests, anyone);
+# measured on the dense pass of 790 tokens under load: 1 thread 2.9 s,
+# 2 threads 42 s.
+THREADS = 1
+
+
 def run_moeify(args) -> int:
     from edge.moe.calib_text import load_or_generate
     from edge.moe.moeify import Dense, MoeifyConfig, dense_logits, moeify
     from edge.moe.quality import dense_quality, evaluate
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     out = args.out or default_model()
     source = args.source or shipped_gguf()
     if out.exists() and not args.force:
@@ -97,7 +104,7 @@ def run_calibrate(args) -> int:
     from edge.moe.drafter import floors_path
     from edge.moe.sensitivity import SensitivityConfig, measure, refloor, save
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     model = args.moe_model or default_model()
     if not model.exists():
         _log(f"[moe-calibrate] {model} not found; run `edge-agent moeify` first")

@@ -26,7 +26,10 @@ class MoEDrafterConfig:
     budget_pct: float | None = None      # of the full-precision expert bytes
     storage: str = "none"
     max_ctx: int = 2048
-    threads: int = 2
+    # One torch thread: on a 2-core box shared with the verifier (or anyone),
+    # OpenMP workers of 2 threads wait on preempted peers; measured 10x
+    # slower per token than 1 thread under load.
+    threads: int = 1
 
 
 def floors_path(model: Path) -> Path:
