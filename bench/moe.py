@@ -162,4 +162,12 @@ def _headline(rows) -> list[str]:
     if i2:
         out.append(f"static-int2 at the same point: TPOT {i2['tpot_s']:.3f}s, "
                    f"agreement {i2['top1_agreement']:.3f}")
+    yes = lambda ok: "yes" if ok else "NO"
+    checks = [("TPOT >= 3x lru-fp", l["tpot_s"] >= 3 * d["tpot_s"]),
+              ("TTFT >= 3x lru-fp", l["ttft_s"] >= 3 * d["ttft_s"]),
+              ("agreement >= 0.90", d["top1_agreement"] >= 0.90)]
+    if i2:
+        checks.append(("not dominated by static-int2", d["top1_agreement"] > i2["top1_agreement"]
+                       or d["tpot_s"] < i2["tpot_s"]))
+    out.append("Must hold: " + "; ".join(f"{n}: {yes(ok)}" for n, ok in checks))
     return out

@@ -32,6 +32,12 @@ def tiny(tmp_path_factory):
     return write_moe(p, SPEC, random_moe(SPEC, 49152, seed=3), shipped_gguf())
 
 
+@pytest.fixture(scope="module")
+def ref(tiny):
+    """Logits of resident-fp, the quality reference, computed once."""
+    return run_policy(tiny, "resident-fp", 100)[0]
+
+
 def run_policy(path, policy, pct, storage="none", n=12):
     d = MoEDrafter(MoEDrafterConfig(model=path, policy=policy, budget_pct=pct, storage=storage,
                                     max_ctx=64))
@@ -43,17 +49,16 @@ def run_policy(path, policy, pct, storage="none", n=12):
     return np.stack(out), stats
 
 
-def test_resident_fp_equals_reference_model(tiny):
-    out, _ = run_policy(tiny, "resident-fp", 100)
+def test_resident_fp_equals_reference_model(tiny, ref):
+    out = ref
     gm = GGUFModel(tiny)
     torch.manual_seed(0)
     toks = torch.randint(0, 49152, (12,))
-    ref = MoETransformer(gm, max_ctx=64).forward(toks)[3:].numpy()
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+    want = MoETransformer(gm, max_ctx=64).forward(toks)[3:].numpy()
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
 
 
-def test_lru_fp_under_small_budget_is_exact_but_misses(tiny):
-    ref, _ = run_policy(tiny, "resident-fp", 100)
+def test_lru_fp_under_small_budget_is_exact_but_misses(tiny, ref):
     out, st = run_policy(tiny, "lru-fp", 30)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert st["total"]["misses"] > 0 and st["total"]["bytes_read"] > 0
@@ -61,8 +66,7 @@ def test_lru_fp_under_small_budget_is_exact_but_misses(tiny):
                                     "precision_mix"}
 
 
-def test_dymoe_prefetches_and_mixes_precision(tiny):
-    ref, _ = run_policy(tiny, "resident-fp", 100)
+def test_dymoe_prefetches_and_mixes_precision(tiny, ref):
     out, st = run_policy(tiny, "dymoe", 25)
     mix = st["total"]["precision_mix"]
     assert set(mix) <= {"int2", "int4", "int8"} and "int4" in mix
@@ -143,3 +147,19 @@ def test_low_bit_image_is_written_once_and_read_back(tiny):
     fp = store.resident_copy(1, 3, 16)
     torch.testing.assert_close(w.down, quant.dequantize(quant.quantize(fp.down, 4)))
     assert w.nbytes == store.nbytes(1, 4) < fp.nbytes / 3
+
+
+def test_sensitivity_probe_measures_every_layer(tiny):
+    from edge.moe.sensitivity import SensitivityConfig, measure
+    gm = GGUFModel(tiny)
+    toks = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(5))
+    full, cap = MoETransformer(gm, max_ctx=32), []
+    ref = full.forward(toks)
+    MoETransformer(gm, max_ctx=32).forward_from(0, full.tok_embd[toks], cap)
+    # Re-running from a captured residual equals the whole forward pass.
+    torch.testing.assert_close(MoETransformer(gm, max_ctx=32).forward_from(2, cap[2]), ref)
+    res = measure(tiny, [toks.tolist()], SensitivityConfig(probe_bits=(8, 2), max_tokens=12),
+                  log=lambda *_: None)
+    assert set(res["floors"]) == set(gm.cfg.moe_layers)
+    assert all(res["kl"][2][l] > res["kl"][8][l] >= -1e-6 for l in gm.cfg.moe_layers)
+    assert set(res["floors"].values()) <= {2, 8}
