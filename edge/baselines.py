@@ -41,9 +41,8 @@ def edge_only(drafter: Drafter, prompt: list[int], cfg: GenConfig, eos: int, on_
     """The drafter alone: a different model from the target, so never a speed
     choice, only what the edge can do when the cloud is gone."""
     device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
-    drafter.truncate(0)
     with Hold(device, len(prompt)):
-        logits = drafter.eval(prompt)
+        logits = drafter.prefill(prompt)
     out: list[int] = []
     pos = len(prompt)
     while len(out) < (limit or cfg.max_tokens):

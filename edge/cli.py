@@ -149,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         pass
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s edge %(levelname)s %(message)s")
+    from edge.client import CloudError
     try:
         return a.func(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return 2
+    except CloudError as e:
+        print(f"edge-agent: verifier error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

@@ -33,6 +33,12 @@ class Drafter(ABC):
     def truncate(self, n_past: int) -> None:
         """Keep only the first `n_past` positions (rollback after a rejection)."""
 
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Make the cache hold exactly `tokens`; logits for the next position.
+        Drafters that remember their tokens override this to reuse a shared prefix."""
+        self.truncate(0)
+        return self.eval(tokens)
+
     def stats(self) -> dict:
         """Runtime counters worth reporting (cache hits, bytes read, ...)."""
         return {}

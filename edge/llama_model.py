@@ -82,3 +82,12 @@ class LlamaDrafter(Drafter):
 
     def truncate(self, n_past: int) -> None:
         self.llm.n_tokens = min(self.llm.n_tokens, n_past)
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        # Requests often share a prefix with the last one (system prompt, chat
+        # history, retries): keep the cached part, evaluate only the rest.
+        cached = self.llm.input_ids[:self.llm.n_tokens]
+        n = len(tokens)
+        same = int(np.argmin(np.append(cached[:n] == np.asarray(tokens[:len(cached)]), False)))
+        self.truncate(min(same, n - 1))
+        return self.eval(list(tokens[self.n_past:]))
