@@ -31,7 +31,9 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed; completion i uses seed+i")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="random seed; completion i uses seed+i. Every random decision is keyed by (seed, position), "
+                         "so with --gamma and --window fixed the same seed gives the same output")
     ap.add_argument("--n", type=int, default=1, help="independent completions (default: %(default)s)")
     ap.add_argument("--raw", action="store_true", help="feed PROMPT as is, without the chat template")
     ap.add_argument("--json", action="store_true", help="one JSON object per completion per line")
