@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from edge.llama_model import LlamaDrafter, Tokenizer
     from edge.model_files import shipped_gguf
     tok = Tokenizer(shipped_gguf())
-    drafter = LlamaDrafter(ensure(DEFAULT_DRAFT), n_threads=2)
+    drafter = LlamaDrafter(ensure(DEFAULT_DRAFT), n_threads=1)
     prompt = [tok.encode(a.prompt)]
     print(f"prompt: {a.prompt!r}  (drafter: {DEFAULT_DRAFT}, link: link-sim profile {PROFILE})\n", flush=True)
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             erows.append(("cloud-only", run_cell(link.address, None, tok, prompt,
                                                  GenConfig(mode="cloud-only", max_tokens=a.max_tokens))))
             # the near-copy drafter shows what high acceptance buys on the same link
-            best = LlamaDrafter(ensure("draft-q8"), n_threads=2)
+            best = LlamaDrafter(ensure("draft-q8"), n_threads=1)
             erows.append(("picospec (draft-q8)", run_cell(link.address, best, tok, prompt, emu)))
             erows.append(("sync (draft-q8)", run_cell(link.address, best, tok, prompt,
                                                       GenConfig(mode="sync", max_tokens=a.max_tokens,

@@ -13,8 +13,11 @@ from edge.config import GenConfig
 
 
 @contextlib.contextmanager
-def stack(profile: str, emulate_target: str | None = None, cloud_threads: int = 2):
-    """A verifier behind link-sim with `profile`; yields (cloud, link)."""
+def stack(profile: str, emulate_target: str | None = None, cloud_threads: int = 1):
+    """A verifier behind link-sim with `profile`; yields (cloud, link).
+
+    Edge and cloud share this machine's cores: one thread each stands in for
+    two machines (with two each, a drafting edge and a verifying cloud thrash)."""
     extra = ["--threads", str(cloud_threads)] + (["--emulate-target", emulate_target] if emulate_target else [])
     cloud = start_cloud(*extra)
     link: Daemon | None = None

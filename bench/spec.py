@@ -35,8 +35,8 @@ COLUMNS = ["profile", "mode", "target", "drafter", "tokens_per_s", "speedup", "t
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true",
-                    help="8 prompts x 64 tokens on the real target; emulated cells 3 x 32 tokens, the 70B "
-                         "target and the near-copy drafter on picospec-wan only (under 5 min on 2 cores)")
+                    help="4 prompts x 48 tokens on the real target, 3 x 32 on emulated ones; the 70B target and "
+                         "the near-copy drafter on picospec-wan only")
     ap.add_argument("--json", type=Path, default=RESULTS / "spec.json", help="output JSON (default: %(default)s)")
     ap.add_argument("--profiles", nargs="+", default=PROFILES, help="link-sim profiles to run")
     ap.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
@@ -51,7 +51,7 @@ def plan_cells(quick: bool, profiles, targets):
             for mode in MODES:
                 drafters = [None] if mode == "cloud-only" else DRAFTERS
                 for drafter in drafters:
-                    if quick and drafter == "draft-q8" and (emulated and profile != "picospec-wan"):
+                    if quick and drafter == "draft-q8" and profile != "picospec-wan":
                         continue
                     if quick and drafter == "draft-q8" and mode == "edge-only":
                         continue
@@ -72,7 +72,7 @@ def run(args) -> int:
     from edge.llama_model import LlamaDrafter, Tokenizer
     from edge.model_files import shipped_gguf
     tok = Tokenizer(shipped_gguf())
-    drafters = {name: LlamaDrafter(ensure(name)) for name in DRAFTERS}
+    drafters = {name: LlamaDrafter(ensure(name), n_threads=1) for name in DRAFTERS}
     rows: list[dict] = []
     edge_only_cache: dict = {}
     t_start = time.monotonic()
@@ -83,7 +83,7 @@ def run(args) -> int:
     done = 0
     for (target, profile), group in by_stack.items():
         emulated = target.startswith("emulated:")
-        n_prompts, n_tokens = (3, 32) if (args.quick and emulated) else (8, 64)
+        n_prompts, n_tokens = ((3, 32) if emulated else (4, 48)) if args.quick else (8, 64)
         prompts = [tok.encode(p) for p in PROMPTS[:n_prompts]]
         with stack(profile, emulate_target=target.split(":", 1)[1] if emulated else None) as (cloud, link):
             for _, _, mode, dname in group:

@@ -136,12 +136,14 @@ class VerifierService(pb_grpc.VerifierServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty or has token ids outside the vocabulary")
         if len(prompt) >= self.cfg.n_ctx:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"prompt of {len(prompt)} tokens exceeds n_ctx={self.cfg.n_ctx}")
-        ctx = self.target.acquire()
+        ctx, logits = self._adopt_session(request.session, prompt)
         emulated = self.emulate is not None
         n_out, reason = 0, "length"
         try:
-            with Hold(self.emulate, len(prompt)):
-                logits = ctx.eval(prompt)[-1]
+            if logits is None:
+                todo = prompt[ctx.n_past:]
+                with Hold(self.emulate, len(todo)):
+                    logits = ctx.eval(todo)[-1]
             pos = len(prompt)
             while n_out < request.max_tokens and context.is_active():
                 if pos + 1 >= self.cfg.n_ctx:
@@ -161,6 +163,24 @@ class VerifierService(pb_grpc.VerifierServicer):
             self.target.release(ctx)
             log.info("generate: client=%s prompt=%d tokens, %d out (%s)",
                      request.client or context.peer(), len(prompt), n_out, reason)
+
+    def _adopt_session(self, sid: str, prompt: list[int]):
+        """(context, logits or None): a fresh context, or the cache of an Open'ed
+        session whose speculation the edge gave up on, cut to the common prefix."""
+        with self.lock:
+            sess = self.sessions.pop(sid, None) if sid else None
+        if sess is None or sess.ctx is None:
+            return self.target.acquire(), None
+        ctx = sess.ctx
+        if sess.tokens == prompt and sess.pending is not None and ctx.n_past == len(prompt):
+            return ctx, sess.pending
+        same = 0
+        for a, b in zip(sess.tokens[:ctx.n_past], prompt):
+            if a != b:
+                break
+            same += 1
+        ctx.truncate(min(same, len(prompt) - 1))
+        return ctx, None
 
     def Close(self, request, context):
         self._close(request.session)

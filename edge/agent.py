@@ -22,7 +22,6 @@ from edge.drafter import Drafter
 from edge.picospec import Speculator, SwitchToCloudOnly, choose_codec, open_request
 from edge.planner import Planner
 from edge.stats import GenStats
-from proto import tandem_pb2 as pb
 from sim.latency import DEVICES, Hold, lookup
 
 log = logging.getLogger("tandem.edge")
@@ -64,6 +63,7 @@ class Agent:
             on_tokens(tokens)
 
         mode = cfg.mode
+        handover = ""         # a session the cloud-only stream may continue
         if mode in ("picospec", "sync", "edge-only") and self.drafter is None:
             raise ValueError(f"mode {mode} needs a draft model")
         while len(out) < cfg.max_tokens and not (out and out[-1] == self.eos and cfg.stop_at_eos):
@@ -72,11 +72,12 @@ class Agent:
                 if mode == "edge-only":
                     edge_only(self.drafter, prompt + out, left, self.eos, emit, stats, t0)
                 elif mode == "cloud-only":
-                    cloud_only(self.client, self.fingerprint, prompt + out, left, emit, stats, t0)
+                    cloud_only(self.client, self.fingerprint, prompt + out, left, emit, stats, t0, session=handover)
                 else:
                     self._speculate(prompt + out, left, emit, stats, t0)
                 break
-            except SwitchToCloudOnly:
+            except SwitchToCloudOnly as switch:
+                handover = switch.session
                 log.info("speculation does not pay here: streaming from the cloud after %d tokens", len(out))
                 stats.fallback = "cloud-only"
                 mode = "cloud-only"
@@ -135,8 +136,7 @@ class Agent:
                           gamma=cfg.gamma, window=cfg.window)
         self.last_planner = planner
         if cfg.adaptive and not planner.plan().speculate:
-            self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=self.client.meta)
-            raise SwitchToCloudOnly()
+            raise SwitchToCloudOnly(reply.session)  # the stream continues from the prefilled cache
         stream = self.client.speculate(reply.session)
         spec = Speculator(stream, self.drafter, prompt, cfg, codec, reply.token_width, self.eos, planner,
                           device, emit, stats, t0, logits)

@@ -21,12 +21,14 @@ def sampling_proto(cfg: GenConfig) -> pb.Sampling:
 
 
 def cloud_only(client: VerifierClient, fingerprint: str, prompt: list[int], cfg: GenConfig,
-               on_tokens: OnTokens, stats: GenStats, t0: float, limit: int | None = None) -> list[int]:
-    """Stream `limit` (default max_tokens) tokens from the verifier's own decoding."""
+               on_tokens: OnTokens, stats: GenStats, t0: float, limit: int | None = None,
+               session: str = "") -> list[int]:
+    """Stream `limit` (default max_tokens) tokens from the verifier's own decoding,
+    continuing `session`'s prefilled cache when given."""
     out: list[int] = []
     req = pb.GenerateRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), prompt=prompt,
                              max_tokens=limit or cfg.max_tokens, ignore_eos=not cfg.stop_at_eos,
-                             client="edge-agent")
+                             client="edge-agent", session=session)
     for tok in client.generate(req):
         if not stats.ttft_s and not stats.tokens:
             stats.ttft_s = time.monotonic() - t0

@@ -45,7 +45,12 @@ class Block:
 
 
 class SwitchToCloudOnly(Exception):
-    """The planner found speculation slower than cloud-only streaming."""
+    """The planner found speculation slower than cloud-only streaming.
+    `session`: an open session whose cache the cloud-only stream can continue."""
+
+    def __init__(self, session: str = ""):
+        super().__init__(session)
+        self.session = session
 
 
 class Speculator:

@@ -111,20 +111,22 @@ class Verdict(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "prompt", "max_tokens", "ignore_eos", "client")
+    __slots__ = ("fingerprint", "sampling", "prompt", "max_tokens", "ignore_eos", "client", "session")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     sampling: Sampling
     prompt: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
     ignore_eos: bool
     client: str
-    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., client: _Optional[str] = ...) -> None: ...
+    session: str
+    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., client: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("tokens", "done", "finish_reason", "emulated")

@@ -32,7 +32,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def cloud():
-    d = start_cloud()
+    d = start_cloud("--threads", "1")  # edge and cloud share 2 cores: one thread each
     yield d
     d.stop()
 
@@ -56,7 +56,7 @@ def tokenizer():
 def drafter():
     from edge.derive import DEFAULT_DRAFT, ensure
     from edge.llama_model import LlamaDrafter
-    return LlamaDrafter(ensure(DEFAULT_DRAFT, quiet=True))
+    return LlamaDrafter(ensure(DEFAULT_DRAFT, quiet=True), n_threads=1)
 
 
 class Reference:
@@ -65,7 +65,7 @@ class Reference:
     def __init__(self):
         from edge.llama_model import LlamaDrafter
         from edge.model_files import shipped_gguf
-        self.model = LlamaDrafter(shipped_gguf())
+        self.model = LlamaDrafter(shipped_gguf(), n_threads=1)
         self.cache: dict = {}
 
     def greedy(self, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
