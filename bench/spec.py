@@ -44,7 +44,6 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def plan_cells(quick: bool, profiles, targets):
     for target in targets:
-        emulated = target.startswith("emulated:")
         for profile in profiles:
             if quick and target == "emulated:llama-70b-a100" and profile != "picospec-wan":
                 continue

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.config import VerifierConfig
-from cloud.session import CODEC_P, BadDraft, ContextFull, Session
+from cloud.session import BadDraft, ContextFull, Session
 from cloud.target import TargetModel
 from kernels import packing
 from kernels.sampling import STREAM_TARGET, SamplingConfig, logits_to_probs, rng_for, sample

@@ -30,6 +30,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """2 torch threads on a shared 2-core box spin on preempted peers (10x slower)."""
+    import torch  # only the MoE suites use it; imported here once
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cloud():
     d = start_cloud("--threads", "1")  # edge and cloud share 2 cores: one thread each

@@ -13,15 +13,6 @@ from edge.moe.gguf_writer import MoESpec, random_moe, write_moe
 from edge.moe.model import MoETransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """2 torch threads on a shared 2-core box spin on preempted peers (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 N_VOCAB = 49152   # the files carry SmolLM2's tokenizer so llama.cpp can load them
 N_POS = 520
 

@@ -11,15 +11,6 @@ from edge.moe.model import MoETransformer
 from edge.moe.moeify import Dense, MoeifyConfig, _to_gguf, dense_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """2 torch threads on a shared 2-core box spin on preempted peers (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 D, NFF, LAYERS, VOCAB = 64, 256, 2, 49152
 
 

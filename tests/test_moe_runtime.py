@@ -14,15 +14,6 @@ from edge.moe.runtime import BudgetTooSmall, OffloadedExperts
 from edge.moe.store import ExpertStore, StorageProfile, StoreConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """2 torch threads on a shared 2-core box spin on preempted peers (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SPEC = MoESpec("llama", 3, 64, 4, 2, 16, 8, 64, [2, 2, 2])
 
 
