@@ -66,8 +66,15 @@ class Agent:
         handover = ""         # a session the cloud-only stream may continue
         if mode in ("picospec", "sync", "edge-only") and self.drafter is None:
             raise ValueError(f"mode {mode} needs a draft model")
+        cloud_lost = False
         while len(out) < cfg.max_tokens and not (out and out[-1] == self.eos and cfg.stop_at_eos):
             left = dataclasses.replace(cfg, max_tokens=cfg.max_tokens - len(out))
+            if cloud_lost and not self._reachable():
+                # keep the user served from the edge, in chunks, until the verifier answers again
+                chunk = dataclasses.replace(left, max_tokens=min(EDGE_ONLY_CHUNK, left.max_tokens))
+                edge_only(self.drafter, prompt + out, chunk, self.eos, emit, stats, t0)
+                continue
+            cloud_lost = False
             try:
                 if mode == "edge-only":
                     edge_only(self.drafter, prompt + out, left, self.eos, emit, stats, t0)
@@ -86,10 +93,7 @@ class Agent:
                     raise
                 log.warning("cloud lost (%s): generating edge-only, will reconnect", e)
                 stats.fallback = "edge-only"
-                cfg_chunk = dataclasses.replace(left, max_tokens=min(EDGE_ONLY_CHUNK, left.max_tokens))
-                edge_only(self.drafter, prompt + out, cfg_chunk, self.eos, emit, stats, t0)
-                if not self._reachable():
-                    continue  # stays in this mode; the next loop turn retries the cloud
+                cloud_lost = True
         stats.wall_s = time.monotonic() - t0
         if self.client is not None:
             stats.bytes_up = self.client.bytes.up - bytes0[0]

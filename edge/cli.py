@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -96,7 +97,6 @@ def run_generate(a) -> int:
         client = VerifierClient(a.cloud, token=a.token, tls_ca=a.tls_ca.read_bytes() if a.tls_ca else None)
         client.wait_ready()
     agent = Agent(client, drafter, tok.fingerprint, tok.n_vocab, tok.eos)
-    import dataclasses
     for i in range(a.n):
         run_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=cfg.sampling.seed + i))
         shown: list[int] = []
