@@ -36,6 +36,7 @@ class CellResult:
     wall_s: float
     ttft_s: float
     drafted: int
+    verified: int
     accepted: int
     bytes_up: int
     bytes_down: int
@@ -49,7 +50,7 @@ class CellResult:
 
     @property
     def acceptance_rate(self) -> float | None:
-        return self.accepted / self.drafted if self.drafted else None
+        return self.accepted / self.verified if self.verified else None
 
 
 def run_cell(address: str | None, drafter, tokenizer, prompts: list[list[int]], cfg: GenConfig,
@@ -60,7 +61,7 @@ def run_cell(address: str | None, drafter, tokenizer, prompts: list[list[int]], 
         client = VerifierClient(address)
         client.wait_ready()
     agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos)
-    res = CellResult(0, 0.0, 0.0, 0, 0, 0, 0, False, 0, [])
+    res = CellResult(0, 0.0, 0.0, 0, 0, 0, 0, 0, False, 0, [])
     ttfts = []
     try:
         for p in prompts:
@@ -70,6 +71,7 @@ def run_cell(address: str | None, drafter, tokenizer, prompts: list[list[int]], 
             res.wall_s += s.wall_s
             ttfts.append(s.ttft_s)
             res.drafted += s.drafted
+            res.verified += s.verified
             res.accepted += s.accepted
             res.bytes_up += s.bytes_up
             res.bytes_down += s.bytes_down

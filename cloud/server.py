@@ -7,6 +7,7 @@ A bad request ends its own RPC with a precise status and never the server.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -27,6 +28,20 @@ from sim.latency import TARGETS, Hold, lookup
 
 log = logging.getLogger("tandem.cloud")
 SERVICE = "tandem.v1.Verifier"
+_END = object()
+
+
+def _pump(requests, inbox: queue.Queue) -> None:
+    """Moves a stream's requests into a queue, so the verifier can tell
+    "nothing queued right now" (time to lead) from "the edge is done"."""
+    try:
+        for r in requests:
+            inbox.put(r)
+    except grpc.RpcError as e:
+        inbox.put(e)
+    except Exception as e:  # noqa: BLE001 - a broken stream ends only its own RPC
+        inbox.put(grpc.RpcError(str(e)))
+    inbox.put(_END)
 
 
 def sampling_from_proto(s: pb.Sampling) -> SamplingConfig:
@@ -65,11 +80,13 @@ class VerifierService(pb_grpc.VerifierServicer):
                               f"verifier full: {len(self.sessions)}/{self.cfg.max_sessions} sessions; retry in 2 s")
             sid = uuid.uuid4().hex[:12]
             sess = Session(sid, None, sampling, int(request.codec), self.target.n_vocab, self.cfg.n_ctx,
-                           self.cfg.max_draft, self.width, self.cfg.p_top_k, self.cfg.p_tail, self.emulate)
+                           self.cfg.max_draft, self.width, self.cfg.p_top_k, self.cfg.p_tail, self.emulate,
+                           lead=request.lead, eos=None if request.ignore_eos else self.target.eos)
             self.sessions[sid] = sess  # reserve the slot before the slow part
         try:
             sess.ctx = self.target.acquire()
             sess.prefill(list(request.prompt))
+            sess.lead_until = len(request.prompt) + (request.max_tokens or self.cfg.n_ctx)
         except BadDraft as e:
             self._close(sid, quiet=True)
             context.abort(grpc.StatusCode.OUT_OF_RANGE if isinstance(e, ContextFull)
@@ -93,8 +110,18 @@ class VerifierService(pb_grpc.VerifierServicer):
             sess = self.sessions.get(sid)
         if sess is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {sid!r}: call Open first")
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_pump, args=(request_iterator, inbox), daemon=True).start()
         try:
-            for draft in request_iterator:
+            while True:
+                if sess.can_lead() and inbox.empty() and context.is_active():
+                    yield self._lead(sess)   # nothing to verify: decode on instead of idling
+                    continue
+                draft = inbox.get()
+                if draft is _END:
+                    break
+                if isinstance(draft, grpc.RpcError):
+                    raise draft
                 try:
                     verdict = self._verify(sess, draft)
                 except ContextFull as e:
@@ -107,6 +134,10 @@ class VerifierService(pb_grpc.VerifierServicer):
             pass  # the edge went away mid-stream: nothing to answer
         finally:
             self._close(sid)
+
+    def _lead(self, sess: Session) -> pb.Verdict:
+        v = sess.lead_one()
+        return pb.Verdict(epoch=v.epoch, start=v.start, token=v.token, lead=True, verify_us=int(v.verify_s * 1e6))
 
     def _verify(self, sess: Session, d: pb.Draft):
         if d.more_tail:

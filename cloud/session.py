@@ -11,6 +11,17 @@ distribution at every drafted position plus one.
     bonus      a token drawn from p after a fully accepted block, only when
                the edge asked for it (it has no follow-up block in flight:
                otherwise the next block's first token takes that position)
+    lead       with `lead` on, a token the verifier decodes on its own while no
+               block is queued, so it never idles waiting for the edge (a
+               pipelined session is then never much slower than cloud-only).
+
+Leading moves the session ahead of blocks the edge already sent. A block may
+therefore start before the current position: its drafts at decided positions
+must equal the decided tokens (then the rest is verified as usual), else the
+edge's branch is dead and the epoch moves on; the edge, which receives the
+lead tokens before any answer to that block, takes the same step. Lead tokens
+race the draft on shared keys (kernels.sampling.race_sample), so an edge that
+drafted the same token keeps its branch alive.
 """
 from __future__ import annotations
 
@@ -23,7 +34,7 @@ from kernels import packing
 from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, sample_residual,
                                snap_p, verify_greedy)
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
-                              SamplingConfig, logits_to_probs, rng_for, sample)
+                              SamplingConfig, logits_to_probs, race_keys, race_sample, rng_for, sample)
 from sim.latency import Hold, LatencyProfile
 
 CODEC_P, CODEC_Q = 0, 1
@@ -46,6 +57,7 @@ class VerdictData:
     p_payload: bytes = b""
     tail: bytes = b""
     verify_s: float = 0.0
+    lead: bool = False
 
 
 @dataclass
@@ -70,6 +82,9 @@ class Session:
     p_top_k: int = 16
     p_tail: int = 4
     emulate: LatencyProfile | None = None
+    lead: bool = False
+    lead_until: int = 0                   # absolute position the edge wants tokens up to
+    eos: int | None = None                # leading stops after it (None: never)
     tokens: list[int] = field(default_factory=list)
     epoch: int = 0
     pending: np.ndarray | None = None     # logits predicting position len(tokens)
@@ -78,6 +93,8 @@ class Session:
     blocks: int = 0
     drafted: int = 0
     accepted: int = 0
+    leads: int = 0
+    prompt_len: int = 0
 
     # -- setup ------------------------------------------------------------
     def prefill(self, prompt: list[int]) -> None:
@@ -89,6 +106,7 @@ class Session:
         with Hold(self.emulate, len(prompt)):
             logits = self.ctx.eval(prompt)
         self.tokens = list(prompt)
+        self.prompt_len = len(prompt)
         self.pending = logits[-1]
 
     # -- the verify step ---------------------------------------------------
@@ -100,15 +118,24 @@ class Session:
             return None
         if epoch > self.epoch:
             raise BadDraft(f"epoch {epoch} is ahead of the session's epoch {self.epoch}")
-        if start != len(self.tokens):
-            raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
         self._check_ids(block)
         if fixed > len(block) or fixed > 1:
             raise BadDraft(f"fixed={fixed} is invalid for a block of {len(block)} tokens (at most 1)")
-        drafted = block[fixed:]
-        if len(drafted) > self.max_draft:
-            raise BadDraft(f"draft of {len(drafted)} tokens exceeds the limit of {self.max_draft}")
-        if not drafted and not want_bonus:
+        if len(block) - fixed > self.max_draft:
+            raise BadDraft(f"draft of {len(block) - fixed} tokens exceeds the limit of {self.max_draft}")
+        overlap = len(self.tokens) - start
+        if overlap < 0 or (overlap > 0 and (not self.lead or fixed)):
+            raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
+        if overlap:                                       # positions decided while the block travelled
+            seen = self.tokens[start:start + len(block)]
+            if block[:len(seen)] != seen:
+                self.epoch += 1                           # the edge's branch died at a lead token
+                return None
+            if len(block) <= overlap:
+                return None                               # every position already decided
+        drafted = block[fixed + overlap:]
+        q_u16, q_sparse = q_u16[overlap:], q_sparse[overlap:]
+        if not drafted and not want_bonus and not (self.lead and fixed):
             raise BadDraft("empty draft: send at least one token, or ask for the bonus")
         if len(self.tokens) + len(block) + 1 > self.n_ctx:
             raise ContextFull(f"context full: {len(self.tokens)} + {len(block)} tokens exceed n_ctx={self.n_ctx}")
@@ -119,6 +146,8 @@ class Session:
             self._take_correction(block[0])
         elif self.rejection is not None:
             raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
+        if not drafted and not want_bonus:
+            return None                                   # a bare correction: leading resumes from it
 
         t0 = time.monotonic()
         rows = self._score(drafted)                       # (len(drafted)+1, V)
@@ -137,12 +166,39 @@ class Session:
         self.pending = rows[n_acc] if self.ctx.n_past == len(self.tokens) else None
         if token is not None:
             self.tokens.append(token)
+            self.pending = None                           # it predicted the position just filled
         if rejected:
             self.epoch += 1
         self.blocks += 1
         self.drafted += len(drafted)
         self.accepted += n_acc
-        return VerdictData(epoch, start, n_acc, token, payload, verify_s=time.monotonic() - t0)
+        return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0)
+
+    # -- leading -----------------------------------------------------------
+    def can_lead(self) -> bool:
+        n = len(self.tokens)
+        return (self.lead and self.rejection is None and n < self.lead_until and n + 1 < self.n_ctx
+                and not (self.eos is not None and self.tokens[-1] == self.eos and n > self.prompt_len))
+
+    def lead_one(self) -> VerdictData:
+        """Decode the next token alone, as cloud-only streaming would. Free when
+        the last pass already produced its distribution; else one forward pass."""
+        self.last_used = time.monotonic()
+        t0 = time.monotonic()
+        lag = self.tokens[self.ctx.n_past:]
+        if lag:
+            with Hold(self.emulate, len(lag)):
+                self.pending = self.ctx.eval(lag)[-1]
+        pos = len(self.tokens)
+        if self.sampling.greedy:
+            tok = int(np.argmax(self.pending))
+        else:
+            p = logits_to_probs(self.pending, self.sampling)
+            tok = race_sample(p, race_keys(self.sampling.seed, pos, p.size))
+        self.tokens.append(tok)
+        self.pending = None
+        self.leads += 1
+        return VerdictData(self.epoch, pos, 0, tok, verify_s=time.monotonic() - t0, lead=True)
 
     def more_tail(self, epoch: int) -> VerdictData:
         rej = self.rejection

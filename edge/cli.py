@@ -34,7 +34,8 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     ap.add_argument("--seed", type=int, default=0,
                     help="random seed; completion i uses seed+i. Every random decision is keyed by (seed, position), "
-                         "so with --gamma and --window fixed the same seed gives the same output")
+                         "so with --gamma and --window fixed (and --no-cloud-lead, whose lead tokens depend on timing) the same "
+                         "seed gives the same output")
     ap.add_argument("--n", type=int, default=1, help="independent completions (default: %(default)s)")
     ap.add_argument("--raw", action="store_true", help="feed PROMPT as is, without the chat template")
     ap.add_argument("--json", action="store_true", help="one JSON object per completion per line")
@@ -47,6 +48,9 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
                     help="dense draft GGUF (default: models/draft-l29.gguf, derived on first use)")
     ap.add_argument("--gamma", type=int, help="fixed block length (default: adapt to the link)")
     ap.add_argument("--window", type=int, help="fixed blocks in flight, picospec (default: adapt)")
+    ap.add_argument("--no-cloud-lead", action="store_true",
+                    help="picospec: the verifier idles when no block is queued instead of decoding on by itself "
+                         "(leading never loses tokens; it keeps the verifier busy across rejections)")
     ap.add_argument("--no-adaptive", action="store_true",
                     help="never fall back to cloud-only streaming, even where speculation is slower")
     ap.add_argument("--emulate-device", choices=sorted(DEVICES),
@@ -65,7 +69,7 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
 def build_config(a) -> GenConfig:
     return GenConfig(mode=a.mode, codec=a.codec, max_tokens=a.max_tokens,
                      sampling=SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed),
-                     gamma=a.gamma, window=a.window, adaptive=not a.no_adaptive,
+                     gamma=a.gamma, window=a.window, adaptive=not a.no_adaptive, cloud_lead=not a.no_cloud_lead,
                      stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device)
 
 

@@ -9,6 +9,14 @@ block of the old one), throws the speculative tail away, rolls the drafter's
 KV cache back and continues from the correction. With codec P the edge draws
 the correction itself from the sparse p the verdict carries; it then travels
 up as the `fixed` first token of the next block.
+
+With `cloud_lead` (pipelined only) the verifier decodes on by itself whenever
+no block is queued and streams those `lead` tokens down: a lead equal to the
+edge's own draft at that position keeps its branch alive, a different one ends
+it (the verifier drops the branch's blocks when they arrive, so both sides
+bump the epoch). Drafts race on the verifier's keys (race_sample) to make the
+first case common. Blocks then have a length fixed before their tokens are
+drawn, so whether a position is led or verified never depends on its own draw.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from edge.planner import Planner
 from edge.stats import GenStats
 from kernels import packing
 from kernels.rejection import PPayload, sample_residual_p
-from kernels.sampling import STREAM_DRAFT, STREAM_RESIDUAL, logits_to_probs, rng_for
+from kernels.sampling import STREAM_RESIDUAL, logits_to_probs, race_keys, race_sample, rng_for
 from kernels.sparse import SparseDist, quantize_dist
 from proto import tandem_pb2 as pb
 from sim.latency import Hold, LatencyProfile
@@ -42,6 +50,15 @@ class Block:
     drafted: list[int] = field(default_factory=list)
     qs: list[SparseDist | None] = field(default_factory=list)
     sent_at: float = 0.0
+
+    @property
+    def first(self) -> int:
+        """Position of drafted[0]."""
+        return self.start + (self.fixed is not None)
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.drafted)
 
 
 class SwitchToCloudOnly(Exception):
@@ -70,13 +87,16 @@ class Speculator:
         self.logits = first_logits            # predicts position len(seq) while drafter.n_past == len(seq)
         self.plan = planner.plan()
         self.done = False
+        self.lead = cfg.pipelined and cfg.cloud_lead
 
     # -- the loop, on one screen -------------------------------------------
     def run(self) -> list[int]:
         while not self.done:
             can_draft = self._can_draft()
             verdict = self.stream.recv(timeout=0 if can_draft else self.cfg.stall_timeout_s)
-            if verdict is not None:
+            if verdict is not None and verdict.lead:
+                self._on_lead(verdict)
+            elif verdict is not None:
                 self._on_verdict(verdict)
             elif can_draft:
                 self._draft_one()
@@ -91,10 +111,13 @@ class Speculator:
     def _spec_len(self) -> int:
         return len(self.seq) - self.n_prompt - len(self.out)
 
+    def _committed(self) -> int:
+        return self.n_prompt + len(self.out)
+
     def _can_draft(self) -> bool:
         if self.cur is None and len(self.in_flight) >= (self.plan.window if self.cfg.pipelined else 1):
             return False
-        if self.seq[-1] == self.eos and self._spec_len() > 0 and self.cfg.stop_at_eos:
+        if self.cur is None and self.cfg.stop_at_eos and self.eos in self.seq[self._committed():]:
             return False
         return len(self.out) + self._spec_len() < self.cfg.max_tokens
 
@@ -116,7 +139,7 @@ class Speculator:
             probs = logits_to_probs(self.logits, s)
             q = (quantize_dist(probs, bits=16) if self.codec == "P"
                  else quantize_dist(probs, bits=8, top_k=self.cfg.q_top_k))
-            x = q.sample(rng_for(s.seed, pos, STREAM_DRAFT))
+            x = race_sample(q.weights, race_keys(s.seed, pos, self.logits.size), q.ids)
         self.planner.observe_draft(time.monotonic() - t)
         self.seq.append(x)
         self.cur.drafted.append(x)
@@ -124,7 +147,8 @@ class Speculator:
 
     def _block_complete(self) -> bool:
         b = self.cur
-        return (len(b.drafted) >= self.plan.gamma or (b.drafted[-1] == self.eos and self.cfg.stop_at_eos)
+        ends_at_eos = not self.lead and b.drafted[-1] == self.eos and self.cfg.stop_at_eos
+        return (len(b.drafted) >= self.plan.gamma or ends_at_eos
                 or len(self.out) + self._spec_len() >= self.cfg.max_tokens)
 
     def _send(self, b: Block) -> None:
@@ -138,7 +162,7 @@ class Speculator:
                 d.q_sparse.extend(packing.pack_sparse(q, self.width) for q in b.qs)
         reaches_end = len(self.out) + self._spec_len() >= self.cfg.max_tokens or b.drafted[-1] == self.eos
         # With no follow-up block coming, the position after the block needs the cloud's bonus token.
-        d.want_bonus = not reaches_end and (not self.cfg.pipelined or self.plan.window == 1)
+        d.want_bonus = not reaches_end and not self.lead and (not self.cfg.pipelined or self.plan.window == 1)
         b.sent_at = time.monotonic()
         self.stream.send(d)
         self.in_flight.append(b)
@@ -146,15 +170,36 @@ class Speculator:
         self.stats.drafted += len(b.drafted)
 
     # -- verdicts ------------------------------------------------------------
+    def _on_lead(self, v: pb.Verdict) -> None:
+        """A token the verifier decided alone, at the first undecided position."""
+        j = self._committed()
+        if v.start != j:
+            raise CloudError(None, f"lead token for position {v.start}, expected {j}")
+        if len(self.seq) <= j or self.seq[j] != v.token:
+            if self.in_flight and self.in_flight[-1].end > j:
+                self.epoch += 1                      # the verifier will drop those blocks on arrival
+                self.stats.rejections += 1
+                self.in_flight.clear()
+            self.cur = None
+            self.seq = self.seq[:j] + [v.token]
+            self.drafter.truncate(min(self.drafter.n_past, j))
+        self.stats.leads += 1
+        self._commit([v.token])
+        while self.in_flight and self.in_flight[0].end <= j + 1:
+            self.in_flight.popleft()                 # every position decided by leads: no verdict comes
+
     def _on_verdict(self, v: pb.Verdict) -> None:
         if v.epoch != self.epoch or not self.in_flight:
             return                                   # answer to a block we already gave up
         b = self.in_flight.popleft()
-        if v.start != b.start or v.accepted > len(b.drafted):
+        led = max(0, self._committed() - b.first)    # drafts already decided by lead tokens
+        if v.start != b.start or v.accepted > len(b.drafted) or v.accepted < led:
             raise CloudError(None, f"verdict for position {v.start} does not match block at {b.start}")
-        self.planner.observe_block(len(b.drafted), v.accepted, time.monotonic() - b.sent_at, v.verify_us / 1e6)
-        self.stats.accepted += v.accepted
-        self._commit(b.drafted[:v.accepted])
+        self.planner.observe_block(len(b.drafted) - led, v.accepted - led, time.monotonic() - b.sent_at,
+                                   v.verify_us / 1e6)
+        self.stats.accepted += v.accepted - led
+        self.stats.verified += len(b.drafted) - led
+        self._commit(b.drafted[led:v.accepted])
         if v.accepted == len(b.drafted):
             if v.HasField("token"):                  # bonus: nothing speculative follows it
                 self.seq.append(v.token)
@@ -169,7 +214,10 @@ class Speculator:
                 y = v.token
             else:
                 y = self._residual_p(v, b.qs[v.accepted])
-                self.fixed_next = y
+                if self.lead:                        # up at once: the verifier leads on from it
+                    self._send_correction(len(self.seq), y)
+                else:
+                    self.fixed_next = y
             self.drafter.truncate(min(self.drafter.n_past, len(self.seq)))
             self.seq.append(y)
             self._commit([y])
@@ -177,6 +225,10 @@ class Speculator:
             self.plan = self.planner.plan()
             if not self.plan.speculate and self.planner.blocks >= 4:
                 raise SwitchToCloudOnly()
+
+    def _send_correction(self, pos: int, y: int) -> None:
+        self.stream.send(pb.Draft(epoch=self.epoch, start=pos, tokens=packing.pack_tokens([y], self.width),
+                                  fixed=1))
 
     def _residual_p(self, v: pb.Verdict, q: SparseDist) -> int:
         payload = packing.unpack_payload(v.p_payload, self.width)
@@ -232,4 +284,5 @@ def choose_codec(cfg: GenConfig, n_vocab: int, p_top_k: int = 16, p_tail: int = 
 
 def open_request(fingerprint: str, cfg: GenConfig, codec: str, prompt: list[int]) -> pb.OpenRequest:
     return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=CODEC_ID[codec],
-                          prompt=prompt, client="edge-agent")
+                          prompt=prompt, client="edge-agent", lead=cfg.pipelined and cfg.cloud_lead,
+                          max_tokens=cfg.max_tokens, ignore_eos=not cfg.stop_at_eos)

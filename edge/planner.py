@@ -13,6 +13,9 @@ correction). c is the steady-state time between verdicts: the edge drafting a
 block, the cloud verifying one (passes are serial per session) or the window
 running dry; the second term is the refill after a rejection, when the blocks
 in flight are thrown away and the next useful verdict is a whole cycle away.
+With cloud_lead the verifier decodes on alone during that refill instead of
+idling, so the refill also yields (refill time / t_ar) tokens; speculation
+then costs at most the extra verify time per pass (t_v(g) vs t_ar).
 The cloud-only rate is the verifier's autoregressive rate, which streaming
 preserves over any link. Speculation is abandoned for cloud-only streaming
 when its best predicted rate falls below that.
@@ -62,8 +65,8 @@ class Planner:
     def __init__(self, pipelined: bool, t_draft_s: float, rtt_s: float, verify_a_s: float,
                  verify_b_s: float, ar_token_s: float, prior_accept: float = 0.7,
                  gamma: int | None = None, window: int | None = None, max_gamma: int = 16,
-                 max_window: int = 8):
-        self.pipelined = pipelined
+                 max_window: int = 8, lead: bool = False):
+        self.pipelined, self.lead = pipelined, lead
         self.t_draft = Ema(t_draft_s)
         # Round trip minus the verifier's compute: a windowed minimum, since
         # blocks queued behind others at the verifier inflate single samples.
@@ -101,7 +104,9 @@ class Planner:
             return expected_tokens(a, g, bonus=True) / cycle
         a = min(max(a, 0.0), 0.999)
         c = max(g * td, tv, cycle / w)
-        return expected_tokens(a, g, bonus=False) / (c + (1 - a ** g) * (cycle - c))
+        refill = (1 - a ** g) * (cycle - c)
+        led = refill / max(self.ar_token_s, 1e-6) if self.lead else 0.0
+        return (expected_tokens(a, g, bonus=False) + led) / (c + refill)
 
     def plan(self) -> Plan:
         """The best (g, w); pipelined sessions also weigh stop-and-wait, which

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 class GenStats:
     mode: str
     emulated: bool = False
-    drafted: int = 0
+    drafted: int = 0              # draft tokens sent up
+    verified: int = 0             # of those, in blocks the verifier tested (not dropped as stale)
     accepted: int = 0
+    leads: int = 0                # tokens the verifier decoded alone while no block was queued
     blocks: int = 0
     rejections: int = 0
     tail_requests: int = 0        # codec P: times the edge ran out of tail draws
@@ -27,14 +29,16 @@ class GenStats:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        """Accepted per draft token the verifier tested: a block thrown away
+        unread after an earlier rejection says nothing about the drafter."""
+        return self.accepted / self.verified if self.verified else 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def as_dict(self) -> dict:
-        d = {"drafted": self.drafted, "accepted": self.accepted,
+        d = {"drafted": self.drafted, "verified": self.verified, "accepted": self.accepted, "leads": self.leads,
              "acceptance_rate": round(self.acceptance_rate, 4),
              "tokens_per_s": round(self.tokens_per_s, 3), "ttft_s": round(self.ttft_s, 4),
              "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,

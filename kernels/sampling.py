@@ -18,6 +18,7 @@ STREAM_ACCEPT = 1
 STREAM_RESIDUAL = 2
 STREAM_TAIL = 3
 STREAM_TARGET = 4
+STREAM_RACE = 5   # shared by the draft and the cloud's leading tokens: see race_sample
 
 _U64 = 1 << 64
 _U128 = 1 << 128
@@ -160,3 +161,28 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
         # u * total rounded up to total: take the last token that has mass.
         i = int(np.flatnonzero(p)[-1])
     return i
+
+
+def race_keys(seed: int, pos: int, n: int) -> np.ndarray:
+    """The exponential clocks E_i ~ Exp(1) of the race at one position, one per token id.
+
+    Both sides derive them from (seed, pos) alone, so the draft and the target run the
+    same race at the same position."""
+    return rng_for(seed, pos, STREAM_RACE).exponential(size=n)
+
+
+def race_sample(probs: np.ndarray, keys: np.ndarray, ids: np.ndarray | None = None) -> int:
+    """argmax_i probs_i / keys_i: an exact draw from `probs` (normalised or not).
+
+    Token i's clock E_i / p_i is Exp(rate p_i), so i wins with probability p_i / sum(p).
+    Two distributions raced on the same keys pick the same token far more often than
+    independent draws (identical distributions always agree), which lets a draft
+    predict the target's own draws; each side's marginal stays exact. `ids` names the
+    token of each entry of a sparse `probs` (default: entry i is token i)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0 or p.min() < 0.0 or not p.max() > 0.0:
+        raise ValueError("probs must be a non-empty 1-D array, non-negative with some mass")
+    tok = np.arange(p.size) if ids is None else np.asarray(ids, dtype=np.int64)
+    with np.errstate(divide="ignore"):
+        score = np.where(p > 0.0, p / keys[tok], -1.0)
+    return int(tok[int(np.argmax(score))])

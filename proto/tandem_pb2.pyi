@@ -27,18 +27,24 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client")
+    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client", "lead", "max_tokens", "ignore_eos")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    LEAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     sampling: Sampling
     codec: Codec
     prompt: _containers.RepeatedScalarFieldContainer[int]
     client: str
-    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ...) -> None: ...
+    lead: bool
+    max_tokens: int
+    ignore_eos: bool
+    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s")
@@ -93,7 +99,7 @@ class Draft(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[bytes] = ..., fixed: _Optional[int] = ..., q: _Optional[bytes] = ..., q_sparse: _Optional[_Iterable[bytes]] = ..., want_bonus: _Optional[bool] = ..., more_tail: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("epoch", "start", "accepted", "token", "p_payload", "verify_us", "tail")
+    __slots__ = ("epoch", "start", "accepted", "token", "p_payload", "verify_us", "tail", "lead")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +107,7 @@ class Verdict(_message.Message):
     P_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     VERIFY_US_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
+    LEAD_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start: int
     accepted: int
@@ -108,7 +115,8 @@ class Verdict(_message.Message):
     p_payload: bytes
     verify_us: int
     tail: bytes
-    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ...) -> None: ...
+    lead: bool
+    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ..., lead: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("fingerprint", "sampling", "prompt", "max_tokens", "ignore_eos", "client", "session")

@@ -17,7 +17,7 @@ def edge_agent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_json_lines_for_n_sampled_completions_reproducible_by_seed(cloud):
     args = ["generate", "--cloud", cloud.address, "--json", "--n", "2", "--temperature", "0.8", "--top-k", "8",
-            "--max-tokens", "12", "--seed", "3", "--no-adaptive", "--gamma", "3", "--window", "2", "--ignore-eos",
+            "--max-tokens", "12", "--seed", "3", "--no-adaptive", "--no-cloud-lead", "--gamma", "3", "--window", "2", "--ignore-eos",
             "Name a colour."]
     r = edge_agent(*args)
     assert r.returncode == 0, r.stderr
@@ -31,7 +31,7 @@ def test_json_lines_for_n_sampled_completions_reproducible_by_seed(cloud):
     assert lines[0]["tokens"] != lines[1]["tokens"], "completion i uses its own random stream"
     again = edge_agent(*args)
     assert [json.loads(x)["tokens"] for x in again.stdout.strip().splitlines()] == [o["tokens"] for o in lines], \
-        "with mode, gamma and window fixed, a seed fixes the output: decisions are keyed by (seed, position)"
+        "with mode, gamma and window fixed and no lead tokens, a seed fixes the output: decisions are keyed by (seed, position)"
 
 
 def test_raw_prompt_and_cloud_only_streams_text(cloud):

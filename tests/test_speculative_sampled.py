@@ -50,21 +50,24 @@ def exact(reference, tokenizer):
     return prompt, marginals(reference.model, prompt)
 
 
-def sample_first_tokens(address, drafter, tokenizer, prompt, codec, n=N_SAMPLES):
+def sample_first_tokens(address, drafter, tokenizer, prompt, codec, lead, n=N_SAMPLES):
     client = VerifierClient(address)
     client.wait_ready()
     agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos)
-    rows, tails = [], 0
+    rows, counts = [], {"tails": 0, "leads": 0, "accepted": 0, "verified": 0}
     try:
         for seed in range(n):
             cfg = GenConfig(mode="picospec", codec=codec, gamma=2, window=2, adaptive=False, max_tokens=3,
-                            stop_at_eos=False, sampling=SamplingConfig(seed=seed, **SAMPLING))
+                            stop_at_eos=False, cloud_lead=lead, sampling=SamplingConfig(seed=seed, **SAMPLING))
             c = agent.generate(prompt, cfg)
             rows.append(c.tokens)
-            tails += c.stats.tail_requests
+            counts["tails"] += c.stats.tail_requests
+            counts["leads"] += c.stats.leads
+            counts["accepted"] += c.stats.accepted
+            counts["verified"] += c.stats.verified
     finally:
         client.close()
-    return np.array(rows), tails
+    return np.array(rows), counts
 
 
 def pvalue(samples: np.ndarray, dist: dict[int, float]) -> float:
@@ -77,14 +80,19 @@ def pvalue(samples: np.ndarray, dist: dict[int, float]) -> float:
     return chi2_pvalue(counts, probs)
 
 
+@pytest.mark.parametrize("lead", [True, False], ids=["lead", "no-lead"])
 @pytest.mark.parametrize("codec", ["P", "Q"])
-def test_first_three_tokens_match_target_marginals(cloud, drafter, tokenizer, exact, codec):
+def test_first_three_tokens_match_target_marginals(cloud, drafter, tokenizer, exact, codec, lead):
     prompt, dists = exact
-    samples, tails = sample_first_tokens(cloud.address, drafter, tokenizer, prompt, codec)
+    samples, counts = sample_first_tokens(cloud.address, drafter, tokenizer, prompt, codec, lead)
     assert samples.shape == (N_SAMPLES, 3)
+    print(f"codec {codec}, lead {lead}: {counts}")
+    # both ways of deciding a position must have been exercised, or the check proves little
+    assert counts["verified"] > 0 and counts["accepted"] > 0
+    assert (counts["leads"] > 0) == lead
     for pos in range(3):
         p = pvalue(samples[:, pos], dists[pos])
-        print(f"codec {codec} token {pos + 1}: chi-square p = {p:.3f} (tail requests: {tails})")
+        print(f"codec {codec} token {pos + 1}: chi-square p = {p:.3f}")
         assert p > 0.01, f"codec {codec}: token {pos + 1} does not follow the target (p={p:.2g})"
 
 
