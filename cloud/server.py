@@ -144,9 +144,9 @@ class VerifierService(pb_grpc.VerifierServicer):
             v = sess.more_tail(d.epoch)
         else:
             block = packing.unpack_tokens(d.tokens, self.width)
-            q_u16 = packing.unpack_u16(d.q) if d.q else []
+            q_u8 = packing.unpack_u8(d.q) if d.q else []
             q_sparse = [packing.unpack_sparse(b, self.width, 8) for b in d.q_sparse]
-            v = sess.verify(d.epoch, d.start, block, d.fixed, q_u16, q_sparse, d.want_bonus)
+            v = sess.verify(d.epoch, d.start, block, d.fixed, q_u8, q_sparse, d.want_bonus)
             if v is None:
                 return None
         out = pb.Verdict(epoch=v.epoch, start=v.start, accepted=v.accepted, p_payload=v.p_payload,

@@ -110,7 +110,7 @@ class Session:
         self.pending = logits[-1]
 
     # -- the verify step ---------------------------------------------------
-    def verify(self, epoch: int, start: int, block: list[int], fixed: int, q_u16: list[int],
+    def verify(self, epoch: int, start: int, block: list[int], fixed: int, q_u8: list[int],
                q_sparse: list, want_bonus: bool) -> VerdictData | None:
         """Verify one block; None when the block is stale (older epoch)."""
         self.last_used = time.monotonic()
@@ -134,14 +134,14 @@ class Session:
             if len(block) <= overlap:
                 return None                               # every position already decided
         drafted = block[fixed + overlap:]
-        q_u16, q_sparse = q_u16[overlap:], q_sparse[overlap:]
+        q_u8, q_sparse = q_u8[overlap:], q_sparse[overlap:]
         if not drafted and not want_bonus and not (self.lead and fixed):
             raise BadDraft("empty draft: send at least one token, or ask for the bonus")
         if len(self.tokens) + len(block) + 1 > self.n_ctx:
             raise ContextFull(f"context full: {len(self.tokens)} + {len(block)} tokens exceed n_ctx={self.n_ctx}")
         sampled = not self.sampling.greedy
         if sampled:
-            self._check_q(drafted, q_u16, q_sparse)
+            self._check_q(drafted, q_u8, q_sparse)
         if fixed:
             self._take_correction(block[0])
         elif self.rejection is not None:
@@ -158,7 +158,7 @@ class Session:
             token = nxt if (rejected or want_bonus) else None
             payload = b""
         else:
-            n_acc, token, payload = self._verify_sampled(p0, drafted, rows, q_u16, q_sparse, want_bonus)
+            n_acc, token, payload = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
             rejected = n_acc < len(drafted)
 
         self.tokens += drafted[:n_acc]
@@ -222,11 +222,11 @@ class Session:
             return logits[len(lag) - 1:]
         return np.concatenate([self.pending[None, :], logits])
 
-    def _verify_sampled(self, p0, drafted, rows, q_u16, q_sparse, want_bonus):
+    def _verify_sampled(self, p0, drafted, rows, q_u8, q_sparse, want_bonus):
         seed = self.sampling.seed
         for i, x in enumerate(drafted):
             p = snap_p(logits_to_probs(rows[i], self.sampling))
-            qx = q_u16[i] / 65535.0 if self.codec == CODEC_P else q_sparse[i].prob(x)
+            qx = q_u8[i] / 255.0 if self.codec == CODEC_P else q_sparse[i].prob(x)
             u = rng_for(seed, p0 + i, STREAM_ACCEPT).random()
             if accept_token(p[x], qx, u):
                 continue
@@ -256,11 +256,11 @@ class Session:
         if bad:
             raise BadDraft(f"token id {bad[0]} is outside the vocabulary (n_vocab={self.n_vocab})")
 
-    def _check_q(self, drafted, q_u16, q_sparse) -> None:
+    def _check_q(self, drafted, q_u8, q_sparse) -> None:
         if self.codec == CODEC_P:
-            if len(q_u16) != len(drafted):
-                raise BadDraft(f"codec P needs one q per drafted token: got {len(q_u16)} for {len(drafted)}")
-            if any(v == 0 for v in q_u16):
+            if len(q_u8) != len(drafted):
+                raise BadDraft(f"codec P needs one q per drafted token: got {len(q_u8)} for {len(drafted)}")
+            if any(v == 0 for v in q_u8):
                 raise BadDraft("q(x) = 0 for a drafted token: the draft cannot have sampled it")
         else:
             if len(q_sparse) != len(drafted):

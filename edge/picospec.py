@@ -137,8 +137,9 @@ class Speculator:
             x, q = int(np.argmax(self.logits)), None
         else:
             probs = logits_to_probs(self.logits, s)
-            q = (quantize_dist(probs, bits=16) if self.codec == "P"
-                 else quantize_dist(probs, bits=8, top_k=self.cfg.q_top_k))
+            # Codec P sends q(x) up as one byte, so the draft samples from an 8-bit q
+            # (any q is exact as long as the verifier tests with the one sampled from).
+            q = quantize_dist(probs, bits=8, top_k=None if self.codec == "P" else self.cfg.q_top_k)
             x = race_sample(q.weights, race_keys(s.seed, pos, self.logits.size), q.ids)
         self.planner.observe_draft(time.monotonic() - t)
         self.seq.append(x)
@@ -157,7 +158,7 @@ class Speculator:
                      fixed=1 if b.fixed is not None else 0)
         if not self.cfg.sampling.greedy:
             if self.codec == "P":
-                d.q = packing.pack_u16([q.weights[np.searchsorted(q.ids, x)] for x, q in zip(b.drafted, b.qs)])
+                d.q = packing.pack_u8([q.weights[np.searchsorted(q.ids, x)] for x, q in zip(b.drafted, b.qs)])
             else:
                 d.q_sparse.extend(packing.pack_sparse(q, self.width) for q in b.qs)
         reaches_end = len(self.out) + self._spec_len() >= self.cfg.max_tokens or b.drafted[-1] == self.eos
@@ -198,7 +199,7 @@ class Speculator:
         self.planner.observe_block(len(b.drafted) - led, v.accepted - led, time.monotonic() - b.sent_at,
                                    v.verify_us / 1e6)
         self.stats.accepted += v.accepted - led
-        self.stats.verified += len(b.drafted) - led
+        self.stats.verified += v.accepted - led + (v.accepted < len(b.drafted))
         self._commit(b.drafted[led:v.accepted])
         if v.accepted == len(b.drafted):
             if v.HasField("token"):                  # bonus: nothing speculative follows it
@@ -276,7 +277,7 @@ def choose_codec(cfg: GenConfig, n_vocab: int, p_top_k: int = 16, p_tail: int = 
     w = packing.token_width(n_vocab)
     reject = 1 - prior_accept ** gamma
     p_down = reject * (p_top_k * (w + 4) + p_tail * (w + 4) + 4)
-    p_up = gamma * 2
+    p_up = gamma          # one byte of q(x) per drafted token
     q_up = gamma * (1 + cfg.q_top_k * (w + 1))
     cost = lambda up, down: up / cfg.uplink_share + down
     return "P" if cost(p_up, p_down) <= cost(q_up, 0) else "Q"

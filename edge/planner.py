@@ -43,6 +43,23 @@ class Ema:
         self.value += self.weight * (x - self.value)
 
 
+class AcceptRate:
+    """Per-position acceptance a: accepted / tested, both decayed. A block's
+    accepted/drafted would be biased low (positions after a rejection are never
+    tested) and more so the longer the block, which would push g down further."""
+
+    def __init__(self, prior: float, decay: float = 0.85, prior_weight: float = 4.0):
+        self.accepted, self.tested, self.decay = prior * prior_weight, prior_weight, decay
+
+    def add(self, accepted: int, tested: int) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.tested = self.decay * self.tested + tested
+
+    @property
+    def value(self) -> float:
+        return self.accepted / self.tested
+
+
 SWITCH_MARGIN = 0.9
 
 
@@ -71,7 +88,7 @@ class Planner:
         # Round trip minus the verifier's compute: a windowed minimum, since
         # blocks queued behind others at the verifier inflate single samples.
         self.rtt_samples: deque[float] = deque([rtt_s], maxlen=16)
-        self.accept = Ema(prior_accept, weight=0.2)
+        self.accept = AcceptRate(prior_accept)
         self.verify_a, self.verify_b = verify_a_s, verify_b_s
         self.ar_token_s = ar_token_s
         self.fixed_gamma, self.fixed_window = gamma, window
@@ -81,7 +98,7 @@ class Planner:
     def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float) -> None:
         self.blocks += 1
         if drafted:
-            self.accept.add(accepted / drafted)
+            self.accept.add(accepted, accepted + (accepted < drafted))
         self.rtt_samples.append(max(0.0, round_trip_s - verify_s))
         if verify_s > 0 and drafted:
             # keep the cloud's advertised fixed cost, learn only the level

@@ -9,7 +9,7 @@ class GenStats:
     mode: str
     emulated: bool = False
     drafted: int = 0              # draft tokens sent up
-    verified: int = 0             # of those, in blocks the verifier tested (not dropped as stale)
+    verified: int = 0             # of those, tested by the verifier (up to and including a rejection)
     accepted: int = 0
     leads: int = 0                # tokens the verifier decoded alone while no block was queued
     blocks: int = 0
@@ -29,8 +29,9 @@ class GenStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted per draft token the verifier tested: a block thrown away
-        unread after an earlier rejection says nothing about the drafter."""
+        """Per-position acceptance: accepted / tested. Drafts after a rejection
+        (or in blocks dropped as stale) are never tested, so accepted/drafted
+        would shrink with the block length instead of measuring the drafter."""
         return self.accepted / self.verified if self.verified else 0.0
 
     @property

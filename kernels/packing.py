@@ -117,6 +117,14 @@ def unpack_u16(data: bytes) -> list[int]:
     return _unpack_uint(data, 2, "u16 values").tolist()
 
 
+def pack_u8(values: Sequence[int]) -> bytes:
+    return _pack_uint(values, 1, "u8 value")
+
+
+def unpack_u8(data: bytes) -> list[int]:
+    return _unpack_uint(data, 1, "u8 values").tolist()
+
+
 def prob_to_u16(q: SparseDist, token: int) -> int:
     """q(token) as the exact 16-bit weight the cloud needs for its accept test."""
     if q.total != 0xFFFF:

@@ -12,12 +12,14 @@ from kernels.packing import (
     pack_payload,
     pack_sparse,
     pack_tokens,
+    pack_u8,
     pack_u16,
     prob_to_u16,
     token_width,
     unpack_payload,
     unpack_sparse,
     unpack_tokens,
+    unpack_u8,
     unpack_u16,
 )
 from kernels.rejection import PPayload, encode_p, snap_p
@@ -152,6 +154,12 @@ def test_u16_round_trip_and_errors():
         pack_u16([65536])
     with pytest.raises(ValueError):
         unpack_u16(b"\x00\x01\x02")
+
+
+def test_u8_round_trip_and_errors():
+    assert unpack_u8(pack_u8([0, 1, 255])) == [0, 1, 255]
+    with pytest.raises(ValueError):
+        pack_u8([256])
 
 
 def test_prob_to_u16_is_the_exact_weight():

@@ -17,6 +17,8 @@ from kernels.sampling import (
     STREAM_TARGET,
     SamplingConfig,
     logits_to_probs,
+    race_keys,
+    race_sample,
     rng_for,
     sample,
 )
@@ -399,3 +401,44 @@ def test_sample_is_inverse_cdf():
 def test_sample_rejects_bad_probs(probs):
     with pytest.raises(ValueError):
         sample(probs, np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# race_sample: exact on its own, and two races on shared keys agree often
+# ---------------------------------------------------------------------------------------------
+
+
+def test_race_sample_matches_distribution_over_positions():
+    rng = np.random.default_rng(21)
+    p = random_probs(rng, 12, zeros=3)
+    samples = [race_sample(p, race_keys(5, pos, p.size)) for pos in range(20_000)]
+    assert_samples_match(samples, p)
+
+
+def test_race_sample_on_sparse_entries_names_tokens():
+    p = np.array([0.2, 0.5, 0.3])
+    ids = np.array([7, 40, 41])
+    samples = [race_sample(p, race_keys(1, pos, 64), ids) for pos in range(20_000)]
+    assert set(samples) <= {7, 40, 41}
+    assert_samples_match([int(np.flatnonzero(ids == x)[0]) for x in samples], p)
+
+
+def test_races_on_shared_keys_agree_more_than_independent_draws():
+    """The point of the race: a draft that is close to the target picks the
+    target's token far more often than an independent draw would."""
+    rng = np.random.default_rng(22)
+    p = random_probs(rng, 50, zeros=0)
+    q = 0.8 * p + 0.2 * random_probs(rng, 50, zeros=0)
+    n = 5000
+    shared = sum(race_sample(p, k) == race_sample(q, k) for k in (race_keys(3, i, 50) for i in range(n))) / n
+    independent = float(np.dot(p, q))
+    overlap = float(np.minimum(p, q).sum())       # the best any coupling can do
+    assert shared > 2 * independent
+    assert shared <= overlap + 0.02
+
+
+def test_race_sample_rejects_bad_probs():
+    with pytest.raises(ValueError):
+        race_sample(np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError):
+        race_sample(np.array([0.5, -0.1]), np.ones(2))
