@@ -154,3 +154,59 @@ def test_sensitivity_probe_measures_every_layer(tiny):
     assert set(res["floors"]) == set(gm.cfg.moe_layers)
     assert all(res["kl"][2][l] > res["kl"][8][l] >= -1e-6 for l in gm.cfg.moe_layers)
     assert set(res["floors"].values()) <= {2, 8}
+
+
+def test_kl_budget_floors_take_the_cheapest_bytes_within_the_sum():
+    from edge.moe.sensitivity import floors_from_budget
+    kl = {8: {1: 0.02, 2: 0.001, 3: 0.001}, 4: {1: 0.3, 2: 0.01, 3: 0.2}, 2: {1: 1, 2: 0.5, 3: 1}}
+    size = {16: 100, 8: 60, 4: 40, 2: 30}
+    nbytes = lambda layer, bits: size[bits]
+    # Sum of the chosen KLs stays within budget; sensitive layer 1 stays full.
+    assert floors_from_budget(kl, nbytes, 0.012) == {1: 16, 2: 4, 3: 8}
+    assert floors_from_budget(kl, nbytes, 0.0) == {1: 16, 2: 16, 3: 16}
+    # A step that saves no bytes (matrix already lossless lower) is not taken.
+    assert floors_from_budget(kl, lambda l, b: 40, 1.0) == {1: 16, 2: 16, 3: 16}
+
+
+def test_native_store_reads_a_gridded_matrix_at_its_own_precision(tmp_path):
+    """gate/up put on an int4 grid (as a Q4_1 source leaves them): under
+    `native` an fp read takes them at int4, exactly, and costs fewer bytes;
+    down (random floats) stays full precision."""
+    from kernels import quant
+    t = random_moe(SPEC, 49152, seed=5)
+    for i in range(SPEC.n_layer):
+        for k in ("gate", "up"):
+            name = f"blk.{i}.ffn_{k}_exps.weight"
+            t[name] = np.stack([quant.dequantize(quant.quantize(torch.from_numpy(m), 4)).numpy()
+                                for m in t[name]])
+    gm = GGUFModel(write_moe(tmp_path / "grid.gguf", SPEC, t, shipped_gguf()))
+    plain = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none")))
+    native = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), native=True))
+    assert native.native()[1, "gate"] == native.native()[1, "up"] == 4
+    assert native.native()[1, "down"] == 16
+    a, b = plain.resident_copy(1, 2, 16), native.resident_copy(1, 2, 16)
+    assert b.nbytes < 0.7 * a.nbytes
+    torch.testing.assert_close(b.gate, a.gate, rtol=0, atol=2e-3 * float(a.gate.abs().max()))
+    torch.testing.assert_close(b.down, a.down, rtol=0, atol=0)
+    # int8 of a gridded matrix is the int4 copy, not a finer (and wrong) grid.
+    assert torch.equal(native.resident_copy(1, 2, 8).up, b.up)
+
+
+def test_dymoe_eviction_keeps_the_layer_needed_soonest():
+    """Layers run in a cycle: the victim is the expert whose next use is
+    furthest away (the layer just computed), where LRU would evict the
+    layer about to run."""
+    from edge.moe.cache import CacheConfig, ExpertCache
+    from edge.moe.store import ExpertWeights
+    w = lambda: ExpertWeights(8, 10, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    for use_prior, victim in ((True, (2, 0)), (False, (1, 0))):
+        c = ExpertCache(CacheConfig(30, use_prior=use_prior, cycle=4, base_rate={1: .5, 2: .5, 3: .5}))
+        for layer in (1, 2):        # then layer 3 runs; after it 0, 1, 2
+            c.start_layer(layer)
+            c.admit((layer, 0), w())
+            c.touch((layer, 0))
+        c.start_layer(3)
+        c.admit((3, 0), w())
+        c.touch((3, 0))
+        c.admit((3, 1), w())
+        assert victim not in c.entries and len(c.entries) == 3

@@ -2,9 +2,15 @@
 
 Holding an expert at another precision is a move inside the budget: the old
 copy is dropped when the new one is admitted. Eviction takes the lowest
-`score`: plain LRU for the baselines, DyMoE's prior (running gate frequency
-and weight-norm score, decayed by recency) for dymoe. Experts being used by
-the current layer are pinned.
+`score`: plain LRU for the baselines; for dymoe, the expected time to the
+expert's next use, Belady-style. Layers run in a cycle, so the expert used
+longest ago (LRU's victim) is the one needed soonest: LRU keeps ~2 % hits at
+25 % on the test bed, and a prompt read in layer order evicted experts of
+layers it had still to reach and read them twice. The next use of expert e
+of layer l is `d + n * (1/p - 1)` layer-steps away: d = layers until l runs
+again, n = layers per token, p = the expert's running use rate (gate
+frequency), seeded with the calibration-free weight-norm prior. Experts
+being used by the current layer are pinned.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ class Entry:
 class CacheConfig:
     budget_bytes: int
     use_prior: bool = False
+    cycle: int = 1                # layers per token (for the next-use distance)
+    base_rate: dict[int, float] = field(default_factory=dict)   # layer -> top-k / experts
 
 
 @dataclass
@@ -45,6 +53,8 @@ class ExpertCache:
         self.lock = threading.RLock()
         self.counters = CacheCounters()
         self.wasted_prefetch: dict[int, int] = {}
+        self.layer = 0                                  # layer the compute is in
+        self.calls: dict[int, int] = {}                 # layer -> forward passes seen
 
     def get(self, key) -> Entry | None:
         with self.lock:
@@ -59,13 +69,25 @@ class ExpertCache:
                 e.prefetched = False
             self.freq[key] = self.freq.get(key, 0.0) + weight
 
+    def start_layer(self, layer: int) -> None:
+        with self.lock:
+            self.layer = layer
+            self.calls[layer] = self.calls.get(layer, 0) + 1
+
+    def use_rate(self, key) -> float:
+        # Prior as one pseudo-pass: rate in [base/2, 3 base/2] by weight norm.
+        p0 = self.cfg.base_rate.get(key[0], 0.5) * (0.5 + self.prior.get(key, 0.5))
+        return (self.freq.get(key, 0.0) + p0) / (self.calls.get(key[0], 0) + 1)
+
     def score(self, key, e: Entry) -> float:
+        """Higher = keep. LRU for the baselines; minus the expected layer-steps
+        to the next use for dymoe."""
         if not self.cfg.use_prior:
             return float(e.last_used)
-        # Frequency + calibration-free norm prior, with recency as tie-break;
-        # freshly prefetched entries count as just used.
-        recency = (e.last_used if not e.prefetched else self.clock) / max(self.clock, 1)
-        return self.freq.get(key, 0.0) / max(self.clock, 1) * 50 + self.prior.get(key, 0.0) + recency
+        n = self.cfg.cycle
+        d = (key[0] - self.layer) % n
+        p = min(max(self.use_rate(key), 1e-3), 1.0)
+        return -(d + n * (1.0 / p - 1.0))
 
     def admit(self, key, w: ExpertWeights, prefetched: bool = False) -> bool:
         """Insert (or replace) `key`; evict until it fits. False if it cannot."""

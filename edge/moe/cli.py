@@ -92,9 +92,12 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
                    help="per-layer KL (nats/token) a layer may add at its floor precision")
     p.add_argument("--noise-factor", type=float, default=3.0,
                    help="... or this many times the median int8 KL, if larger (model noise floor)")
-    p.add_argument("--max-floor", type=int, default=8, choices=[2, 4, 8, 16],
-                   help="cap on any layer's floor (default 8; 16 lets a layer too sensitive "
-                        "for int8 stay at full precision, at a large cost in reads)")
+    p.add_argument("--max-floor", type=int, default=16, choices=[2, 4, 8, 16],
+                   help="cap on any layer's floor (default 16: a layer too sensitive for int8 "
+                        "stays at full precision; 8 forces every layer to int8 or lower)")
+    p.add_argument("--kl-budget", type=float, default=0.03,
+                   help="summed KL (nats/token) all floors together may add; floors are the "
+                        "cheapest in bytes within it (default 0.03; 0: per-layer --kl-tol instead)")
     p.add_argument("--from-kl", action="store_true",
                    help="recompute floors from the KL already stored beside the model (no measuring)")
 
@@ -110,14 +113,16 @@ def run_calibrate(args) -> int:
         _log(f"[moe-calibrate] {model} not found; run `edge-agent moeify` first")
         return 2
     cfg = SensitivityConfig(max_tokens=args.tokens, kl_tol=args.kl_tol,
-                            noise_factor=args.noise_factor, max_floor=args.max_floor)
+                            noise_factor=args.noise_factor, max_floor=args.max_floor,
+                            kl_budget=args.kl_budget)
     if args.from_kl:
-        res = refloor(json.loads(floors_path(model).read_text()), cfg)
+        res = refloor(json.loads(floors_path(model).read_text()), cfg, model)
     else:
         text = load_or_generate(shipped_gguf(), calib_cache(), log=_log)
         res = measure(model, text["heldout"], cfg, log=_log)
     save(res, floors_path(model))
-    _log(f"[moe-calibrate] tolerance {res['tolerance']:.4f} nats/token; "
+    _log(f"[moe-calibrate] {'KL budget' if cfg.kl_budget > 0 else 'tolerance'} "
+         f"{res['tolerance']:.4f} nats/token; "
          f"floors -> {floors_path(model)}: {res['floors']}")
     # The low-bit flash images every policy reads, built once here.
     from edge.moe.gguf_loader import GGUFModel

@@ -52,8 +52,8 @@ def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExper
     if cfg.budget_mb is not None and cfg.budget_pct is not None:
         raise ValueError("give --expert-budget-mb or --expert-budget-pct, not both")
     gm = GGUFModel(cfg.model)
-    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name(cfg.storage)))
     policy = PolicyConfig.from_name(cfg.policy, load_floors(cfg.model, gm))
+    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name(cfg.storage), native=policy.native))
     total = store.total_fp_nbytes()
     if cfg.budget_mb is not None:
         if cfg.budget_mb <= 0:

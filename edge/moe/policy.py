@@ -42,6 +42,7 @@ class PolicyConfig:
     all_resident: bool = False
     prefill_low: bool = False    # prompt tokens read experts at the layer's low precision
     high_above_floor: bool = False
+    native: bool = False         # DyMoE's flash format: matrices at their lossless precision
     floors: dict[int, int] = field(default_factory=dict)   # layer -> min bits
 
     @classmethod
@@ -53,7 +54,7 @@ class PolicyConfig:
             "static-int2": dict(high_bits=2, low_bits=2),
             "static-int4": dict(high_bits=4, low_bits=4),
             "dymoe": dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
-                          prefill_low=True, high_above_floor=True),
+                          prefill_low=True, high_above_floor=True, native=True),
         }
         if name not in table:
             raise ValueError(f"unknown MoE policy {name!r}; known: {', '.join(POLICIES)}")

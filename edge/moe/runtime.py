@@ -93,7 +93,9 @@ class OffloadedExperts(Experts):
                 policy = self.policy = replace(policy, high_above_floor=False)
         store.prepare(policy.bits_all(), log=log)
         prior = norm_prior(gm) if policy.prior else {}
-        self.cache = ExpertCache(CacheConfig(budget_bytes, use_prior=policy.prior), prior)
+        self.cache = ExpertCache(CacheConfig(budget_bytes, use_prior=policy.prior, cycle=c.n_layer,
+                                             base_rate={l: c.expert_used[l] / c.n_expert
+                                                        for l in c.moe_layers}), prior)
         self.stats = {l: LayerStats() for l in c.moe_layers}
         self.step = 0
         self._predicted: dict[int, set[int]] = {}
@@ -138,6 +140,7 @@ class OffloadedExperts(Experts):
     def ffn(self, layer, x, sel, w, imp):
         st = self.stats[layer]
         self.io.horizon = (self.step, layer)
+        self.cache.start_layer(layer)
         need = expert_requirements(self.policy, layer, sel, imp)
         pred = self._predicted.pop(layer, None)
         if pred is not None:

@@ -16,6 +16,18 @@ tokens): layers 1-11 cost 0.01-0.06 at int8 and 0.06-0.25 at int4, layers
 The int8 median estimates the model's noise floor; a layer may go lower
 only where the damage is within a few times it (or within `kl_tol`).
 
+Probes read matrices the way DyMoE's store does (`native`): a matrix that
+is exact at a lower precision is probed at that one, so the int8 probe of
+a carved layer measures its refit down-projection, not gate/up at a grid
+finer than their own.
+
+Per-layer tolerances do not bound the sum: on the test bed eight layers
+each "within tolerance" at int4 added up to a prompt agreement of ~0.8.
+With `kl_budget` (the default) floors are instead chosen together: start
+every layer at full precision and repeatedly lower the layer that saves the
+most bytes per unit of KL it adds, while the summed KL stays within the
+budget. The sum over-counts (degradations interact), so this is cautious.
+
 The probe degrades *every* expert of the layer for every token, so it is
 conservative for DyMoE, which runs low only the experts the router gives
 little weight. Cost: the residual stream entering each layer is captured
@@ -32,7 +44,7 @@ import torch
 
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.model import MoETransformer, ResidentExperts
-from edge.moe.store import FP
+from edge.moe.store import FP, KINDS, ExpertStore, StorageProfile, StoreConfig
 from kernels import quant
 
 
@@ -41,17 +53,22 @@ class SensitivityConfig:
     probe_bits: tuple[int, ...] = (8, 4, 2)
     kl_tol: float = 0.01         # per layer, nats/token, degrading that layer alone
     noise_factor: float = 3.0
-    max_floor: int = 8
+    max_floor: int = FP
+    kl_budget: float = 0.03      # summed over layers; 0: per-layer tolerance instead
     max_tokens: int = 400
     group: int = 32
 
 
 class _OneLayerDegraded(ResidentExperts):
-    def __init__(self, base: ResidentExperts, layer: int, bits: int, group: int):
+    def __init__(self, base: ResidentExperts, layer: int, bits: int, group: int,
+                 native: dict[tuple[int, str], int] | None = None):
         self.w = dict(base.w)
+        native = native or {}
         for (l, e), ws in base.w.items():
             if l == layer:
-                self.w[l, e] = tuple(quant.dequantize(quant.quantize(t, bits, group)) for t in ws)
+                self.w[l, e] = tuple(
+                    t if b == FP else quant.dequantize(quant.quantize(t, b, group))
+                    for t, b in ((t, min(bits, native.get((l, k), FP))) for t, k in zip(ws, KINDS)))
 
 
 def tolerance(kl: dict[int, dict[int, float]], kl_tol: float, noise_factor: float) -> float:
@@ -72,6 +89,8 @@ def measure(path: Path, seqs: list[list[int]], cfg: SensitivityConfig = Sensitiv
     t0 = time.time()
     gm = GGUFModel(path)
     base = ResidentExperts(gm)
+    native = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), group=cfg.group,
+                                         native=True)).native()
     tokens, n = [], 0
     for s in seqs:
         if n >= cfg.max_tokens:
@@ -88,7 +107,7 @@ def measure(path: Path, seqs: list[list[int]], cfg: SensitivityConfig = Sensitiv
     kl: dict[int, dict[int, float]] = {b: {} for b in cfg.probe_bits}
     for layer in gm.cfg.moe_layers:
         for bits in cfg.probe_bits:
-            ex = _OneLayerDegraded(base, layer, bits, cfg.group)
+            ex = _OneLayerDegraded(base, layer, bits, cfg.group, native)
             lp = torch.cat([MoETransformer(gm, ex, max_ctx=len(s) + 1)
                             .forward_from(layer, entering[j][layer]).log_softmax(-1)
                             for j, s in enumerate(tokens)])
@@ -96,11 +115,48 @@ def measure(path: Path, seqs: list[list[int]], cfg: SensitivityConfig = Sensitiv
         log(f"[moe-calibrate] layer {layer:2d}: KL " +
             ", ".join(f"int{b} {kl[b][layer]:.4f}" for b in cfg.probe_bits) +
             f" ({time.time() - t0:.0f}s)")
-    tol = tolerance(kl, cfg.kl_tol, cfg.noise_factor)
-    floors = floors_from_kl(kl, tol, cfg.max_floor)
-    return {"probe_bits": list(cfg.probe_bits), "kl_tol": cfg.kl_tol, "max_floor": cfg.max_floor,
+    tol, floors = _floors(kl, cfg, native_nbytes(path, cfg.group))
+    return {"kl_budget": cfg.kl_budget, "probe_bits": list(cfg.probe_bits), "kl_tol": cfg.kl_tol, "max_floor": cfg.max_floor,
             "noise_factor": cfg.noise_factor, "tolerance": tol, "group": cfg.group,
-            "kl": kl, "floors": floors, "tokens": n, "seconds": round(time.time() - t0, 1)}
+            "native": True, "kl": kl, "floors": floors, "tokens": n, "seconds": round(time.time() - t0, 1)}
+
+
+def floors_from_budget(kl: dict[int, dict[int, float]], nbytes, budget: float,
+                       max_floor: int = FP) -> dict[int, int]:
+    """kl[bits][layer], nbytes(layer, bits) -> floors: the cheapest set of
+    per-layer precisions (greedy in bytes saved per KL added) whose summed KL
+    stays within `budget`. A step that saves no bytes is never taken."""
+    layers = sorted(next(iter(kl.values())))
+    ladder = sorted(kl, reverse=True)                   # 8, 4, 2
+    cur = {l: FP for l in layers}
+    cost = lambda l, b: 0.0 if b == FP else kl[b][l]
+    total = 0.0
+    while True:
+        best = None
+        for l in layers:
+            for b in (b for b in ladder if b < cur[l]):
+                saved = nbytes(l, cur[l]) - nbytes(l, b)
+                added = max(cost(l, b) - cost(l, cur[l]), 1e-9)
+                if saved > 0 and total + added <= budget and (best is None or saved / added > best[0]):
+                    best = (saved / added, l, b, added)
+        if best is None:
+            break
+        _, l, b, added = best
+        cur[l], total = b, total + added
+    return {l: min(b, max_floor) for l, b in cur.items()}
+
+
+def _floors(kl, cfg: SensitivityConfig, nbytes) -> tuple[float, dict[int, int]]:
+    if cfg.kl_budget > 0:
+        return cfg.kl_budget, floors_from_budget(kl, nbytes, cfg.kl_budget, cfg.max_floor)
+    tol = tolerance(kl, cfg.kl_tol, cfg.noise_factor)
+    return tol, floors_from_kl(kl, tol, cfg.max_floor)
+
+
+def native_nbytes(path: Path, group: int = 32):
+    store = ExpertStore(GGUFModel(path), StoreConfig(StorageProfile.from_name("none"), group=group,
+                                                     native=True))
+    return store.nbytes
 
 
 def save(result: dict, path: Path) -> None:
@@ -110,11 +166,11 @@ def save(result: dict, path: Path) -> None:
          "floors": {str(k): v for k, v in result["floors"].items()}}, indent=1))
 
 
-def refloor(saved: dict, cfg: SensitivityConfig) -> dict:
-    """New floors from a saved measurement under another tolerance or cap."""
+def refloor(saved: dict, cfg: SensitivityConfig, path: Path) -> dict:
+    """New floors from a saved measurement under another tolerance, budget or cap."""
     kl = {int(b.removeprefix("int")): {int(l): v for l, v in per.items()}
           for b, per in saved["kl"].items()}
-    tol = tolerance(kl, cfg.kl_tol, cfg.noise_factor)
+    tol, floors = _floors(kl, cfg, native_nbytes(path, saved.get("group", cfg.group)))
     return {**saved, "kl": kl, "kl_tol": cfg.kl_tol, "noise_factor": cfg.noise_factor,
-            "max_floor": cfg.max_floor, "tolerance": tol,
-            "floors": floors_from_kl(kl, tol, cfg.max_floor)}
+            "kl_budget": cfg.kl_budget, "max_floor": cfg.max_floor, "tolerance": tol,
+            "floors": floors}
