@@ -13,7 +13,7 @@ so the runtime stays a plain loop.
   the layer's floor (and at least int8; full precision where the floor is
   int8), the tail runs at the floor (int4, or int2 where measured
   sensitivity permits). Floors come from `moe-calibrate` (KL when one layer
-  is degraded); without them, `default_floors` keeps the first and last
+  is degraded, chosen under a summed-KL budget; full precision allowed); without them, `default_floors` keeps the first and last
   MoE layers and any layer that uses every expert (dense / shared) at int8
   and lets the rest go to int4, never int2. A prompt (prefill) reads each
   missing expert once for all its tokens at the layer's low precision,
