@@ -58,6 +58,7 @@ class VerdictData:
     tail: bytes = b""
     verify_s: float = 0.0
     lead: bool = False
+    overlap: int = 0                      # leading drafts that were already decided (lead tokens)
 
 
 @dataclass
@@ -95,6 +96,14 @@ class Session:
     accepted: int = 0
     leads: int = 0
     prompt_len: int = 0
+    # True from the start and after every break until a block of the new branch
+    # is verified. While a branch lives its next block is already on the way:
+    # a lead pass then would only delay it (one token for a whole pass).
+    awaiting_branch: bool = True
+    broke_at: float | None = None         # when the last branch ended (None: the first is still due)
+    respond_s: float = 0.0                # edge's measured time from a break to the new branch's block
+    lead_pass_s: float = 0.0              # measured time of a lead pass
+    lead_sent: dict = field(default_factory=dict)   # position -> when its lead token was decided
 
     # -- setup ------------------------------------------------------------
     def prefill(self, prompt: list[int]) -> None:
@@ -129,9 +138,12 @@ class Session:
         if overlap:                                       # positions decided while the block travelled
             seen = self.tokens[start:start + len(block)]
             if block[:len(seen)] != seen:
-                self.epoch += 1                           # the edge's branch died at a lead token
+                # the edge's branch died at a lead token, and the edge saw it when the token went down
+                wrong = start + next(i for i, (a, b) in enumerate(zip(block, seen)) if a != b)
+                self._break(self.lead_sent.get(wrong))
                 return None
             if len(block) <= overlap:
+                self.awaiting_branch = False              # the branch lives: its next block is coming
                 return None                               # every position already decided
         drafted = block[fixed + overlap:]
         q_u8, q_sparse = q_u8[overlap:], q_sparse[overlap:]
@@ -150,16 +162,18 @@ class Session:
             return None                                   # a bare correction: leading resumes from it
 
         t0 = time.monotonic()
-        rows = self._score(drafted)                       # (len(drafted)+1, V)
-        p0 = len(self.tokens)
-        if not sampled:
-            n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
-            rejected = n_acc < len(drafted)
-            token = nxt if (rejected or want_bonus) else None
-            payload = b""
-        else:
-            n_acc, token, payload = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
-            rejected = n_acc < len(drafted)
+        # Emulated: the whole pass (forward and the accept/sampling math, which a
+        # GPU server does inside it) is held to the modelled time together.
+        with Hold(self.emulate, len(self.tokens) - self.ctx.n_past + len(drafted)):
+            rows = self._score(drafted)                   # (len(drafted)+1, V)
+            p0 = len(self.tokens)
+            if not sampled:
+                n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
+                token = nxt if (n_acc < len(drafted) or want_bonus) else None
+                payload = b""
+            else:
+                n_acc, token, payload = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
+        rejected = n_acc < len(drafted)
 
         self.tokens += drafted[:n_acc]
         self.ctx.truncate(len(self.tokens))
@@ -167,18 +181,43 @@ class Session:
         if token is not None:
             self.tokens.append(token)
             self.pending = None                           # it predicted the position just filled
+        self.awaiting_branch = False
         if rejected:
-            self.epoch += 1
+            self._break()
         self.blocks += 1
         self.drafted += len(drafted)
         self.accepted += n_acc
-        return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0)
+        return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0,
+                           overlap=overlap)
 
     # -- leading -----------------------------------------------------------
     def can_lead(self) -> bool:
         n = len(self.tokens)
-        return (self.lead and self.rejection is None and n < self.lead_until and n + 1 < self.n_ctx
+        return (self.lead and self.awaiting_branch and self.rejection is None and n < self.lead_until
+                and n + 1 < self.n_ctx
                 and not (self.eos is not None and self.tokens[-1] == self.eos and n > self.prompt_len))
+
+    def _break(self, at: float | None = None) -> None:
+        self.epoch += 1
+        self.awaiting_branch = True
+        self.broke_at = at or time.monotonic()
+
+    def block_arrived(self, t: float, epoch: int) -> None:
+        """Learn how long the edge takes to answer a break with a new branch."""
+        if self.awaiting_branch and epoch == self.epoch and self.broke_at is not None and t >= self.broke_at:
+            r = t - self.broke_at
+            self.respond_s = r if not self.respond_s else 0.7 * self.respond_s + 0.3 * r
+
+    def lead_wait(self, now: float) -> float:
+        """Seconds to wait for the new branch before leading (0: lead now). A
+        lead pass that would still run when the branch's block is due delays
+        the block by most of a pass for one token: wait for the block instead."""
+        if not self.respond_s or not self.lead_pass_s or self.broke_at is None:
+            return 0.0
+        due = self.broke_at + self.respond_s
+        if now + self.lead_pass_s <= due or now > due + self.lead_pass_s / 2:
+            return 0.0
+        return due + self.lead_pass_s / 2 - now
 
     def lead_one(self) -> VerdictData:
         """Decode the next token alone, as cloud-only streaming would. Free when
@@ -186,18 +225,23 @@ class Session:
         self.last_used = time.monotonic()
         t0 = time.monotonic()
         lag = self.tokens[self.ctx.n_past:]
-        if lag:
-            with Hold(self.emulate, len(lag)):
-                self.pending = self.ctx.eval(lag)[-1]
         pos = len(self.tokens)
-        if self.sampling.greedy:
-            tok = int(np.argmax(self.pending))
-        else:
-            p = logits_to_probs(self.pending, self.sampling)
-            tok = race_sample(p, race_keys(self.sampling.seed, pos, p.size))
+        with Hold(self.emulate if lag else None, len(lag)):
+            if lag:
+                self.pending = self.ctx.eval(lag)[-1]
+            if self.sampling.greedy:
+                tok = int(np.argmax(self.pending))
+            else:
+                p = logits_to_probs(self.pending, self.sampling)
+                tok = race_sample(p, race_keys(self.sampling.seed, pos, p.size))
         self.tokens.append(tok)
         self.pending = None
         self.leads += 1
+        self.lead_sent = {p: t for p, t in self.lead_sent.items() if p > pos - 64}
+        self.lead_sent[pos] = time.monotonic()
+        if lag:
+            d = time.monotonic() - t0
+            self.lead_pass_s = d if not self.lead_pass_s else 0.8 * self.lead_pass_s + 0.2 * d
         return VerdictData(self.epoch, pos, 0, tok, verify_s=time.monotonic() - t0, lead=True)
 
     def more_tail(self, epoch: int) -> VerdictData:
@@ -216,8 +260,7 @@ class Session:
         todo = lag + drafted
         if not todo:
             return self.pending[None, :]
-        with Hold(self.emulate, len(todo)):
-            logits = self.ctx.eval(todo)
+        logits = self.ctx.eval(todo)
         if lag:
             return logits[len(lag) - 1:]
         return np.concatenate([self.pending[None, :], logits])

@@ -31,6 +31,9 @@ FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, 
          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
 EDGE_ONLY_CHUNK = 16
+# A verifier that answers the channel probe but keeps failing the request is
+# broken, not lost: give up after this many failures in a row with no progress.
+MAX_FAILURES_WITHOUT_PROGRESS = 3
 REPROBE_EVERY = 8
 
 
@@ -67,6 +70,7 @@ class Agent:
         if mode in ("picospec", "sync", "edge-only") and self.drafter is None:
             raise ValueError(f"mode {mode} needs a draft model")
         cloud_lost = False
+        failures, progress_at = 0, -1
         while len(out) < cfg.max_tokens and not (out and out[-1] == self.eos and cfg.stop_at_eos):
             left = dataclasses.replace(cfg, max_tokens=cfg.max_tokens - len(out))
             if cloud_lost and not self._reachable():
@@ -91,6 +95,10 @@ class Agent:
             except CloudError as e:
                 if e.code in FATAL or mode == "edge-only" or self.drafter is None:
                     raise
+                failures = failures + 1 if progress_at == len(out) else 1
+                progress_at = len(out)
+                if failures >= MAX_FAILURES_WITHOUT_PROGRESS and self._reachable():
+                    raise CloudError(e.code, f"verifier failed {failures} times in a row without progress: {e}") from e
                 log.warning("cloud lost (%s): generating edge-only, will reconnect", e)
                 stats.fallback = "edge-only"
                 cloud_lost = True

@@ -40,6 +40,9 @@ from proto import tandem_pb2 as pb
 from sim.latency import Hold, LatencyProfile
 
 CODEC_ID = {"P": pb.CODEC_P, "Q": pb.CODEC_Q}
+# After a rejection the pipeline is empty and the verifier waits for (or leads
+# past) the next block: a short first block restarts it a few draft steps sooner.
+FIRST_BLOCK = 3
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Speculator:
         self.plan = planner.plan()
         self.done = False
         self.lead = cfg.pipelined and cfg.cloud_lead
+        self.restart = True                   # the next block is the first after a break
 
     # -- the loop, on one screen -------------------------------------------
     def run(self) -> list[int]:
@@ -127,29 +131,31 @@ class Speculator:
             self.cur = Block(self.epoch, start, self.fixed_next)
             self.fixed_next = None
         t = time.monotonic()
-        if self.drafter.n_past < len(self.seq):
-            todo = self.seq[self.drafter.n_past:]
-            with Hold(self.device, len(todo)):
+        todo = self.seq[self.drafter.n_past:]
+        with Hold(self.device if todo else None, len(todo)):   # a draft step samples inside its time
+            if todo:
                 self.logits = self.drafter.eval(todo)
-        pos = len(self.seq)
-        s = self.cfg.sampling
-        if s.greedy:
-            x, q = int(np.argmax(self.logits)), None
-        else:
-            probs = logits_to_probs(self.logits, s)
-            # Codec P sends q(x) up as one byte, so the draft samples from an 8-bit q
-            # (any q is exact as long as the verifier tests with the one sampled from).
-            q = quantize_dist(probs, bits=8, top_k=None if self.codec == "P" else self.cfg.q_top_k)
-            x = race_sample(q.weights, race_keys(s.seed, pos, self.logits.size), q.ids)
+            x, q = self._draw(len(self.seq))
         self.planner.observe_draft(time.monotonic() - t)
         self.seq.append(x)
         self.cur.drafted.append(x)
         self.cur.qs.append(q)
 
+    def _draw(self, pos: int) -> tuple[int, SparseDist | None]:
+        s = self.cfg.sampling
+        if s.greedy:
+            return int(np.argmax(self.logits)), None
+        probs = logits_to_probs(self.logits, s)
+        # Codec P sends q(x) up as one byte, so the draft samples from an 8-bit q
+        # (any q is exact as long as the verifier tests with the one sampled from).
+        q = quantize_dist(probs, bits=8, top_k=None if self.codec == "P" else self.cfg.q_top_k)
+        return race_sample(q.weights, race_keys(s.seed, pos, self.logits.size), q.ids), q
+
     def _block_complete(self) -> bool:
         b = self.cur
         ends_at_eos = not self.lead and b.drafted[-1] == self.eos and self.cfg.stop_at_eos
-        return (len(b.drafted) >= self.plan.gamma or ends_at_eos
+        gamma = min(self.plan.gamma, FIRST_BLOCK) if self.restart and self.cfg.pipelined else self.plan.gamma
+        return (len(b.drafted) >= gamma or ends_at_eos
                 or len(self.out) + self._spec_len() >= self.cfg.max_tokens)
 
     def _send(self, b: Block) -> None:
@@ -165,6 +171,7 @@ class Speculator:
         # With no follow-up block coming, the position after the block needs the cloud's bonus token.
         d.want_bonus = not reaches_end and not self.lead and (not self.cfg.pipelined or self.plan.window == 1)
         b.sent_at = time.monotonic()
+        self.restart = False
         self.stream.send(d)
         self.in_flight.append(b)
         self.stats.blocks += 1
@@ -176,11 +183,15 @@ class Speculator:
         j = self._committed()
         if v.start != j:
             raise CloudError(None, f"lead token for position {v.start}, expected {j}")
+        if len(self.seq) > j:
+            self.stats.lead_checks += 1
+            self.stats.lead_hits += self.seq[j] == v.token
         if len(self.seq) <= j or self.seq[j] != v.token:
             if self.in_flight and self.in_flight[-1].end > j:
                 self.epoch += 1                      # the verifier will drop those blocks on arrival
                 self.stats.rejections += 1
                 self.in_flight.clear()
+                self.restart = True
             self.cur = None
             self.seq = self.seq[:j] + [v.token]
             self.drafter.truncate(min(self.drafter.n_past, j))
@@ -209,6 +220,7 @@ class Speculator:
             self.epoch += 1
             self.stats.rejections += 1
             self.in_flight.clear()
+            self.restart = True
             self.cur = None
             self.seq = self.seq[:self.n_prompt + len(self.out)]
             if v.HasField("token"):

@@ -145,5 +145,7 @@ class Planner:
             return [self.fixed_window]
         td = self.t_draft.value
         tv = self.verify_a + self.verify_b * (g + 1)
-        full = math.ceil((g * td + self.rtt + tv) / max(g * td, tv, 1e-6))  # enough to keep the pipe busy
+        # The verifier takes every queued block in one pass, so the pipe stays
+        # full only if the edge keeps drafting for a whole cycle ahead.
+        full = math.ceil((g * td + self.rtt + tv) / max(g * td, 1e-6))
         return sorted({1, max(2, min(self.max_window, full))})

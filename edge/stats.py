@@ -12,6 +12,8 @@ class GenStats:
     verified: int = 0             # of those, tested by the verifier (up to and including a rejection)
     accepted: int = 0
     leads: int = 0                # tokens the verifier decoded alone while no block was queued
+    lead_checks: int = 0          # leads at a position the edge had drafted
+    lead_hits: int = 0            # ... that equalled the draft (its branch lives on)
     blocks: int = 0
     rejections: int = 0
     tail_requests: int = 0        # codec P: times the edge ran out of tail draws
@@ -39,7 +41,7 @@ class GenStats:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def as_dict(self) -> dict:
-        d = {"drafted": self.drafted, "verified": self.verified, "accepted": self.accepted, "leads": self.leads,
+        d = {"drafted": self.drafted, "verified": self.verified, "accepted": self.accepted, "leads": self.leads, "lead_hits": self.lead_hits, "lead_checks": self.lead_checks,
              "acceptance_rate": round(self.acceptance_rate, 4),
              "tokens_per_s": round(self.tokens_per_s, 3), "ttft_s": round(self.ttft_s, 4),
              "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
