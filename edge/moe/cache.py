@@ -11,6 +11,14 @@ of layer l is `d + n * (1/p - 1)` layer-steps away: d = layers until l runs
 again, n = layers per token, p = the expert's running use rate (gate
 frequency), seeded with the calibration-free weight-norm prior. Experts
 being used by the current layer are pinned.
+
+A prompt is one pass of T tokens, and an expert of a layer the pass has
+still to reach is used by it with probability q = 1 - (1 - p)^T (all of
+them, for T = 38 and 4 of 8 experts): its next use is `d + (1 - q) n / p`
+away, where a later single-token pass would put it `d + n (1/p - 1)` away
+(the same formula with q = p). Without that, a prompt read in layer order
+evicted rarely used experts of its own later layers and read them again
+(12 of 120 prefill reads on the test bed at 25 %).
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ class ExpertCache:
         self.counters = CacheCounters()
         self.wasted_prefetch: dict[int, int] = {}
         self.layer = 0                                  # layer the compute is in
+        self.tokens = 1                                 # tokens in the current pass
         self.calls: dict[int, int] = {}                 # layer -> forward passes seen
 
     def get(self, key) -> Entry | None:
@@ -69,9 +78,9 @@ class ExpertCache:
                 e.prefetched = False
             self.freq[key] = self.freq.get(key, 0.0) + weight
 
-    def start_layer(self, layer: int) -> None:
+    def start_layer(self, layer: int, tokens: int = 1) -> None:
         with self.lock:
-            self.layer = layer
+            self.layer, self.tokens = layer, tokens
             self.calls[layer] = self.calls.get(layer, 0) + 1
 
     def use_rate(self, key) -> float:
@@ -87,7 +96,11 @@ class ExpertCache:
         n = self.cfg.cycle
         d = (key[0] - self.layer) % n
         p = min(max(self.use_rate(key), 1e-3), 1.0)
-        return -(d + n * (1.0 / p - 1.0))
+        # Use probability in the pass that reaches the key's layer next:
+        # this one if it is still ahead, else a single-token pass.
+        t = self.tokens if key[0] >= self.layer else 1
+        q = 1.0 - (1.0 - p) ** t
+        return -(d + (1.0 - q) * n / p)
 
     def admit(self, key, w: ExpertWeights, prefetched: bool = False) -> bool:
         """Insert (or replace) `key`; evict until it fits. False if it cannot."""
