@@ -210,3 +210,51 @@ def test_dymoe_eviction_keeps_the_layer_needed_soonest():
         c.touch((3, 0))
         c.admit((3, 1), w())
         assert victim not in c.entries and len(c.entries) == 3
+
+
+def test_prompt_keeps_experts_of_layers_it_has_still_to_reach():
+    """A rarely used expert of a later layer is evicted first between
+    single tokens, but a 38-token prompt will use it within this pass: the
+    victim is then the expert of the layer the prompt has passed."""
+    from edge.moe.cache import CacheConfig, ExpertCache
+    from edge.moe.store import ExpertWeights
+    w = lambda: ExpertWeights(8, 10, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    for tokens, victim in ((1, (3, 0)), (38, (1, 0))):
+        c = ExpertCache(CacheConfig(30, use_prior=True, cycle=4, base_rate={1: .5, 2: .5, 3: .5}),
+                        prior={(3, 0): 0.0})
+        c.admit((3, 0), w())                # resident from the warm start, never used yet
+        c.start_layer(1, tokens)
+        c.admit((1, 0), w())
+        c.touch((1, 0))
+        c.start_layer(2, tokens)
+        c.pinned = {(2, 0), (2, 1)}
+        c.admit((2, 0), w())
+        c.admit((2, 1), w())
+        assert victim not in c.entries and len(c.entries) == 3
+
+
+def test_batched_io_reads_adjacent_experts_as_one_request(tiny):
+    """One latency for a run of experts adjacent on flash, one per expert
+    without batching; the flash order decides what is adjacent."""
+    import time
+    from edge.moe.prefetch import DEMAND, IOQueue
+    slow = StorageProfile("slow", 0.0, 60.0)            # latency only: 60 ms a request
+    gm = GGUFModel(tiny)
+    store = ExpertStore(gm, StoreConfig(slow))
+    got = []
+    for batch, order, want_requests in ((False, None, 3), (True, None, 1), (True, [1, 3, 0, 2], 2)):
+        if order:
+            store.set_order({1: order})
+        io = IOQueue(store, lambda *a: None, batch=batch)
+        t0 = time.perf_counter()
+        ws = [f.result() for f in io.submit_many(1, [(0, 16), (1, 16), (2, 16)], DEMAND, 0)]
+        dt = time.perf_counter() - t0
+        io.close()
+        assert io.requests == want_requests
+        assert dt >= 0.95 * want_requests * 0.060
+        got.append(ws)
+    for ws in got[1:]:                                   # same weights however they were read
+        for a, b in zip(ws, got[0]):
+            assert torch.equal(a.down, b.down) and a.nbytes == b.nbytes
+    with pytest.raises(ValueError, match="not one contiguous extent"):
+        next(store.read_run(1, [0, 1], 16))              # order [1, 3, 0, 2]: 0 and 1 are apart

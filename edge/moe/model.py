@@ -35,6 +35,10 @@ class Experts(ABC):
     def wants_hints(self) -> bool:
         return False
 
+    def hint_depth(self, tokens: int) -> int:
+        """How many layers ahead to hint in a pass of `tokens` tokens."""
+        return 1 if self.wants_hints() else 0
+
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
@@ -176,14 +180,14 @@ class MoETransformer:
         return rms_norm(h, self.output_norm, c.rms_eps) @ self.output.T  # (T, V)
 
     def _lookahead(self, i: int, h: torch.Tensor) -> None:
-        """Predict layer i+1's experts from layer i's residual stream, so the
-        fetch can overlap layer i's expert compute."""
-        nxt = i + 1
-        if nxt >= self.cfg.n_layer or not self.layers[nxt].moe or not self.experts.wants_hints():
-            return
-        x = rms_norm(h, self.layers[nxt].ffn_norm, self.cfg.rms_eps)
-        sel, _, imp = self.route(nxt, x)
-        self.experts.hint(nxt, sel, imp)
+        """Predict the experts of the next layers (usually just i+1) from
+        layer i's residual stream, so the fetch can overlap layer i's
+        expert compute."""
+        for nxt in range(i + 1, min(i + 1 + self.experts.hint_depth(h.shape[0]), self.cfg.n_layer)):
+            if self.layers[nxt].moe:
+                x = rms_norm(h, self.layers[nxt].ffn_norm, self.cfg.rms_eps)
+                sel, _, imp = self.route(nxt, x)
+                self.experts.hint(nxt, sel, imp)
 
     def _attention(self, i: int, L: Layer, x: torch.Tensor, pos: torch.Tensor, start: int):
         c = self.cfg

@@ -43,6 +43,8 @@ class PolicyConfig:
     prefill_low: bool = False    # prompt tokens read experts at the layer's low precision
     high_above_floor: bool = False
     native: bool = False         # DyMoE's flash format: matrices at their lossless precision
+    batch_reads: bool = False    # adjacent experts of one layer in one storage request
+    prefill_lookahead: int = 1   # layers hinted ahead during a prompt
     floors: dict[int, int] = field(default_factory=dict)   # layer -> min bits
 
     @classmethod
@@ -54,7 +56,8 @@ class PolicyConfig:
             "static-int2": dict(high_bits=2, low_bits=2),
             "static-int4": dict(high_bits=4, low_bits=4),
             "dymoe": dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
-                          prefill_low=True, high_above_floor=True, native=True),
+                          prefill_low=True, high_above_floor=True, native=True,
+                          batch_reads=True, prefill_lookahead=2),
         }
         if name not in table:
             raise ValueError(f"unknown MoE policy {name!r}; known: {', '.join(POLICIES)}")

@@ -93,13 +93,16 @@ class OffloadedExperts(Experts):
                 policy = self.policy = replace(policy, high_above_floor=False)
         store.prepare(policy.bits_all(), log=log)
         prior = norm_prior(gm) if policy.prior else {}
+        if policy.batch_reads and prior:
+            store.set_order({l: sorted(range(c.n_expert), key=lambda e: -prior[l, e])
+                             for l in c.moe_layers})
         self.cache = ExpertCache(CacheConfig(budget_bytes, use_prior=policy.prior, cycle=c.n_layer,
                                              base_rate={l: c.expert_used[l] / c.n_expert
                                                         for l in c.moe_layers}), prior)
         self.stats = {l: LayerStats() for l in c.moe_layers}
         self.step = 0
         self._predicted: dict[int, set[int]] = {}
-        self.io = IOQueue(store, self._on_read)
+        self.io = IOQueue(store, self._on_read, batch=policy.batch_reads)
         self._warm_start(prior)
 
     # ---- setup ------------------------------------------------------------
@@ -129,18 +132,29 @@ class OffloadedExperts(Experts):
     def wants_hints(self) -> bool:
         return self.policy.prefetch
 
+    def hint_depth(self, tokens: int) -> int:
+        """A prompt needs nearly every expert of every layer, so guessing two
+        layers ahead costs little and keeps the flash queue from running dry
+        behind layers that were mostly resident; a decode token looks one
+        layer ahead, where the guess is good."""
+        if not self.policy.prefetch:
+            return 0
+        return self.policy.prefill_lookahead if tokens > 1 else 1
+
     def hint(self, layer: int, sel: torch.Tensor, imp: torch.Tensor) -> None:
         need = expert_requirements(self.policy, layer, sel, imp)
         self._predicted[layer] = set(need)
+        fetch = []
         for e, bits in need.items():
             cur = self.cache.get((layer, e))
             if cur is None or not self.policy.acceptable(cur.w.bits, bits):
-                self.io.submit(layer, e, bits, PREFETCH, self.step)
+                fetch.append((e, bits))
+        self.io.submit_many(layer, fetch, PREFETCH, self.step)
 
     def ffn(self, layer, x, sel, w, imp):
         st = self.stats[layer]
         self.io.horizon = (self.step, layer)
-        self.cache.start_layer(layer)
+        self.cache.start_layer(layer, x.shape[0])
         need = expert_requirements(self.policy, layer, sel, imp)
         pred = self._predicted.pop(layer, None)
         if pred is not None:
@@ -148,7 +162,7 @@ class OffloadedExperts(Experts):
             st.n_pred += len(pred)
             st.n_actual += len(need)
         self.cache.pinned = {(layer, e) for e in need}
-        ready, waiting = {}, {}
+        ready, missing = {}, []
         for e, bits in need.items():
             cur = self.cache.get((layer, e))
             if cur is not None and self.policy.acceptable(cur.w.bits, bits):
@@ -156,8 +170,10 @@ class OffloadedExperts(Experts):
                 st.hits += 1
             else:
                 st.misses += 1
-                waiting[e] = (bits, self.io.submit(layer, e, bits, DEMAND, self.step))
+                missing.append((e, bits))
             self.cache.touch((layer, e))
+        futs = self.io.submit_many(layer, missing, DEMAND, self.step)
+        waiting = {e: (bits, f) for (e, bits), f in zip(missing, futs)}
         out = torch.zeros_like(x)
         for e, ew in ready.items():
             self._accumulate(out, layer, e, ew, x, sel, w)
@@ -194,6 +210,7 @@ class OffloadedExperts(Experts):
                 "resident_mix": {("fp" if b == FP else f"int{b}"): n
                                  for b, n in sorted(self.cache.precision_mix().items())},
                 "steps": self.step, "prefetch_dropped": self.io.dropped,
+                "read_requests": self.io.requests,
                 "evictions": self.cache.counters.evictions,
                 "total": tot.as_dict(),
                 "layers": {l: s.as_dict() for l, s in self.stats.items()}}

@@ -23,6 +23,16 @@ before, because an int8 grid does not contain the int4 one (measured on the
 test bed: gate/up at int8 flip routing, agreement 0.93; at int4 0.997). The
 table is measured once per model and kept beside it (`.native-g32.json`).
 Baselines keep reading the file as llama.cpp would (native off).
+
+Each tier's records are laid out layer by layer, so experts adjacent in a
+layer's flash order are one contiguous extent: `read_run` reads them as one
+request (one latency, then each expert arrives when its bytes have
+streamed). Only DyMoE's I/O queue asks for runs; the baselines read one
+expert per request. The order is expert id unless `set_order` gives
+another: DyMoE writes each layer's records by descending residency prior
+(weight norms, no data), so the experts its warm start leaves on flash are
+one extent per layer (that order is modelled here: the images on disk stay
+in id order, which only matters for which reads count as adjacent).
 """
 from __future__ import annotations
 
@@ -57,8 +67,10 @@ class StorageProfile:
     latency_ms: float
 
     def read_seconds(self, nbytes: int) -> float:
-        bw = nbytes / (self.bandwidth_mb_s * 1e6) if self.bandwidth_mb_s > 0 else 0.0
-        return self.latency_ms / 1e3 + bw
+        return self.latency_ms / 1e3 + self.transfer_seconds(nbytes)
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        return nbytes / (self.bandwidth_mb_s * 1e6) if self.bandwidth_mb_s > 0 else 0.0
 
     @classmethod
     def from_name(cls, name: str) -> "StorageProfile":
@@ -98,6 +110,14 @@ class ExpertStore:
         self._device = threading.Lock()                       # one flash queue
         self.fp_nbytes = {layer: gm.expert_nbytes(layer) for layer in gm.cfg.moe_layers}
         self._native: dict[tuple[int, str], int] | None = None
+        self._slot: dict[int, dict[int, int]] = {}               # layer -> expert -> flash slot
+
+    def set_order(self, order: dict[int, list[int]]) -> None:
+        """Flash order of each layer's expert records (default: by id)."""
+        self._slot = {l: {e: i for i, e in enumerate(es)} for l, es in order.items()}
+
+    def slot(self, layer: int, e: int) -> int:
+        return self._slot[layer][e] if layer in self._slot else e
 
     # ---- sizes ----------------------------------------------------------
     def matrix_bits(self, layer: int, kind: str, bits: int) -> int:
@@ -229,16 +249,33 @@ class ExpertStore:
     def read(self, layer: int, e: int, bits: int) -> tuple[ExpertWeights, float]:
         """Read one expert at `bits`, blocking for the modelled device time.
         Returns the weights and the seconds the device was busy with it."""
-        nbytes = self.nbytes(layer, bits)
+        run = self.read_run(layer, [e], bits)
+        try:
+            return next(run)
+        finally:
+            run.close()
+
+    def read_run(self, layer: int, experts: list[int], bits: int):
+        """Read experts adjacent in flash order of one layer at `bits` as one request: one
+        latency, then each expert's bytes. Yields (weights, seconds the
+        device spent on it) as each arrives; the device is held until the
+        run is exhausted or closed."""
+        if any(self.slot(layer, b) != self.slot(layer, a) + 1 for a, b in zip(experts, experts[1:])):
+            raise ValueError(f"experts {experts} of layer {layer} are not one contiguous extent")
+        prof, nbytes = self.cfg.profile, self.nbytes(layer, bits)
         with self._device:
-            t0 = time.perf_counter()
-            ws = self._weights(layer, e, bits)
-            # Sleep off whatever the modelled device time exceeds the real work.
-            left = self.cfg.profile.read_seconds(nbytes) - (time.perf_counter() - t0)
-            if left > 0:
-                time.sleep(left)
-            busy = time.perf_counter() - t0
-        return ExpertWeights(bits, nbytes, *ws), busy
+            t0 = last = time.perf_counter()
+            due = prof.latency_ms / 1e3
+            for e in experts:
+                ws = self._weights(layer, e, bits)
+                # Sleep off whatever the modelled device time exceeds the real work.
+                due += prof.transfer_seconds(nbytes)
+                left = due - (time.perf_counter() - t0)
+                if left > 0:
+                    time.sleep(left)
+                now = time.perf_counter()
+                busy, last = now - last, now
+                yield ExpertWeights(bits, nbytes, *ws), busy
 
     def _weights(self, layer: int, e: int, bits: int) -> list[torch.Tensor]:
         out = []
