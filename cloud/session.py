@@ -147,7 +147,7 @@ class Session:
                 return None                               # every position already decided
         drafted = block[fixed + overlap:]
         q_u8, q_sparse = q_u8[overlap:], q_sparse[overlap:]
-        if not drafted and not want_bonus and not (self.lead and fixed):
+        if not drafted and not want_bonus:
             raise BadDraft("empty draft: send at least one token, or ask for the bonus")
         if len(self.tokens) + len(block) + 1 > self.n_ctx:
             raise ContextFull(f"context full: {len(self.tokens)} + {len(block)} tokens exceed n_ctx={self.n_ctx}")
@@ -158,8 +158,6 @@ class Session:
             self._take_correction(block[0])
         elif self.rejection is not None:
             raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
-        if not drafted and not want_bonus:
-            return None                                   # a bare correction: leading resumes from it
 
         t0 = time.monotonic()
         # Emulated: the whole pass (forward and the accept/sampling math, which a

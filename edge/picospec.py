@@ -227,10 +227,7 @@ class Speculator:
                 y = v.token
             else:
                 y = self._residual_p(v, b.qs[v.accepted])
-                if self.lead:                        # up at once: the verifier leads on from it
-                    self._send_correction(len(self.seq), y)
-                else:
-                    self.fixed_next = y
+                self.fixed_next = y                  # travels up with the next block: no message of its own
             self.drafter.truncate(min(self.drafter.n_past, len(self.seq)))
             self.seq.append(y)
             self._commit([y])
@@ -238,10 +235,6 @@ class Speculator:
             self.plan = self.planner.plan()
             if not self.plan.speculate and self.planner.blocks >= 4:
                 raise SwitchToCloudOnly()
-
-    def _send_correction(self, pos: int, y: int) -> None:
-        self.stream.send(pb.Draft(epoch=self.epoch, start=pos, tokens=packing.pack_tokens([y], self.width),
-                                  fixed=1))
 
     def _residual_p(self, v: pb.Verdict, q: SparseDist) -> int:
         payload = packing.unpack_payload(v.p_payload, self.width)

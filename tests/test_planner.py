@@ -1,0 +1,49 @@
+"""The edge's cost model: what it learns from verdicts and what it predicts."""
+from __future__ import annotations
+
+import random
+
+from edge.planner import AcceptRate, Planner
+
+
+def simulate_blocks(est, alpha: float, gamma: int, n: int, seed: int = 0) -> tuple[int, int]:
+    rng = random.Random(seed)
+    drafted = accepted = 0
+    for _ in range(n):
+        k = 0
+        while k < gamma and rng.random() < alpha:
+            k += 1
+        est.add(k, k + (k < gamma))
+        drafted, accepted = drafted + gamma, accepted + k
+    return drafted, accepted
+
+
+def test_accept_rate_is_per_position_whatever_the_block_length():
+    for gamma in (2, 8, 16):
+        est = AcceptRate(prior=0.5, decay=0.999)
+        drafted, accepted = simulate_blocks(est, 0.75, gamma, 3000, seed=gamma)
+        assert abs(est.value - 0.75) < 0.03, (gamma, est.value)
+        if gamma >= 8:
+            assert accepted / drafted < 0.4, "accepted/drafted would have been far off"
+
+
+def planner(**kw):
+    base = dict(pipelined=True, t_draft_s=0.013, rtt_s=0.05, verify_a_s=0.070, verify_b_s=0.0019,
+                ar_token_s=0.0719, prior_accept=0.75)
+    base.update(kw)
+    return Planner(**base)
+
+
+def test_leading_verifier_never_predicts_much_below_cloud_only():
+    cloud = 1 / 0.0719
+    for a in (0.05, 0.3, 0.6):
+        p = planner(lead=True, prior_accept=a)
+        assert p.plan().spec_rate >= 0.85 * cloud, a
+        assert p.plan().spec_rate >= planner(lead=False, prior_accept=a).plan().spec_rate
+
+
+def test_pipelining_beats_stop_and_wait_on_a_wan_at_good_acceptance():
+    pipe = planner(prior_accept=0.85).plan()
+    sync = planner(pipelined=False, prior_accept=0.85).plan()
+    assert pipe.window > 1 and pipe.spec_rate > sync.spec_rate
+    assert sync.window == 1
