@@ -145,7 +145,8 @@ class Agent:
         rtt = max(0.0005, open_s - reply.server_s)
         planner = Planner(cfg.pipelined, t_draft, rtt, reply.verify_a_s, reply.verify_b_s, reply.ar_token_s,
                           prior_accept=self.learned_accept if self.learned_accept is not None else 0.8,
-                          gamma=cfg.gamma, window=cfg.window, lead=cfg.pipelined and cfg.cloud_lead)
+                          gamma=cfg.gamma, window=cfg.window, lead=cfg.pipelined and cfg.cloud_lead,
+                          lead_after_rtt=codec == "P" and not cfg.sampling.greedy)
         self.last_planner = planner
         if cfg.adaptive and not planner.plan().speculate:
             raise SwitchToCloudOnly(reply.session)  # the stream continues from the prefilled cache

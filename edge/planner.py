@@ -82,8 +82,10 @@ class Planner:
     def __init__(self, pipelined: bool, t_draft_s: float, rtt_s: float, verify_a_s: float,
                  verify_b_s: float, ar_token_s: float, prior_accept: float = 0.7,
                  gamma: int | None = None, window: int | None = None, max_gamma: int = 16,
-                 max_window: int = 8, lead: bool = False):
-        self.pipelined, self.lead = pipelined, lead
+                 max_window: int = 8, lead: bool = False, lead_after_rtt: bool = False):
+        # lead_after_rtt: codec P, where the verifier cannot lead past a rejection
+        # before the edge's correction arrives, a round trip later
+        self.pipelined, self.lead, self.lead_after_rtt = pipelined, lead, lead_after_rtt
         self.t_draft = Ema(t_draft_s)
         # Round trip minus the verifier's compute: a windowed minimum, since
         # blocks queued behind others at the verifier inflate single samples.
@@ -122,7 +124,8 @@ class Planner:
         a = min(max(a, 0.0), 0.999)
         c = max(g * td, tv, cycle / w)
         refill = (1 - a ** g) * (cycle - c)
-        led = refill / max(self.ar_token_s, 1e-6) if self.lead else 0.0
+        lead_s = (1 - a ** g) * max(0.0, cycle - c - (rtt if self.lead_after_rtt else 0.0))
+        led = lead_s / max(self.ar_token_s, 1e-6) if self.lead else 0.0
         return (expected_tokens(a, g, bonus=False) + led) / (c + refill)
 
     def plan(self) -> Plan:
