@@ -43,6 +43,11 @@ CODEC_ID = {"P": pb.CODEC_P, "Q": pb.CODEC_Q}
 # After a rejection the pipeline is empty and the verifier waits for (or leads
 # past) the next block: a short first block restarts it a few draft steps sooner.
 FIRST_BLOCK = 3
+# When the verifier decides nearly every token alone (its own decoding outruns
+# the edge's drafts, or the link is too long for drafts to arrive in time), the
+# drafts only cost the edge compute and uplink: stream cloud-only instead.
+LEAD_SHARE_SWITCH = 0.9
+LEAD_SWITCH_AFTER = 24
 
 
 @dataclass
@@ -199,6 +204,9 @@ class Speculator:
         self._commit([v.token])
         while self.in_flight and self.in_flight[0].end <= j + 1:
             self.in_flight.popleft()                 # every position decided by leads: no verdict comes
+        if (self.cfg.adaptive and not self.done and self.stats.tokens >= LEAD_SWITCH_AFTER
+                and self.stats.leads >= LEAD_SHARE_SWITCH * self.stats.tokens):
+            raise SwitchToCloudOnly()
 
     def _on_verdict(self, v: pb.Verdict) -> None:
         if v.epoch != self.epoch or not self.in_flight:
