@@ -42,7 +42,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.width = packing.token_width(target.n_vocab)
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
-        self.ar_token_s = self._measure_ar()
+        self.pass_a_s, self.pass_b_s = self._measure_pass()
+        self.ar_token_s = self.pass_a_s + self.pass_b_s
         # Creating a llama.cpp context costs ~0.2 s: have a few ready before the first Open.
         warm = [target.acquire() for _ in range(min(2, cfg.max_sessions))]
         for ctx in warm:
@@ -79,7 +80,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         sess.opened = time.monotonic()
         log.info("session %s opened: client=%s prompt=%d tokens codec=%s sampling=%s",
                  sid, sess.client, len(request.prompt), "PQ"[sess.codec], sampling)
-        a, b = (self.emulate.a_s, self.emulate.b_s) if self.emulate else (self.ar_token_s, 0.0)
+        a, b = self.pass_a_s, self.pass_b_s
         return pb.OpenReply(session=sid, fingerprint=self.target.fingerprint, n_vocab=self.target.n_vocab,
                             token_width=self.width, n_ctx=self.cfg.n_ctx, max_draft=self.cfg.max_draft,
                             target=self.target_label, emulated=self.emulate is not None,
@@ -252,17 +253,24 @@ class VerifierService(pb_grpc.VerifierServicer):
             log.info("session %s expired after %.0f s idle", sid, self.cfg.idle_timeout_s)
             self._close(sid, quiet=True)
 
-    def _measure_ar(self) -> float:
-        """The verifier's own per-token decode time, for the edge's planner."""
+    def _measure_pass(self) -> tuple[float, float]:
+        """The verifier's own pass time t(n) = a + b*n, measured with 1- and
+        8-token passes (on a CPU b is far from zero: a block costs more than a
+        token), for the edge's planner. Emulated: the profile's."""
         if self.emulate:
-            return self.emulate.forward_s(1)
+            return self.emulate.a_s, self.emulate.b_s
         ctx = self.target.acquire()
         try:
-            ctx.eval([self.target.eos])
-            t0 = time.monotonic()
-            for _ in range(8):
-                ctx.eval([self.target.eos])
-            return (time.monotonic() - t0) / 8
+            def timed(n: int, reps: int) -> float:
+                t0 = time.monotonic()
+                for _ in range(reps):
+                    ctx.truncate(0)
+                    ctx.eval([self.target.eos] * n)
+                return (time.monotonic() - t0) / reps
+            timed(1, 1)                                    # warm-up
+            t1, t8 = timed(1, 8), timed(8, 4)
+            b = max(0.0, (t8 - t1) / 7)
+            return max(1e-4, t1 - b), b
         finally:
             self.target.release(ctx)
 
