@@ -39,7 +39,7 @@ PROMPTS = [
 ]
 SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, seed=7)
 COLUMNS = ["profile", "mode", "target", "drafter", "tokens_per_s", "speedup", "ttft_s", "acceptance_rate",
-           "bytes_up_per_token", "bytes_down_per_token", "emulated"]
+           "bytes_up_per_token", "bytes_up_per_drafted_token", "bytes_down_per_token", "emulated"]
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
