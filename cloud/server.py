@@ -143,7 +143,7 @@ class VerifierService(pb_grpc.VerifierServicer):
             end = first + n
             if n == 0 or end <= v.overlap:
                 first = end
-                continue                     # a bare correction, or decided by lead tokens: no answer expected
+                continue                     # nothing drafted, or all decided by lead tokens: no answer expected
             verdict = pb.Verdict(epoch=d.epoch, start=d.start, accepted=min(v.accepted, end) - first,
                                  verify_us=int(v.verify_s * 1e6))
             last = i == len(group) - 1
