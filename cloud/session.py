@@ -34,7 +34,7 @@ from kernels import packing
 from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, sample_residual,
                                snap_p, verify_greedy)
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
-                              SamplingConfig, logits_to_probs, race_keys, race_sample, rng_for, sample)
+                              SamplingConfig, logits_to_probs, race_sample_at, rng_for, sample)
 from sim.latency import Hold, LatencyProfile
 
 CODEC_P, CODEC_Q = 0, 1
@@ -231,7 +231,7 @@ class Session:
                 tok = int(np.argmax(self.pending))
             else:
                 p = logits_to_probs(self.pending, self.sampling)
-                tok = race_sample(p, race_keys(self.sampling.seed, pos, p.size))
+                tok = race_sample_at(p, self.sampling.seed, pos)
         self.tokens.append(tok)
         self.pending = None
         self.leads += 1

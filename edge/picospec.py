@@ -34,7 +34,7 @@ from edge.planner import Planner
 from edge.stats import GenStats
 from kernels import packing
 from kernels.rejection import PPayload, sample_residual_p
-from kernels.sampling import STREAM_RESIDUAL, logits_to_probs, race_keys, race_sample, rng_for
+from kernels.sampling import STREAM_RESIDUAL, logits_to_probs, race_sample_at, rng_for
 from kernels.sparse import SparseDist, quantize_dist
 from proto import tandem_pb2 as pb
 from sim.latency import Hold, LatencyProfile
@@ -154,7 +154,7 @@ class Speculator:
         # Codec P sends q(x) up as one byte, so the draft samples from an 8-bit q
         # (any q is exact as long as the verifier tests with the one sampled from).
         q = quantize_dist(probs, bits=8, top_k=None if self.codec == "P" else self.cfg.q_top_k)
-        return race_sample(q.weights, race_keys(s.seed, pos, self.logits.size), q.ids), q
+        return race_sample_at(q.weights, s.seed, pos, q.ids), q
 
     def _block_complete(self) -> bool:
         b = self.cur

@@ -163,12 +163,30 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return i
 
 
-def race_keys(seed: int, pos: int, n: int) -> np.ndarray:
-    """The exponential clocks E_i ~ Exp(1) of the race at one position, one per token id.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
-    Both sides derive them from (seed, pos) alone, so the draft and the target run the
-    same race at the same position."""
-    return rng_for(seed, pos, STREAM_RACE).exponential(size=n)
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection on uint64 whose output bits all depend on every input bit."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def race_keys(seed: int, pos: int, ids: np.ndarray) -> np.ndarray:
+    """The exponential clocks E_i ~ Exp(1) of the race at one position, for token ids `ids`.
+
+    Each clock is a hash of (seed, pos, token id) alone, so the draft and the target run the
+    same race at the same position, and a side needs clocks only for the tokens its
+    distribution can pick (tens after top-k/top-p) instead of the whole vocabulary."""
+    if not 0 <= pos < _U64:
+        raise ValueError(f"pos must be in [0, 2**64), got {pos!r}")
+    with np.errstate(over="ignore"):   # uint64 arithmetic wraps by design
+        key = _mix64(np.array([int(seed) % _U64], dtype=np.uint64) * _GOLDEN + np.uint64(STREAM_RACE))
+        key = _mix64(key ^ np.array([pos], dtype=np.uint64) * _GOLDEN)       # one SplitMix64 stream per (seed, pos)
+        z = _mix64(key + (np.asarray(ids, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+    u = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53    # uniform on (0, 1), 53 bits
+    return -np.log(u)
 
 
 def race_sample(probs: np.ndarray, keys: np.ndarray, ids: np.ndarray | None = None) -> int:
@@ -177,12 +195,25 @@ def race_sample(probs: np.ndarray, keys: np.ndarray, ids: np.ndarray | None = No
     Token i's clock E_i / p_i is Exp(rate p_i), so i wins with probability p_i / sum(p).
     Two distributions raced on the same keys pick the same token far more often than
     independent draws (identical distributions always agree), which lets a draft
-    predict the target's own draws; each side's marginal stays exact. `ids` names the
-    token of each entry of a sparse `probs` (default: entry i is token i)."""
+    predict the target's own draws; each side's marginal stays exact. `keys[i]` is the
+    clock of entry i, and `ids` names entry i's token (default: token i)."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 1 or p.size == 0 or p.min() < 0.0 or not p.max() > 0.0:
         raise ValueError("probs must be a non-empty 1-D array, non-negative with some mass")
-    tok = np.arange(p.size) if ids is None else np.asarray(ids, dtype=np.int64)
+    if np.shape(keys) != p.shape:
+        raise ValueError(f"need one key per entry: {np.shape(keys)} keys for {p.shape} probs")
     with np.errstate(divide="ignore"):
-        score = np.where(p > 0.0, p / keys[tok], -1.0)
-    return int(tok[int(np.argmax(score))])
+        score = np.where(p > 0.0, p / keys, -1.0)
+    i = int(np.argmax(score))
+    return i if ids is None else int(ids[i])
+
+
+def race_sample_at(probs: np.ndarray, seed: int, pos: int, ids: np.ndarray | None = None) -> int:
+    """race_sample at (seed, pos), computing clocks only for entries with mass."""
+    p = np.asarray(probs, dtype=np.float64)
+    if ids is None:
+        ids = np.flatnonzero(p > 0.0)
+        if ids.size == 0:
+            raise ValueError("probs must have some mass")
+        p = p[ids]
+    return race_sample(p, race_keys(seed, pos, ids), ids)

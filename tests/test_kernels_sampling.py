@@ -19,6 +19,7 @@ from kernels.sampling import (
     logits_to_probs,
     race_keys,
     race_sample,
+    race_sample_at,
     rng_for,
     sample,
 )
@@ -411,14 +412,14 @@ def test_sample_rejects_bad_probs(probs):
 def test_race_sample_matches_distribution_over_positions():
     rng = np.random.default_rng(21)
     p = random_probs(rng, 12, zeros=3)
-    samples = [race_sample(p, race_keys(5, pos, p.size)) for pos in range(20_000)]
+    samples = [race_sample(p, race_keys(5, pos, np.arange(p.size))) for pos in range(20_000)]
     assert_samples_match(samples, p)
 
 
 def test_race_sample_on_sparse_entries_names_tokens():
     p = np.array([0.2, 0.5, 0.3])
     ids = np.array([7, 40, 41])
-    samples = [race_sample(p, race_keys(1, pos, 64), ids) for pos in range(20_000)]
+    samples = [race_sample(p, race_keys(1, pos, ids), ids) for pos in range(20_000)]
     assert set(samples) <= {7, 40, 41}
     assert_samples_match([int(np.flatnonzero(ids == x)[0]) for x in samples], p)
 
@@ -430,11 +431,32 @@ def test_races_on_shared_keys_agree_more_than_independent_draws():
     p = random_probs(rng, 50, zeros=0)
     q = 0.8 * p + 0.2 * random_probs(rng, 50, zeros=0)
     n = 5000
-    shared = sum(race_sample(p, k) == race_sample(q, k) for k in (race_keys(3, i, 50) for i in range(n))) / n
+    shared = sum(race_sample(p, k) == race_sample(q, k) for k in (race_keys(3, i, np.arange(50)) for i in range(n))) / n
     independent = float(np.dot(p, q))
     overlap = float(np.minimum(p, q).sum())       # the best any coupling can do
     assert shared > 2 * independent
     assert shared <= overlap + 0.02
+
+
+def test_race_keys_are_exponential_and_depend_on_every_coordinate():
+    keys = race_keys(11, 3, np.arange(200_000))
+    bins = np.minimum((np.exp(-keys) * 50).astype(int), 49)        # Exp(1) clocks <=> exp(-E) uniform
+    assert_samples_match(bins, np.full(50, 1 / 50))
+    across = np.array([race_keys(11, pos, np.array([0]))[0] for pos in range(20_000)])   # one token, many positions
+    assert_samples_match(np.minimum((np.exp(-across) * 20).astype(int), 19), np.full(20, 1 / 20))
+    one = race_keys(11, 3, np.array([5]))[0]
+    assert one == keys[5]                                  # a token's clock does not depend on the others asked
+    assert len({one, race_keys(12, 3, np.array([5]))[0], race_keys(11, 4, np.array([5]))[0],
+                race_keys(11, 3, np.array([6]))[0]}) == 4
+
+
+def test_race_sample_at_uses_only_the_support():
+    """A full-vocabulary distribution and its sparse form race identically."""
+    rng = np.random.default_rng(23)
+    p = random_probs(rng, 40, zeros=25)
+    ids = np.flatnonzero(p)
+    for pos in range(300):
+        assert race_sample_at(p, 9, pos) == race_sample_at(p[ids], 9, pos, ids)
 
 
 def test_race_sample_rejects_bad_probs():
