@@ -125,7 +125,7 @@ class Agent:
                 self.skipped += 1     # known not to pay on this link: don't even open a session
                 raise SwitchToCloudOnly()
             self.skipped = 0          # conditions change: measure again now and then
-        codec = choose_codec(cfg, self.n_vocab)
+        codec = choose_codec(cfg, self.n_vocab, last)
         stats.codec = codec
         t_open = time.monotonic()
         fut = self.client.open_async(open_request(self.fingerprint, cfg, codec, prompt))

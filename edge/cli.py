@@ -41,7 +41,8 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="one JSON object per completion per line")
     ap.add_argument("--codec", choices=CODECS, default="auto",
                     help="residual codec at T>0: P = sparse p down once per rejection, Q = sparse q up per "
-                         "token, auto = by expected link cost (default: %(default)s)")
+                         "token, auto = Q where the verifier leading through rejections is predicted to pay "
+                         "(measured by the last session), else by expected link cost (default: %(default)s)")
     ap.add_argument("--drafter", choices=("dense", "moe"), default="dense",
                     help="dense: a llama.cpp GGUF (--draft-model); moe: the DyMoE runtime (default: %(default)s)")
     ap.add_argument("--draft-model", type=Path,

@@ -278,15 +278,28 @@ class Speculator:
                 self.done = True
 
 
-def choose_codec(cfg: GenConfig, n_vocab: int, p_top_k: int = 16, p_tail: int = 4,
-                 prior_accept: float = 0.7, gamma: int = 4) -> str:
-    """`auto`: the codec whose expected bytes cost less link time per block,
+# Codec Q lets the verifier draw each correction itself and lead on through the
+# round trip that codec P spends waiting for the edge's; auto picks Q when the
+# planner predicts that gain to exceed what Q's larger uplink could cost.
+Q_LEAD_GAIN = 1.05
+
+
+def choose_codec(cfg: GenConfig, n_vocab: int, measured: Planner | None = None, p_top_k: int = 16,
+                 p_tail: int = 4, prior_accept: float = 0.7, gamma: int = 4) -> str:
+    """`auto`: with a pipelined, leading session and a planner that has measured
+    this pair and link (the last session's), the codec of the higher predicted
+    rate; otherwise the codec whose expected bytes cost less link time per block,
     uplink weighted by how much scarcer it is (cfg.uplink_share). At T=0 both
     send only token ids, and P is the protocol default."""
     if cfg.codec != "auto":
         return cfg.codec
     if cfg.sampling.greedy:
         return "P"
+    if measured is not None and cfg.pipelined and cfg.cloud_lead and measured.pipelined:
+        p_rate = measured.plan(lead_after_rtt=True).spec_rate
+        q_rate = measured.plan(lead_after_rtt=False).spec_rate
+        if q_rate >= Q_LEAD_GAIN * p_rate:
+            return "Q"
     w = packing.token_width(n_vocab)
     reject = 1 - prior_accept ** gamma
     p_down = reject * (p_top_k * (w + 4) + p_tail * (w + 4) + 4)

@@ -22,6 +22,7 @@ when its best predicted rate falls below that.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -128,9 +129,14 @@ class Planner:
         led = lead_s / max(self.ar_token_s, 1e-6) if self.lead else 0.0
         return (expected_tokens(a, g, bonus=False) + led) / (c + refill)
 
-    def plan(self) -> Plan:
+    def plan(self, lead_after_rtt: bool | None = None) -> Plan:
         """The best (g, w); pipelined sessions also weigh stop-and-wait, which
-        wins when rejections are frequent enough that drafting ahead is waste."""
+        wins when rejections are frequent enough that drafting ahead is waste.
+        `lead_after_rtt`: price the other codec's leading instead of this session's."""
+        if lead_after_rtt is not None and lead_after_rtt != self.lead_after_rtt:
+            other = copy.copy(self)
+            other.lead_after_rtt = lead_after_rtt
+            return other.plan()
         cloud = 1.0 / max(self.ar_token_s, 1e-6)
         gammas = [self.fixed_gamma] if self.fixed_gamma else range(1, self.max_gamma + 1)
         best = None
