@@ -53,33 +53,50 @@ class CellResult:
         return self.accepted / self.verified if self.verified else None
 
 
+class Cell:
+    """One mode's agent and its running totals, fed one prompt at a time so that
+    several cells can take turns: on a shared machine a slow drift in load then
+    hits every mode alike instead of whichever cell ran during it."""
+
+    def __init__(self, address: str | None, drafter, tokenizer, cfg: GenConfig, on_tokens=None):
+        self.client = None
+        if address is not None:
+            self.client = VerifierClient(address)
+            self.client.wait_ready()
+        self.agent = Agent(self.client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos)
+        self.cfg, self.on_tokens = cfg, on_tokens or (lambda t: None)
+        self.result = CellResult(0, 0.0, 0.0, 0, 0, 0, 0, 0, False, 0, [])
+        self._ttfts: list[float] = []
+
+    def run(self, prompt: list[int]) -> None:
+        c = self.agent.generate(prompt, self.cfg, self.on_tokens)
+        s, res = c.stats, self.result
+        res.tokens += s.tokens
+        res.wall_s += s.wall_s
+        self._ttfts.append(s.ttft_s)
+        res.drafted += s.drafted
+        res.verified += s.verified
+        res.accepted += s.accepted
+        res.bytes_up += s.bytes_up
+        res.bytes_down += s.bytes_down
+        res.emulated = res.emulated or s.emulated
+        res.fallbacks += s.fallback is not None
+        res.texts.append(c.tokens)
+        res.ttft_s = statistics.median(self._ttfts)
+
+    def close(self) -> CellResult:
+        if self.client is not None:
+            self.client.close()
+        return self.result
+
+
 def run_cell(address: str | None, drafter, tokenizer, prompts: list[list[int]], cfg: GenConfig,
              on_tokens=None) -> CellResult:
     """Generate one completion per prompt, sequentially; aggregate like a user would see it."""
-    client = None
-    if address is not None:
-        client = VerifierClient(address)
-        client.wait_ready()
-    agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos)
-    res = CellResult(0, 0.0, 0.0, 0, 0, 0, 0, 0, False, 0, [])
-    ttfts = []
+    cell = Cell(address, drafter, tokenizer, cfg, on_tokens)
     try:
         for p in prompts:
-            c = agent.generate(p, cfg, on_tokens or (lambda t: None))
-            s = c.stats
-            res.tokens += s.tokens
-            res.wall_s += s.wall_s
-            ttfts.append(s.ttft_s)
-            res.drafted += s.drafted
-            res.verified += s.verified
-            res.accepted += s.accepted
-            res.bytes_up += s.bytes_up
-            res.bytes_down += s.bytes_down
-            res.emulated = res.emulated or s.emulated
-            res.fallbacks += s.fallback is not None
-            res.texts.append(c.tokens)
+            cell.run(p)
     finally:
-        if client is not None:
-            client.close()
-    res.ttft_s = statistics.median(ttfts) if ttfts else 0.0
-    return res
+        cell.close()
+    return cell.result

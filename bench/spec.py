@@ -6,6 +6,8 @@ picospec-P and picospec-Q (pipelined, adaptive, with either residual codec).
 Targets: the real SmolLM2-135M, and emulated 32B/70B targets on an A100 (real
 tokens, modelled compute) with an emulated Jetson Orin edge. Each row says
 whether its latency was emulated. Sampling: temperature 0.7, top-p 0.9.
+Per link and target the modes take turns prompt by prompt, so a change in
+the load of a shared machine is not charged to whichever mode ran during it.
 
 acceptance_rate is per drafted position: accepted / tested (the verifier stops
 testing a block at its first rejection, so accepted/drafted would shrink with
@@ -22,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.harness import run_cell, stack
+from bench.harness import Cell, stack
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from edge.config import GenConfig
 from kernels.sampling import SamplingConfig
@@ -89,9 +91,9 @@ def run(args) -> int:
     rows: list[dict] = []
     edge_only_cache: dict = {}
     t_start = time.monotonic()
-    cells = list(plan_cells(args.quick, args.profiles, args.targets))
+    cells_all = list(plan_cells(args.quick, args.profiles, args.targets))
     by_stack: dict = {}
-    for c in cells:
+    for c in cells_all:
         by_stack.setdefault((c[0], c[1]), []).append(c)
     done = 0
     for (target, profile), group in by_stack.items():
@@ -99,17 +101,31 @@ def run(args) -> int:
         n_prompts, n_tokens = 8, 64
         prompts = [tok.encode(p) for p in PROMPTS[:n_prompts]]
         with stack(profile, emulate_target=target.split(":", 1)[1] if emulated else None) as (cloud, link):
+            todo = []                          # (mode, drafter, cache key, Cell or cached result)
             for _, _, mode, dname in group:
-                done += 1
-                cfg = gen_config(mode, emulated, n_tokens)
                 key = (dname, emulated, n_prompts, n_tokens)
                 if mode == "edge-only" and key in edge_only_cache:
-                    r = edge_only_cache[key]       # the edge alone never touches the link or the target
-                else:
-                    r = run_cell(None if mode == "edge-only" else link.address,
-                                 None if mode == "cloud-only" else drafters[dname], tok, prompts, cfg)
-                    if mode == "edge-only":
-                        edge_only_cache[key] = r
+                    todo.append((mode, dname, key, edge_only_cache[key]))  # the edge alone never touches the link
+                    continue
+                todo.append((mode, dname, key, Cell(None if mode == "edge-only" else link.address,
+                                                    None if mode == "cloud-only" else drafters[dname], tok,
+                                                    gen_config(mode, emulated, n_tokens))))
+            cells = [c for *_, c in todo if isinstance(c, Cell)]
+            try:
+                # Prompt by prompt, every mode in turn: the modes compared share the same moments of the box.
+                for i, p in enumerate(prompts):
+                    for c in cells:
+                        c.run(p)
+                    print(f"[spec {profile} {target}: prompt {i + 1}/{len(prompts)} in every mode, "
+                          f"{time.monotonic() - t_start:5.0f}s]", flush=True)
+            finally:
+                for c in cells:
+                    c.close()
+            for mode, dname, key, c in todo:
+                done += 1
+                r = c.result if isinstance(c, Cell) else c
+                if mode == "edge-only":
+                    edge_only_cache[key] = r
                 row = {"profile": profile, "mode": mode, "target": target, "drafter": dname or "none",
                        "tokens_per_s": round(r.tokens_per_s, 3), "ttft_s": round(r.ttft_s, 4),
                        "acceptance_rate": None if r.acceptance_rate is None else round(r.acceptance_rate, 3),
@@ -119,7 +135,7 @@ def run(args) -> int:
                        "emulated": emulated, "prompts": n_prompts, "max_tokens": n_tokens,
                        "fallbacks": r.fallbacks}
                 rows.append(row)
-                print(f"[spec {done}/{len(cells)} {time.monotonic() - t_start:5.0f}s] {profile:<13} {mode:<11} "
+                print(f"[spec {done}/{len(cells_all)} {time.monotonic() - t_start:5.0f}s] {profile:<13} {mode:<11} "
                       f"{target:<24} {dname or '-':<10} {r.tokens_per_s:6.1f} tok/s  ttft {r.ttft_s * 1e3:5.0f} ms  "
                       f"accept {row['acceptance_rate']}", flush=True)
     for row in rows:
