@@ -120,7 +120,7 @@ class Agent:
     def _speculate(self, prompt: list[int], cfg: GenConfig, emit, stats: GenStats, t0: float) -> None:
         device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
         last = self.last_planner
-        if cfg.adaptive and last is not None and last.pipelined == cfg.pipelined and not last.plan().speculate:
+        if cfg.adaptive and last is not None and last.pipelined == cfg.pipelined and not last.plan().worth_starting:
             if self.skipped < REPROBE_EVERY:
                 self.skipped += 1     # known not to pay on this link: don't even open a session
                 raise SwitchToCloudOnly()
@@ -148,7 +148,7 @@ class Agent:
                           gamma=cfg.gamma, window=cfg.window, lead=cfg.pipelined and cfg.cloud_lead,
                           lead_after_rtt=codec == "P" and not cfg.sampling.greedy)
         self.last_planner = planner
-        if cfg.adaptive and not planner.plan().speculate:
+        if cfg.adaptive and not planner.plan().worth_starting:
             raise SwitchToCloudOnly(reply.session)  # the stream continues from the prefilled cache
         stream = self.client.speculate(reply.session)
         spec = Speculator(stream, self.drafter, prompt, cfg, codec, reply.token_width, self.eos, planner,

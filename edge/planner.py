@@ -62,6 +62,12 @@ class AcceptRate:
 
 
 SWITCH_MARGIN = 0.9
+# Starting a session is held to a higher bar than keeping one going: a session
+# that starts and then falls back has paid its blocks for nothing (measured:
+# codec Q against the real CPU target, predicted just above 0.9x, speculated on
+# its first prompts before switching and left the bench cell at 0.89x
+# cloud-only), while hysteresis keeps a running one from flapping.
+START_MARGIN = 1.0
 
 
 @dataclass
@@ -77,6 +83,10 @@ class Plan:
         # than it predicted against an emulated 70B target), so speculation is
         # abandoned only when predicted clearly slower than cloud-only streaming.
         return self.spec_rate >= SWITCH_MARGIN * self.cloud_rate
+
+    @property
+    def worth_starting(self) -> bool:
+        return self.spec_rate >= START_MARGIN * self.cloud_rate
 
 
 class Planner:

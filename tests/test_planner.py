@@ -69,3 +69,11 @@ def test_auto_codec_picks_q_where_leading_through_rejections_pays():
     assert choose_codec(GenConfig(), vocab, wan) == "P"                                  # greedy
     assert choose_codec(dataclasses.replace(sampled, codec="P"), vocab, wan) == "P"
     assert wan.plan().spec_rate == wan.plan(lead_after_rtt=True).spec_rate < wan.plan(lead_after_rtt=False).spec_rate
+
+
+def test_starting_needs_a_predicted_gain_keeping_on_only_a_near_tie():
+    from edge.planner import Plan
+    cloud = 60.0
+    assert Plan(3, 2, 0.95 * cloud, cloud).speculate and not Plan(3, 2, 0.95 * cloud, cloud).worth_starting
+    assert Plan(3, 2, 1.01 * cloud, cloud).worth_starting
+    assert not Plan(3, 2, 0.85 * cloud, cloud).speculate
