@@ -91,9 +91,9 @@ def run(args) -> int:
     rows: list[dict] = []
     edge_only_cache: dict = {}
     t_start = time.monotonic()
-    cells_all = list(plan_cells(args.quick, args.profiles, args.targets))
+    cells = list(plan_cells(args.quick, args.profiles, args.targets))
     by_stack: dict = {}
-    for c in cells_all:
+    for c in cells:
         by_stack.setdefault((c[0], c[1]), []).append(c)
     done = 0
     for (target, profile), group in by_stack.items():
@@ -110,16 +110,16 @@ def run(args) -> int:
                 todo.append((mode, dname, key, Cell(None if mode == "edge-only" else link.address,
                                                     None if mode == "cloud-only" else drafters[dname], tok,
                                                     gen_config(mode, emulated, n_tokens))))
-            cells = [c for *_, c in todo if isinstance(c, Cell)]
+            running = [c for *_, c in todo if isinstance(c, Cell)]
             try:
                 # Prompt by prompt, every mode in turn: the modes compared share the same moments of the box.
                 for i, p in enumerate(prompts):
-                    for c in cells:
+                    for c in running:
                         c.run(p)
                     print(f"[spec {profile} {target}: prompt {i + 1}/{len(prompts)} in every mode, "
                           f"{time.monotonic() - t_start:5.0f}s]", flush=True)
             finally:
-                for c in cells:
+                for c in running:
                     c.close()
             for mode, dname, key, c in todo:
                 done += 1
@@ -135,7 +135,7 @@ def run(args) -> int:
                        "emulated": emulated, "prompts": n_prompts, "max_tokens": n_tokens,
                        "fallbacks": r.fallbacks}
                 rows.append(row)
-                print(f"[spec {done}/{len(cells_all)} {time.monotonic() - t_start:5.0f}s] {profile:<13} {mode:<11} "
+                print(f"[spec {done}/{len(cells)} {time.monotonic() - t_start:5.0f}s] {profile:<13} {mode:<11} "
                       f"{target:<24} {dname or '-':<10} {r.tokens_per_s:6.1f} tok/s  ttft {r.ttft_s * 1e3:5.0f} ms  "
                       f"accept {row['acceptance_rate']}", flush=True)
     for row in rows:
