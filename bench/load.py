@@ -60,7 +60,7 @@ PROMPTS = [
 DEVICE = "jetson-orin"
 CAPACITY_TOKENS_PER_S = 10.0
 COLUMNS = ["target", "mode", "batching", "n_sessions", "aggregate_tokens_per_s", "session_tokens_per_s_p50",
-           "session_tokens_per_s_min", "inter_token_p99_s", "tokens_per_pass", "acceptance_rate", "fallbacks",
+           "session_tokens_per_s_min", "session_decode_tokens_per_s_p50", "inter_token_p99_s", "tokens_per_pass", "acceptance_rate", "fallbacks",
            "emulated"]
 
 
@@ -186,16 +186,31 @@ def run_cell(address: str, tok, work: list[tuple], mode: str, n: int, n_tokens: 
         print(f"[load] {len(errors)} of {n} sessions failed: {errors[0]}", file=sys.stderr)
     span = max(r["t1"] for r in results) - min(r["t0"] for r in results)
     rates = [r["tokens"] / (r["t1"] - r["t0"]) for r in results]
+    # after the first token (no prefill, no round trip to open): comparable with a bare decoding loop
+    decode = [(len(r["stamps"]) - 1) / (r["stamps"][-1] - r["stamps"][0]) for r in results if len(r["stamps"]) > 2]
     gaps = [b - a for r in results for a, b in zip([r["t0"]] + r["stamps"], r["stamps"])][1:]
     passes = after.get("tandem_verifier_pass_tokens_count", 0) - before.get("tandem_verifier_pass_tokens_count", 0)
     tokens = after.get("tandem_verifier_pass_tokens_sum", 0) - before.get("tandem_verifier_pass_tokens_sum", 0)
     verified = sum(r["verified"] for r in results)
     return {"n_sessions": n, "aggregate_tokens_per_s": sum(r["tokens"] for r in results) / span,
             "session_tokens_per_s_p50": statistics.median(rates), "session_tokens_per_s_min": min(rates),
+            "session_decode_tokens_per_s_p50": statistics.median(decode) if decode else None,
             "inter_token_p99_s": float(np.percentile(gaps, 99)) if gaps else None,
             "tokens_per_pass": tokens / passes if passes else None,
             "acceptance_rate": sum(r["accepted"] for r in results) / verified if verified else None,
             "fallbacks": sum(r["fallback"] is not None for r in results), "failed": len(errors)}
+
+
+def start_stack(target: str, batching: bool, max_sessions: int):
+    """A verifier with metrics behind link-sim (picospec-wan): (cloud, link, metrics port, threads)."""
+    port = free_port()
+    extra = ["--max-sessions", str(max_sessions), "--metrics", f"127.0.0.1:{port}"]
+    extra += ["--emulate-target", target.split(":", 1)[1]] if target.startswith("emulated:") else []
+    extra += [] if batching else ["--no-batching"]
+    cloud = start_cloud(*extra)
+    link = start_link(cloud.address, "--profile", "picospec-wan")
+    threads = next((m.group(1) for line in cloud.stderr for m in [re.search(r"(\d+) threads", line)] if m), "?")
+    return cloud, link, port, threads
 
 
 def bare_loop(n_seqs: int, n_tokens: int) -> dict:
@@ -247,27 +262,24 @@ def run(args) -> int:
           f"({bare[8]['threads']} threads)  [{time.monotonic() - t_start:.0f}s]", flush=True)
     rows: list[dict] = []
     for target in args.targets:
-        emulated = target.startswith("emulated:")
-        for batching in (True, False):
-            port = free_port()
-            extra = ["--max-sessions", str(max(ns)), "--metrics", f"127.0.0.1:{port}"]
-            extra += ["--emulate-target", target.split(":", 1)[1]] if emulated else []
-            extra += [] if batching else ["--no-batching"]
-            cloud = start_cloud(*extra)
-            link = start_link(cloud.address, "--profile", "picospec-wan")
-            threads = next((m.group(1) for line in cloud.stderr for m in [re.search(r"(\d+) threads", line)] if m), "?")
-            try:
-                for n in ns:
-                    for mode in MODES:
+        # batching on and off side by side, taking turns cell by cell, so that a change in the load
+        # of a shared machine is not charged to one of them
+        stacks = {b: start_stack(target, b, max(ns)) for b in (True, False)}
+        try:
+            for n in ns:
+                for mode in MODES:
+                    for batching, (cloud, link, port, threads) in stacks.items():
                         r = run_cell(link.address, tok, work, mode, n, n_tokens, port)
-                        r.update(target=target, mode=mode, batching=batching, emulated=emulated or mode != "cloud-only",
+                        r.update(target=target, mode=mode, batching=batching,
+                                 emulated=target.startswith("emulated:") or mode != "cloud-only",
                                  verifier_threads=threads, tokens_per_session=n_tokens)
                         rows.append(r)
                         print(f"[load {target} batching={'on' if batching else 'off'} {mode} N={n}: "
                               f"{r['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
                               f"{r['session_tokens_per_s_p50']:.1f} per session  "
                               f"[{time.monotonic() - t_start:.0f}s]", flush=True)
-            finally:
+        finally:
+            for cloud, link, *_ in stacks.values():
                 link.stop()
                 cloud.stop()
     cap = capacity(rows)
