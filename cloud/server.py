@@ -221,6 +221,14 @@ class VerifierService(pb_grpc.VerifierServicer):
         return pb.CloseReply()
 
     # -- registry ----------------------------------------------------------
+    def status(self) -> dict:
+        """Load for the MQTT status topic (cloud/status.py). This server gives
+        every session its own context, so nothing waits in a queue: 0."""
+        with self.lock:
+            n = len(self.sessions)
+        return {"target": self.target_label, "emulated": self.emulate is not None, "sessions": n,
+                "max_sessions": self.cfg.max_sessions, "queue": 0, "load": round(n / self.cfg.max_sessions, 3)}
+
     @property
     def target_label(self) -> str:
         return f"emulated:{self.emulate.name}" if self.emulate else self.target.name
