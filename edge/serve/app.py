@@ -20,7 +20,6 @@ from edge.serve.metrics import Metrics
 from edge.serve.protocol import RequestError
 
 log = logging.getLogger("tandem.serve")
-DISCONNECT_POLL_S = 0.25
 
 
 @dataclass
@@ -165,20 +164,30 @@ def build_app(engine: Engine, metrics: Metrics, info: ServeInfo) -> FastAPI:
 
     async def collect(request: Request, job: Job, events: asyncio.Queue):
         """(results by index, None) | (None, error) | (None, None) when the client left."""
-        results: dict[int, CompletionResult] = {}
-        while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None, None
-                continue
-            if ev[0] == "done":
-                results[ev[1]] = ev[2]
-            elif ev[0] == "error":
-                return None, cloud_error(ev[1])
-            elif ev[0] == "end":
-                return results, None
+        async def gather():
+            results: dict[int, CompletionResult] = {}
+            while True:
+                ev = await events.get()
+                if ev[0] == "done":
+                    results[ev[1]] = ev[2]
+                elif ev[0] == "error":
+                    return None, cloud_error(ev[1])
+                elif ev[0] == "end":
+                    return results, None
+
+        async def client_left():
+            # The body has been read: the next ASGI message is the disconnect.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        work, gone = asyncio.create_task(gather()), asyncio.create_task(client_left())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        return None, None
 
     async def stream(job: Job, events: asyncio.Queue, rid: str, created: int, model: str, n_prompt: int, finished):
         kind, req = job.req.kind, job.req
