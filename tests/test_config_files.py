@@ -126,3 +126,19 @@ def test_link_sim(tmp_path):
         ("127.0.0.1:0", "127.0.0.1:9", "lte", 45.0, "127.0.0.1:1884")
     again = run("sim.link.cli", "--config", str(write(tmp_path, r.stdout)), "--print-config")
     assert again.returncode == 0 and again.stdout == r.stdout
+
+
+def test_serve_help_explains_every_flag():
+    from edge.serve.daemon import add_serve_args
+    r = run("edge.cli", "serve", "--help")
+    assert r.returncode == 0
+    ap = argparse.ArgumentParser()
+    add_serve_args(ap)
+    for action in ap._actions:
+        for opt in action.option_strings:
+            assert opt in r.stdout
+        assert action.help, action.option_strings
+    for opt in ("--cloud", "--mode", "--codec", "--draft-model", "--gamma", "--emulate-device"):   # generate's
+        assert opt in r.stdout
+    for word in ("/v1/chat/completions", "/healthz", "/metrics", "include_usage", "tandem/edge/ID/telemetry"):
+        assert word in r.stdout
