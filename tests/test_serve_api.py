@@ -132,7 +132,7 @@ def test_include_usage_adds_a_final_usage_chunk(client):
     (b'{"model": "tandem", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', 400, "max_tokens"),
     (b'{"model": "tandem", "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}', 400, "max_tokens"),
     (b'{"model": "tandem", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000000}', 400,
-     "max_completion_tokens"),
+     "max_tokens"),
     (b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
     (b'{"model": "tandem", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400,
      "tools"),

@@ -117,6 +117,7 @@ class Engine:
         self._avg_request_s = 5.0    # for Retry-After; measured as requests finish
         self._closed = False
         self._jobs: set[Job] = set()
+        self._formatter = None
 
     # -- admission -----------------------------------------------------------
     def admit(self) -> None:
@@ -142,15 +143,20 @@ class Engine:
         self.metrics.queue(self._admitted - self._running, self._running)
 
     # -- prompts -------------------------------------------------------------
+    def _chat_format(self):
+        if self._formatter is None:   # compiling the template once, not per request
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+            self._formatter = Jinja2ChatFormatter(self.tok.template, eos_token="", bos_token="",
+                                                  add_generation_prompt=True)
+        return self._formatter
+
     def prompt_tokens(self, req: GenRequest) -> list[int]:
         tok = self.tok
         if req.kind == "chat":
             if not tok.template:
                 raise RequestError("the model has no chat template: use /v1/completions", "messages")
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-            fmt = Jinja2ChatFormatter(tok.template, eos_token="", bos_token="", add_generation_prompt=True)
             try:
-                text = fmt(messages=req.messages).prompt
+                text = self._chat_format()(messages=req.messages).prompt
             except Exception as e:   # a template that refuses these messages (roles, order)
                 raise RequestError(f"the model's chat template refused these messages: {e}", "messages") from None
             return tok.llm.tokenize(text.encode(), add_bos=tok.add_bos, special=True)
@@ -167,7 +173,7 @@ class Engine:
         if room < 1:
             raise RequestError(f"the prompt has {prompt_len} tokens; the context holds {self.n_ctx}", "messages"
                                if req.kind == "chat" else "prompt", code="context_length_exceeded")
-        key = "max_completion_tokens" if req.kind == "chat" else "max_tokens"
+        key = req.max_tokens_field
         if req.max_tokens is None:
             max_tokens = min(room, self.cfg.default_max_tokens if req.kind == "chat" else 16)
         elif req.max_tokens > room:

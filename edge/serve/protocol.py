@@ -49,6 +49,7 @@ class GenRequest:
     prompt_text: str | None = None
     prompt_tokens: list[int] | None = None
     max_tokens: int | None = None      # None: the daemon's default for this kind
+    max_tokens_field: str = "max_tokens"   # the field it came from, for error messages
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -174,6 +175,8 @@ def parse_request(body, kind: str, max_n: int) -> GenRequest:
         req.messages = _messages(body.get("messages"))
         mct, mt = _int(body, "max_completion_tokens", 1), _int(body, "max_tokens", 1)
         req.max_tokens = mct if mct is not None else mt
+        if mct is not None:
+            req.max_tokens_field = "max_completion_tokens"
     else:
         if "prompt" not in body:
             raise RequestError("'prompt' is required", "prompt")
