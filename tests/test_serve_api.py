@@ -3,7 +3,7 @@ a real verifier behind link-sim's WAN profile, the real models.
 
 The daemon speculates on every request (--no-adaptive: on one CPU a same-size
 drafter never pays, and adaptive picospec would only stream cloud-only) with a
-fixed block plan and no cloud lead, so sampled output depends only on the seed.
+fixed block plan, codec and no cloud lead, so sampled output depends only on the seed.
 """
 import json
 import urllib.error
@@ -21,7 +21,7 @@ TANDEM_KEYS = {"mode", "fallback", "acceptance_rate", "drafted", "bytes_up", "by
 
 @pytest.fixture(scope="module")
 def serve(wan):
-    d = start_serve(wan.address, "--no-adaptive", "--no-cloud-lead", "--gamma", "4", "--window", "2")
+    d = start_serve(wan.address, "--no-adaptive", "--no-cloud-lead", "--gamma", "4", "--window", "2", "--codec", "P")
     yield d
     assert d.stop() == 0, "".join(d.stderr)
 
@@ -68,6 +68,7 @@ def test_chat_streamed_text_equals_the_response_at_t0(client):
     assert streamed == text
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
     assert TANDEM_KEYS <= set(chunks[-1].model_extra["tandem"])     # without include_usage: on the last chunk
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
 def test_completion_is_the_targets_greedy_output(client, tokenizer, reference):

@@ -213,9 +213,10 @@ def build_app(engine: Engine, metrics: Metrics, info: ServeInfo) -> FastAPI:
                     results[r.index] = r
                     last = len(results) == len(job.configs)
                     c = P.chunk(kind, rid, model, created, r.index, None if kind == "chat" else "", r.finish_reason)
-                    if last and not req.include_usage:
-                        c["tandem"] = tandem_summary(_ordered(results), engine.base.mode,
-                                                     job.queue_s)
+                    if last and not req.include_usage:   # no usage chunk asked for: the last chunk carries both
+                        ordered = _ordered(results)
+                        c["usage"] = P.usage(n_prompt, sum(len(r.tokens) for r in ordered))
+                        c["tandem"] = tandem_summary(ordered, engine.base.mode, job.queue_s)
                     yield sse(c)
                 elif ev[0] == "error":
                     err = cloud_error(ev[1])
