@@ -110,6 +110,23 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(edge_only):
     wait_for(lambda: metric(addr, "tandem_queue_running") == 0, what="the slot to be free")
 
 
+def test_a_client_that_leaves_while_waiting_frees_its_place_at_once(edge_only):
+    addr = edge_only.address
+    long = {"model": "tandem", "prompt": "Once", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    conn_a, resp_a = post(addr, "/v1/completions", long)
+    assert resp_a.readline().startswith(b"data: ")
+    conn_b, resp_b = post(addr, "/v1/completions", long)           # waits behind A
+    assert resp_b.status == 200
+    wait_for(lambda: metric(addr, "tandem_queue_waiting") == 1, what="B to wait")
+    conn_b.sock.shutdown(socket.SHUT_RDWR)
+    conn_b.close()
+    wait_for(lambda: metric(addr, "tandem_queue_waiting") == 0, what="B's place to be freed")
+    assert metric(addr, "tandem_queue_running") == 1                 # A still generating
+    conn_a.sock.shutdown(socket.SHUT_RDWR)
+    conn_a.close()
+    wait_for(lambda: metric(addr, "tandem_queue_running") == 0, what="A to stop")
+
+
 def test_without_a_verifier_the_daemon_answers_edge_only_and_says_so():
     with socket.socket() as s:           # a port where nothing listens
         s.bind(("127.0.0.1", 0))

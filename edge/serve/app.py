@@ -20,6 +20,7 @@ from edge.serve.metrics import Metrics
 from edge.serve.protocol import RequestError
 
 log = logging.getLogger("tandem.serve")
+MAX_BODY_BYTES = 4 << 20       # a full context of text is ~10 KB: anything near this is a mistake or abuse
 
 
 @dataclass
@@ -106,7 +107,11 @@ def build_app(engine: Engine, metrics: Metrics, info: ServeInfo) -> FastAPI:
         endpoint = "chat" if kind == "chat" else "completions"
         t0 = time.monotonic()
         try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise RequestError(f"request body over {MAX_BODY_BYTES >> 20} MB", status=413, code="too_large")
             raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise RequestError(f"request body over {MAX_BODY_BYTES >> 20} MB", status=413, code="too_large")
             try:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
