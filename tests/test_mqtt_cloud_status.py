@@ -39,3 +39,17 @@ def test_status_is_retained_and_the_last_will_fires_on_sigkill(broker):
         after.close()
     finally:
         cloud.stop()
+
+
+def test_a_clean_stop_says_stopped(broker):
+    topic = status_topic("v2")
+    cloud = start_cloud("--threads", "1", "--mqtt", broker.url, "--id", "v2", "--status-interval", "0.2")
+    sub = Subscriber(broker.port, topic)
+    try:
+        sub.wait(lambda m: m["state"] == "online")
+        assert cloud.stop() == 0
+        msg, _ = sub.wait(lambda m: m["state"] == "offline")
+        assert msg["reason"] == "stopped"
+    finally:
+        sub.close()
+        cloud.stop()
