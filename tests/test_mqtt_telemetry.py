@@ -102,8 +102,18 @@ def test_a_broker_that_dies_or_hangs_never_stalls_generation(broker):
         addr = d.address
         wait_for(lambda: metric(addr, "tandem_telemetry_published") >= 1, what="telemetry to flow")
         want = complete(addr)["choices"][0]["text"]
-        broker.kill()
-        assert complete(addr)["choices"][0]["text"] == want          # generated while the broker is gone
+        long = complete(addr, max_tokens=96)["choices"][0]["text"]
+        # killed mid-run: the broker dies after the stream's first token, the stream goes on to the end
+        body = json.dumps({"model": "tandem", "prompt": "Once upon a time", "max_tokens": 96, "temperature": 0,
+                           "ignore_eos": True, "stream": True}).encode()
+        req = urllib.request.Request(f"http://{addr}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            first = r.readline()
+            broker.kill()
+            events = [first] + r.read().split(b"\n\n")
+        texts = [json.loads(e.strip()[6:])["choices"] for e in events if e.strip().startswith(b"data: {")]
+        assert "".join(c[0]["text"] for c in texts if c) == long
+        assert complete(addr)["choices"][0]["text"] == want          # and with the broker gone
         wait_for(lambda: metric(addr, "tandem_telemetry_failures") >= 1, what="the publisher to notice")
         assert metric(addr, "tandem_telemetry_connected") == 0
         # worse than gone: a "broker" that accepts connections and never answers
