@@ -134,14 +134,14 @@ def build_app(engine: Engine, metrics: Metrics, info: ServeInfo) -> FastAPI:
         try:
             engine.submit(job)
         except BaseException:
-            engine.release()
+            engine.release(job)
             raise
         rid, created = P.new_id(kind), P.now()
         model = req.model
 
         def finished(status: int) -> None:
             job.cancelled.set()          # a generation still running for a gone client stops at its next token
-            engine.release()
+            engine.release(job)
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
 

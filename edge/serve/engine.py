@@ -49,6 +49,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     t_admitted: float = field(default_factory=time.monotonic)
     t_started: float | None = None     # when the worker took it: queue time = t_started - t_admitted
+    released: bool = False             # its place in the queue was given back (Engine.release)
 
     @property
     def queue_s(self) -> float:
@@ -134,8 +135,15 @@ class Engine:
             self._admitted += 1
             self._publish_queue()
 
-    def release(self) -> None:
+    def release(self, job: "Job") -> None:
+        """Give the job's place back; idempotent. The HTTP side calls it when its
+        client is done or gone, the worker when the job ends: whichever comes
+        first (a stream whose client vanished before its first byte is never
+        iterated, so its handler never gets to say so)."""
         with self._lock:
+            if job.released:
+                return
+            job.released = True
             self._admitted -= 1
             self._publish_queue()
 
@@ -226,6 +234,7 @@ class Engine:
             with self._lock:
                 self._jobs.discard(job)
             job.emit(("end",))
+            self.release(job)
 
     def _complete(self, job: Job, index: int, cfg: GenConfig) -> CompletionResult:
         agent, tok = self.agent, self.tok
