@@ -130,7 +130,12 @@ def build_app(engine: Engine, metrics: Metrics, info: ServeInfo) -> FastAPI:
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(req, prompt, configs, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        def emit(ev: tuple) -> None:     # from the worker thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:          # the loop is gone (shutdown): nobody is listening any more
+                job.cancelled.set()
+        job = Job(req, prompt, configs, emit=emit)
         try:
             engine.submit(job)
         except BaseException:
