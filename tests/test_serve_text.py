@@ -75,3 +75,15 @@ def test_end_of_sequence_stops_and_is_counted():
 ])
 def test_held_back(text, stops, n):
     assert held_back(text, stops) == n
+
+
+def test_segments_are_cut_to_the_text_the_client_got():
+    from types import SimpleNamespace
+    from edge.serve.engine import segments_of
+    stats = SimpleNamespace(segments=[{"mode": "picospec", "tokens": 5}, {"mode": "edge-only", "tokens": 4}],
+                            edge_only_tokens=4, fallback="edge-only")
+    assert segments_of(stats, 7, "picospec") == [{"mode": "picospec", "tokens": 5}, {"mode": "edge-only", "tokens": 2}]
+    assert segments_of(stats, 3, "picospec") == [{"mode": "picospec", "tokens": 3}]
+    # before the agent records segments: a summary from its counters
+    old = SimpleNamespace(edge_only_tokens=2, fallback="edge-only")
+    assert segments_of(old, 6, "picospec") == [{"mode": "picospec", "tokens": 4}, {"mode": "edge-only", "tokens": 2}]

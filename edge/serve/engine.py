@@ -72,8 +72,14 @@ def segments_of(stats, n_tokens: int, mode: str) -> list[dict]:
     records them; else a summary from the counters (cloud-verified tokens
     first, then the edge-only ones)."""
     segs = getattr(stats, "segments", None)
-    if segs is not None:
-        return [dict(s) for s in segs]
+    if segs is not None:      # cut to the tokens the client got (a stop may end a committed batch early)
+        out, left = [], n_tokens
+        for s in segs:
+            if left <= 0:
+                break
+            out.append({**s, "tokens": min(int(s["tokens"]), left)})
+            left -= out[-1]["tokens"]
+        return out
     edge = min(stats.edge_only_tokens, n_tokens)
     verified_mode = stats.fallback if stats.fallback == "cloud-only" else mode
     out = []
