@@ -29,7 +29,12 @@ def start_status_publisher(mqtt: str, verifier_id: str, get_status: Callable[[],
     host, port = mqtt_address(mqtt)
 
     def snapshot() -> dict:
-        return {"id": verifier_id, "state": "online", "ts": round(time.time(), 3), **get_status()}
+        s = dict(get_status())
+        # derived here, so any servicer's status() with sessions, max_sessions and target will do
+        if "load" not in s and s.get("max_sessions"):
+            s["load"] = round(s["sessions"] / s["max_sessions"], 3)
+        s.setdefault("emulated", str(s.get("target", "")).startswith("emulated:"))
+        return {"id": verifier_id, "state": "online", "ts": round(time.time(), 3), **s}
 
     return PeriodicPublisher(host, port, status_topic(verifier_id), snapshot, interval_s, retain=True, qos=1,
                              will={"id": verifier_id, "state": "offline", "reason": "connection lost"},

@@ -117,7 +117,10 @@ class VerifierLink:
                              client="edge-agent serve (probe)", max_tokens=1)
         try:
             reply = self.client.stub.Open(req, metadata=self.client.meta, timeout=5)
-            self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=self.client.meta, timeout=5)
+            # a verifier that binds sessions to their opener wants the key back (absent: older verifiers)
+            key = getattr(reply, "session_key", "")
+            meta = self.client.meta + ((("tandem-session", reply.session), ("tandem-session-key", key)) if key else ())
+            self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=meta, timeout=5)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise CloudError(e.code(), e.details()) from None
