@@ -96,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def _overrides(args: argparse.Namespace) -> list[str]:
     """Explicit flags as `set` settings, applied on top of the profile."""
     pairs = [
