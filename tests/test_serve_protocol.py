@@ -80,3 +80,28 @@ def test_bad_prompts(prompt):
 def test_a_body_that_is_not_an_object():
     with pytest.raises(RequestError):
         parse_request([1, 2], "chat", 8)
+
+
+def engine(n_ctx=100):
+    from edge.config import GenConfig
+    from edge.serve.config import ServeConfig
+    from edge.serve.engine import Engine
+    from edge.serve.metrics import Metrics
+    e = Engine(None, None, GenConfig(mode="sync", gamma=3), ServeConfig(default_max_tokens=50), Metrics("sync", 9))
+    e.n_ctx = n_ctx
+    return e
+
+
+def test_configs_per_completion():
+    e = engine()
+    req = parse_request({**CHAT, "n": 3, "seed": -1, "temperature": 0.5, "ignore_eos": True}, "chat", 8)
+    cfgs = e.configs(req, 10)
+    assert [c.sampling.seed for c in cfgs] == [2 ** 64 - 1, 0, 1]       # seed + i, as uint64 on the wire
+    assert all(c.max_tokens == 50 and c.mode == "sync" and c.gamma == 3 and not c.stop_at_eos for c in cfgs)
+    assert e.configs(parse_request(dict(COMP), "completion", 8), 10)[0].max_tokens == 16   # the API's default
+    assert e.configs(parse_request(dict(CHAT), "chat", 8), 80)[0].max_tokens == 20         # what the context has left
+    with pytest.raises(RequestError) as err:
+        e.configs(parse_request({**CHAT, "max_tokens": 91}, "chat", 8), 10)
+    assert err.value.param == "max_tokens" and "90" in err.value.message
+    with pytest.raises(RequestError):
+        e.configs(parse_request(dict(CHAT), "chat", 8), 100)

@@ -199,7 +199,9 @@ class Engine:
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         out = []
         for i in range(req.n):   # completion i uses seed + i, as `edge-agent generate --n` does
-            sampling = SamplingConfig(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=seed + i)
+            # the API's seed is an int64, the wire's a uint64: the same 2**64 residues either way
+            sampling = SamplingConfig(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                      seed=(seed + i) % (1 << 64))
             out.append(dataclasses.replace(self.base, max_tokens=max_tokens, sampling=sampling,
                                            stop_at_eos=not req.ignore_eos))
         return out
