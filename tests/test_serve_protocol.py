@@ -52,6 +52,7 @@ def test_unsupported_fields_are_named(extra, field):
     ({**CHAT, "n": 0}, "n"),
     ({**CHAT, "n": 9}, "n"),
     ({**CHAT, "n": True}, "n"),
+    ({**CHAT, "top_k": 2 ** 40}, "top_k"),
     ({**CHAT, "seed": "x"}, "seed"),
     ({**CHAT, "stop": 5}, "stop"),
     ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),

@@ -186,7 +186,7 @@ def parse_request(body, kind: str, max_n: int) -> GenRequest:
     req.temperature = 1.0 if t is None else t
     p = _num(body, "top_p", 0.0, 1.0, lo_open=True)
     req.top_p = 1.0 if p is None else p
-    req.top_k = _int(body, "top_k", 0) or 0
+    req.top_k = _int(body, "top_k", 0, 2 ** 31 - 1) or 0
     req.seed = _int(body, "seed", -(2 ** 63), 2 ** 63 - 1)
     n = _int(body, "n", 1, max_n)
     req.n = 1 if n is None else n
