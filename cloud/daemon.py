@@ -121,7 +121,7 @@ async def build(cfg: VerifierConfig, model: Path) -> Built:
     return Built(server, service, health, scheduler, target, port)
 
 
-async def serve(cfg: VerifierConfig, model: Path) -> int:
+async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):          # before the ready line: a SIGTERM right after it drains
@@ -135,7 +135,13 @@ async def serve(cfg: VerifierConfig, model: Path) -> int:
              b.service.ar_token_s * 1e3, b.target.n_threads, "on" if cfg.batching else "off",
              ", TLS" if cfg.tls_cert else "")
     print(f"cloud-verifier listening on {host}:{b.port}", flush=True)
+    status = None
+    if mqtt and mqtt[0]:                     # (url, id, interval): the retained MQTT status (cloud/status.py)
+        from cloud.status import start_status_publisher
+        status = start_status_publisher(mqtt[0], mqtt[1], b.service.status, mqtt[2])
     await stop.wait()
+    if status is not None:
+        await asyncio.to_thread(status.stop)
     log.info("draining: no new sessions, %.0f s for running ones", cfg.grace_s)
     t0 = time.monotonic()
     await b.health.enter_graceful_shutdown()

@@ -70,8 +70,11 @@ class VerifierService(pb_grpc.VerifierServicer):
         return f"emulated:{self.emulate.name}" if self.emulate else self.info.name
 
     def status(self) -> dict:
-        return {"sessions": len(self.sessions), "max_sessions": self.cfg.max_sessions,
-                "queue": self.sched.queued, "target": self.target_label, "batching": self.cfg.batching}
+        """Load for the MQTT status topic (cloud/status.py) and logs."""
+        n = len(self.sessions)
+        return {"target": self.target_label, "emulated": self.emulate is not None, "sessions": n,
+                "max_sessions": self.cfg.max_sessions, "queue": self.sched.queued,
+                "load": round(n / self.cfg.max_sessions, 3), "batching": self.cfg.batching}
 
     # -- plumbing --------------------------------------------------------------
     async def _run(self, step: Step):

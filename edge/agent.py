@@ -58,6 +58,7 @@ class Agent:
                  on_tokens: Callable[[list[int]], None] = lambda t: None) -> Completion:
         t0 = time.monotonic()
         stats = GenStats(mode=cfg.mode, emulated=cfg.emulate_device is not None)
+        self.current_stats = stats   # read by `edge-agent serve` when on_tokens cuts a generation short
         out: list[int] = []
         bytes0 = (self.client.bytes.up, self.client.bytes.down) if self.client else (0, 0)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge.config import CODECS, MODES, GenConfig
 from kernels.sampling import SamplingConfig
+from sim.daemon_config import ConfigFileError, effective_settings, parse_args_with_config, to_toml
 from sim.latency import DEVICES
 
 GEN_EPILOG = """modes:
@@ -35,8 +36,6 @@ def device_profile(name: str) -> str:
 
 def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
-    ap.add_argument("--cloud", default="127.0.0.1:50051", help="verifier HOST:PORT (default: %(default)s)")
-    ap.add_argument("--mode", choices=MODES, default="picospec", help="see below (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -48,6 +47,14 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n", type=int, default=1, help="independent completions (default: %(default)s)")
     ap.add_argument("--raw", action="store_true", help="feed PROMPT as is, without the chat template")
     ap.add_argument("--json", action="store_true", help="one JSON object per completion per line")
+    ap.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    add_model_args(ap)
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The flags `generate` and `serve` share: verifier, mode, codec, drafter, link."""
+    ap.add_argument("--cloud", default="127.0.0.1:50051", help="verifier HOST:PORT (default: %(default)s)")
+    ap.add_argument("--mode", choices=MODES, default="picospec", help="see below (default: %(default)s)")
     ap.add_argument("--codec", choices=CODECS, default="auto",
                     help="residual codec at T>0: P = sparse p down once per rejection, Q = sparse q up per "
                          "token, auto = Q where the verifier leading through rejections is predicted to pay "
@@ -69,7 +76,6 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--token", help="bearer token for the verifier")
     ap.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
     ap.add_argument("--threads", type=int, default=2, help="draft model threads (default: %(default)s)")
-    ap.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     try:
         from edge.moe.cli import add_drafter_args
         add_drafter_args(ap)
@@ -153,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
                          epilog=GEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generate_args(gen)
     gen.set_defaults(func=run_generate)
+    from edge.serve.daemon import SERVE_EPILOG, add_serve_args, run_serve
+    serve = sub.add_parser("serve", help="run as a daemon: an OpenAI-compatible HTTP API over the models, kept loaded",
+                           description="Serve apps on this device through an OpenAI-compatible HTTP API: the drafter "
+                                       "stays loaded, the verifier channel and what the edge learned about the link "
+                                       "carry over between requests.",
+                           epilog=GEN_EPILOG.split("examples:")[0] + SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=run_serve)
     try:
         from edge.moe import cli as moe_cli
         m = sub.add_parser("moeify", help="build the local MoE draft model from the shipped SmolLM2")
@@ -164,7 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             c.set_defaults(func=moe_cli.run_calibrate)
     except ImportError:
         pass
-    a = ap.parse_args(argv)
+    try:
+        a = parse_args_with_config(ap, argv, target=serve)
+    except ConfigFileError as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 2
+    if getattr(a, "print_config", False):
+        print(to_toml(effective_settings(serve, a), f"edge-agent {a.command}: effective configuration"), end="")
+        return 0
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s edge %(levelname)s %(message)s")
     from edge.client import CloudError
     try:
@@ -172,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 1
     except CloudError as e:
         print(f"edge-agent: verifier error: {e}", file=sys.stderr)
         return 3
