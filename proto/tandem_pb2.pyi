@@ -27,7 +27,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client", "lead", "max_tokens", "ignore_eos")
+    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client", "lead", "max_tokens", "ignore_eos", "prompt_zstd")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class OpenRequest(_message.Message):
     LEAD_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ZSTD_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     sampling: Sampling
     codec: Codec
@@ -44,7 +45,8 @@ class OpenRequest(_message.Message):
     lead: bool
     max_tokens: int
     ignore_eos: bool
-    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    prompt_zstd: bytes
+    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., prompt_zstd: _Optional[bytes] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s")
@@ -119,7 +121,7 @@ class Verdict(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ..., lead: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "prompt", "max_tokens", "ignore_eos", "client", "session")
+    __slots__ = ("fingerprint", "sampling", "prompt", "max_tokens", "ignore_eos", "client", "session", "prompt_zstd")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +129,7 @@ class GenerateRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ZSTD_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     sampling: Sampling
     prompt: _containers.RepeatedScalarFieldContainer[int]
@@ -134,7 +137,8 @@ class GenerateRequest(_message.Message):
     ignore_eos: bool
     client: str
     session: str
-    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., client: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+    prompt_zstd: bytes
+    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., prompt: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., client: _Optional[str] = ..., session: _Optional[str] = ..., prompt_zstd: _Optional[bytes] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("tokens", "done", "finish_reason", "emulated")
