@@ -156,7 +156,7 @@ class Agent:
 
     def _prefix_fields(self, prefix: list[int], stats: GenStats) -> dict:
         """How a re-open sends the committed prefix: zstd where smaller; bytes counted either way."""
-        fields = prompt_fields(prefix, packing.token_width(self.n_vocab))
+        fields = prompt_fields(prefix, packing.token_width(self.n_vocab), allow_zstd=self.client.accepts_zstd)
         plain = plain_size(prefix)
         stats.resume_bytes_plain += plain
         stats.resume_bytes += len(fields["prompt_zstd"]) if "prompt_zstd" in fields else plain

@@ -101,6 +101,7 @@ class VerifierClient:
         self.bytes = ByteCounter()
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[str, str]] = {}     # session -> (key, affinity)
+        self.accepts_zstd = False     # learned from the last OpenReply: may prompts travel compressed?
 
     # -- reachability ------------------------------------------------------------
     def wait_ready(self) -> None:
@@ -144,6 +145,7 @@ class VerifierClient:
         except grpc.RpcError as e:
             raise _wrap(e) from None
         self.bytes.received(reply)
+        self.accepts_zstd = reply.accepts_prompt_zstd
         with self._lock:
             self._sessions[reply.session] = (getattr(reply, "session_key", ""), call.affinity)
         return reply
