@@ -226,3 +226,70 @@ def test_require_cloud_turns_a_mid_generation_loss_into_an_error(drafter, tokeni
     finally:
         client.close()
         cloud.stop()
+
+
+class OnLog:
+    """Runs `action` once when the edge logs a message containing `needle`."""
+
+    def __init__(self, needle: str, action):
+        import logging
+        self.handler = logging.Handler()
+        self.handler.emit = self._emit
+        self.needle, self.action, self.seen = needle, action, 0
+        self.logger = logging.getLogger("tandem.edge")
+
+    def _emit(self, record):
+        if self.needle in record.getMessage():
+            self.seen += 1
+            if self.seen == 1:
+                self.action()
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+def test_full_verifier_is_retried_after_its_retry_after_then_a_clear_error(drafter, tokenizer, reference):
+    """--max-sessions 1 with the one slot held: the edge waits the verifier's
+    retry-after-ms (jittered upwards) and succeeds once the slot is freed (here:
+    freed when the edge logs its first wait); held throughout, a clear error."""
+    import grpc
+
+    from edge.client import CloudError
+    from proto import tandem_pb2 as pb
+    from proto import tandem_pb2_grpc as pb_grpc
+    cloud = start_cloud("--threads", "1", "--max-sessions", "1")
+    ch = grpc.insecure_channel(cloud.address)
+    stub = pb_grpc.VerifierStub(ch)
+    prompt = tokenizer.encode(PROMPTS[4])
+    hold = lambda: stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=[1, 2, 3]), timeout=60)
+
+    def release(reply):
+        key = getattr(reply, "session_key", "")
+        stub.Close(pb.CloseRequest(session=reply.session),
+                   metadata=(("tandem-session-key", key),) if key else (), timeout=60)
+
+    client = VerifierClient(cloud.address)
+    try:
+        held = hold()
+        agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos, busy_retries=3)
+        t0 = time.monotonic()
+        with OnLog("verifier full", lambda: release(held)):
+            c = agent.generate(prompt, spec_config(16))
+        waited = time.monotonic() - t0
+        assert c.stats.busy_retries == 1 and waited >= 2.0, "waited at least the 2 s retry-after the verifier sent"
+        assert c.tokens == reference.greedy(prompt, 16)[0] and c.stats.segments == [{"mode": "picospec", "tokens": 16}]
+
+        held = hold()
+        agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos, busy_retries=1)
+        with pytest.raises(CloudError) as e:
+            agent.generate(prompt, spec_config(16))
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "still full after 1 retries" in str(e.value)
+        release(held)
+    finally:
+        client.close()
+        ch.close()
+        cloud.stop()
