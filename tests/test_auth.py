@@ -185,3 +185,129 @@ def test_interceptor_health_open_everything_else_needs_the_token(aio_server):
         answers = list(refl.ServerReflectionInfo(ask(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10))
         names = {s.name for s in answers[0].list_services_response.service}
         assert "grpc.health.v1.Health" in names
+
+
+# -- the real verifier ---------------------------------------------------------------------------
+
+import shutil
+import subprocess
+import sys
+
+from bench.procs import ROOT, Daemon
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pb_grpc
+
+
+def verifier(*args: str, env=None) -> Daemon:
+    return Daemon("cloud.cli", ["--threads", "1", *args], "cloud-verifier listening on", env=env)
+
+
+def verifier_fails(*args: str, env=None) -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run([sys.executable, "-m", "cloud.cli", "--threads", "1", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def expect_code(code, fn):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == code, (e.value.code(), e.value.details())
+    assert TOKEN not in (e.value.details() or "")
+    return e.value
+
+
+@pytest.fixture(scope="module")
+def token_verifier(tmp_path_factory):
+    f = tmp_path_factory.mktemp("auth") / "token"
+    f.write_text(TOKEN + "\n")
+    d = verifier("--listen", "127.0.0.1:0", "--token-file", str(f))
+    yield d
+    d.stop()
+
+
+def test_no_token_wrong_token_and_another_clients_session_are_refused(token_verifier, tokenizer):
+    d = token_verifier
+    good = (("authorization", f"Bearer {TOKEN}"),)
+    with grpc.insecure_channel(d.address) as ch:
+        stub = pb_grpc.VerifierStub(ch)
+        req = pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=tokenizer.encode("Hello there"))
+        expect_code(grpc.StatusCode.UNAUTHENTICATED, lambda: stub.Open(req, timeout=30))
+        expect_code(grpc.StatusCode.UNAUTHENTICATED,
+                    lambda: stub.Open(req, metadata=(("authorization", "Bearer nope"),), timeout=30))
+        expect_code(grpc.StatusCode.UNAUTHENTICATED,
+                    lambda: list(stub.Generate(pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt=[1, 2],
+                                                                  max_tokens=2), timeout=30)))
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING, "health stays open for balancers"
+
+        mine = stub.Open(req, metadata=good, timeout=30)
+        n = len(req.prompt)
+        draft = pb.Draft(epoch=0, start=n, tokens=b"\x1c\x00")
+        for other in ((), (("tandem-session-key", "0" * len(mine.session_key or "x")),)):
+            expect_code(grpc.StatusCode.PERMISSION_DENIED, lambda: list(stub.Speculate(
+                iter([draft]), metadata=good + (("tandem-session", mine.session),) + other, timeout=30)))
+            expect_code(grpc.StatusCode.PERMISSION_DENIED, lambda: list(stub.Generate(
+                pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt=list(req.prompt), max_tokens=2,
+                                   session=mine.session), metadata=good + other, timeout=30)))
+        own = good + (("tandem-session", mine.session), ("tandem-session-key", mine.session_key))
+        verdicts = list(stub.Speculate(iter([draft]), metadata=own, timeout=60))
+        assert len(verdicts) >= 1, "the opener drives its own session"
+    log = "".join(d.stderr)
+    assert TOKEN not in log, "the token never reaches the log"
+
+
+def test_non_loopback_listen_without_auth_refuses_to_start():
+    r = verifier_fails("--listen", "0.0.0.0:0", env={"TANDEM_TOKEN": ""})
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert "refusing to listen on 0.0.0.0:0 without authentication" in r.stderr and "--insecure" in r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_port_in_use_is_one_line(token_verifier):
+    r = verifier_fails("--listen", token_verifier.address)
+    assert r.returncode == 1
+    assert f"port {token_verifier.port}" in r.stderr and "already in use" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificates to test TLS with")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=tandem-test-ca",
+            cwd=d)
+    for name in ("server", "client"):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=tandem-{name}", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate(pki, tokenizer):
+    from edge.client import VerifierClient
+    d = verifier("--listen", "127.0.0.1:0", "--tls-cert", str(pki / "server.pem"), "--tls-key",
+                 str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"))
+    try:
+        ca = (pki / "ca.pem").read_bytes()
+        anonymous = VerifierClient(d.address, tls_ca=ca, probe_timeout_s=5)
+        assert not anonymous.probe(), "no client certificate: the handshake fails"
+        anonymous.close()
+        plain = VerifierClient(d.address, probe_timeout_s=5)
+        assert not plain.probe(), "cleartext to a TLS port fails"
+        plain.close()
+        ok = VerifierClient(d.address, tls_ca=ca, tls_cert=(pki / "client.pem").read_bytes(),
+                            tls_key=(pki / "client.key").read_bytes(), probe_timeout_s=30)
+        assert ok.probe()
+        reply = ok.open_result(ok.open_async(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=[1, 2, 3])))
+        assert reply.session
+        ok.close()
+    finally:
+        d.stop()
