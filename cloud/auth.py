@@ -48,7 +48,7 @@ class StartupError(Exception):
 def load_token(token_file: Path | None, token_arg: str | None, env: Mapping[str, str] = os.environ,
                warn: Callable[[str], None] = lambda msg: None) -> str | None:
     """The deployment token: --token-file, else --token (warned: visible in `ps`),
-    else $TANDEM_TOKEN; None when none is given. Giving two sources is an error
+    else $TANDEM_TOKEN (when not empty); None when none is given. Giving two sources is an error
     rather than a silent precedence rule."""
     given = [name for name, v in (("--token-file", token_file), ("--token", token_arg)) if v is not None]
     if len(given) > 1:
@@ -64,7 +64,7 @@ def load_token(token_file: Path | None, token_arg: str | None, env: Mapping[str,
     elif token_arg is not None:
         warn("--token is visible to every user of this host (ps, /proc): prefer --token-file or $TANDEM_TOKEN")
         token, source = token_arg, "--token"
-    elif env.get(TOKEN_ENV) is not None:
+    elif env.get(TOKEN_ENV, "").strip():          # set but empty counts as unset, as in shells
         token, source = env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
     else:
         return None

@@ -154,13 +154,16 @@ class AioServer:
             reflection.enable_server_reflection((reflection.SERVICE_NAME, "grpc.health.v1.Health"), self.server)
             self.port = self.server.add_insecure_port("127.0.0.1:0")
             await self.server.start()
+            self.done = asyncio.Event()
             ready.set()
-            await self.server.wait_for_termination()
+            await self.done.wait()
+            await self.server.stop(0)
         self.loop.run_until_complete(main())
 
     def stop(self):
-        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
-        self.thread.join(10)
+        self.loop.call_soon_threadsafe(self.done.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture()
