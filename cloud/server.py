@@ -144,6 +144,8 @@ class VerifierService(pb_grpc.VerifierServicer):
             sampling = sampling_from_proto(request.sampling)
         except BadDraft as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.codec not in (pb.CODEC_P, pb.CODEC_Q):        # proto3 enums are open: any int arrives
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {int(request.codec)}")
         prompt = await self._prompt(request, context)
         sess = await self._admit(context, uuid.uuid4().hex[:12], sampling, int(request.codec), request.client)
         ld = sess.lead

@@ -49,8 +49,11 @@ prompts = st.one_of(st.lists(st.integers(1, 2000), min_size=1, max_size=24),
                     st.lists(token_ids, min_size=0, max_size=12),
                     st.integers(2049, 5000).map(lambda n: [28] * n))             # past n_ctx
 floats = st.one_of(st.floats(-2, 3), st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, 1e30]))
-samplings = st.builds(pb.Sampling, temperature=floats, top_k=st.integers(0, 2 ** 32 - 1), top_p=floats,
-                      seed=st.integers(0, 2 ** 64 - 1))
+valid_samplings = st.builds(pb.Sampling, temperature=st.sampled_from([0.0, 0.7, 1.0]), top_k=st.integers(0, 50),
+                            top_p=st.sampled_from([0.0, 0.9, 1.0]), seed=st.integers(0, 2 ** 64 - 1))
+any_samplings = st.builds(pb.Sampling, temperature=floats, top_k=st.integers(0, 2 ** 32 - 1), top_p=floats,
+                          seed=st.integers(0, 2 ** 64 - 1))
+samplings = st.one_of(valid_samplings, valid_samplings, any_samplings)    # most calls get past sampling checks
 texts = st.text(max_size=40) | st.sampled_from(["edge\n2026 cloud INFO forged", "\x1b[31m", "x" * 5000])
 
 
@@ -60,9 +63,14 @@ def zstd_payloads(fingerprint_ok: bool = True):
     return st.sampled_from([b"", bomb, good, good[:-3], good + b"junk", b"\x28\xb5\x2f\xfd garbage"]) | st.binary(max_size=64)
 
 
+def mostly(good, bad: list, share: int = 8):
+    """`good` in `share` of 10 draws, else one of `bad`."""
+    return st.integers(0, 9).map(lambda i: good if i < share else bad[i % len(bad)])
+
+
 @st.composite
 def open_calls(draw, fingerprint):
-    req = pb.OpenRequest(fingerprint=draw(st.sampled_from([fingerprint, fingerprint, "", "0" * 16, "é" * 3])),
+    req = pb.OpenRequest(fingerprint=draw(mostly(fingerprint, ["", "0" * 16, "é" * 3])),
                          sampling=draw(samplings), codec=draw(st.integers(0, 5)), client=draw(texts),
                          lead=draw(st.booleans()), max_tokens=draw(st.integers(0, 2 ** 32 - 1)),
                          ignore_eos=draw(st.booleans()))
@@ -106,7 +114,7 @@ def speculate_calls(draw):
 
 @st.composite
 def generate_calls(draw, fingerprint):
-    req = pb.GenerateRequest(fingerprint=draw(st.sampled_from([fingerprint, fingerprint, "nope"])),
+    req = pb.GenerateRequest(fingerprint=draw(mostly(fingerprint, ["nope"])),
                              sampling=draw(samplings), max_tokens=draw(st.integers(0, 2 ** 32 - 1)),
                              ignore_eos=draw(st.booleans()), client=draw(texts),
                              session=draw(st.sampled_from(["", "", "deadbeef0000", "x" * 300])))
@@ -131,6 +139,7 @@ class Fuzzer:
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.fingerprint = fingerprint
         self.codes: collections.Counter = collections.Counter()
+        self.examples: dict = {}                  # (rpc, status) -> one message, for the report
 
     def close(self):
         self.channel.close()
@@ -156,6 +165,7 @@ class Fuzzer:
         except grpc.RpcError as e:
             code = e.code()
             self.codes[(kind, code.name)] += 1
+            self.examples.setdefault((kind, code.name), (e.details() or "")[:120])
             if code == grpc.StatusCode.CANCELLED and "cancel" in (e.details() or "").lower():
                 return                                            # our own hang-up
             assert code in CLIENT_ERRORS, f"{kind}: {code.name} {e.details()!r} for {call!r:.600}"
@@ -261,6 +271,8 @@ def fuzz(cloud, drafter, tokenizer, reference, cases: int) -> None:
         total = sum(fz.codes.values())
         print(f"fuzz: {total} cases in {time.monotonic() - t0:.0f} s; good completions {good.done}; "
               f"statuses {dict(sorted(fz.codes.items()))}")
+        for k, msg in sorted(fz.examples.items()):
+            print(f"  {k[0]} {k[1]}: {msg}")
         assert not good.failures, good.failures
         assert good.done >= len(good.jobs)
         assert total >= cases
