@@ -288,3 +288,31 @@ def test_fuzz_every_rpc_while_good_sessions_run(cloud, drafter, tokenizer, refer
 @pytest.mark.slow
 def test_fuzz_2000_cases(cloud, drafter, tokenizer, reference):
     fuzz(cloud, drafter, tokenizer, reference, SLOW_CASES)
+
+
+# -- named cases beside the fuzz ----------------------------------------------------------------
+
+def test_zstd_bomb_is_invalid_argument_and_a_compressed_prompt_equals_the_plain_one(cloud, tokenizer):
+    from proto.prompt_zstd import compress_prompt
+    fz = Fuzzer(cloud.address, tokenizer.fingerprint)
+    try:
+        bomb = zstandard.ZstdCompressor(level=19).compress(b"\x1c\x00" * (32 << 20))   # 64 MB of token 28
+        assert len(bomb) < 8192
+        for rpc in (fz.stub.Open, lambda r, **kw: list(fz.stub.Generate(r, **kw))):
+            req = (pb.OpenRequest if rpc is fz.stub.Open else pb.GenerateRequest)(
+                fingerprint=tokenizer.fingerprint, prompt_zstd=bomb, max_tokens=2)
+            with pytest.raises(grpc.RpcError) as e:
+                rpc(req, timeout=CALL_TIMEOUT_S)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expands past" in e.value.details()
+        prompt = tokenizer.encode(PROMPTS[7])
+        plain = pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt=prompt, max_tokens=8)
+        packed = pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt_zstd=compress_prompt(prompt, WIDTH),
+                                    max_tokens=8)
+        run = lambda r: [t for c in fz.stub.Generate(r, timeout=CALL_TIMEOUT_S) for t in c.tokens]
+        assert run(packed) == run(plain)
+        reply = fz.stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=prompt), timeout=CALL_TIMEOUT_S)
+        assert reply.accepts_prompt_zstd
+        fz._close(reply)
+        fz.assert_alive()
+    finally:
+        fz.close()
