@@ -206,8 +206,7 @@ def test_cli_unreachable_at_start_is_marked_edge_only_or_an_error_with_require_c
     assert r.stderr.strip().count("\n") == 0, "one line, no traceback"
 
 
-@pytest.mark.parametrize("require", [True])
-def test_require_cloud_turns_a_mid_generation_loss_into_an_error(drafter, tokenizer, require):
+def test_require_cloud_turns_a_mid_generation_loss_into_an_error(drafter, tokenizer):
     from edge.client import CloudError
     cloud = start_cloud("--threads", "1")
     client = VerifierClient(cloud.address)
@@ -219,7 +218,7 @@ def test_require_cloud_turns_a_mid_generation_loss_into_an_error(drafter, tokeni
 
     agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos, backoff=FAST)
     cfg = spec_config(64)
-    cfg.require_cloud = require
+    cfg.require_cloud = True
     try:
         with pytest.raises(CloudError):
             agent.generate(tokenizer.encode(PROMPTS[1]), cfg, on_tokens)
