@@ -300,10 +300,10 @@ def test_mutual_tls_refuses_clients_without_a_certificate(pki, tokenizer):
                  str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"))
     try:
         ca = (pki / "ca.pem").read_bytes()
-        anonymous = VerifierClient(d.address, tls_ca=ca, probe_timeout_s=5)
+        anonymous = VerifierClient(d.address, tls_ca=ca, probe_timeout_s=2)
         assert not anonymous.probe(), "no client certificate: the handshake fails"
         anonymous.close()
-        plain = VerifierClient(d.address, probe_timeout_s=5)
+        plain = VerifierClient(d.address, probe_timeout_s=2)
         assert not plain.probe(), "cleartext to a TLS port fails"
         plain.close()
         ok = VerifierClient(d.address, tls_ca=ca, tls_cert=(pki / "client.pem").read_bytes(),
