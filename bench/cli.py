@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"spec": "bench.spec", "moe": "bench.moe", "link": "bench.link"}
+SUITES = {"spec": "bench.spec", "moe": "bench.moe", "link": "bench.link", "load": "bench.load"}
 
 
 def main(argv: list[str] | None = None) -> int:

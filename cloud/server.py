@@ -38,6 +38,7 @@ log = logging.getLogger("tandem.cloud")
 SERVICE = "tandem.v1.Verifier"
 SESSION_HEADER = "tandem-session"
 KEY_HEADER = "tandem-session-key"
+RELEASE_WAIT_S = 5.0
 
 
 def sampling_from_proto(s: pb.Sampling) -> SamplingConfig:
@@ -61,6 +62,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.limits = Limits(target_info.n_vocab, cfg.n_ctx, cfg.max_draft, self.width, cfg.p_top_k, cfg.p_tail)
         self.sessions: dict[str, Session] = {}
         self.free_seqs = list(range(cfg.max_sessions))[::-1]
+        self.releasing = 0                 # sequences of ended sessions not yet cleared
+        self._freed = asyncio.Event()
         self.pass_a_s, self.pass_b_s = pass_model
         self.ar_token_s = self.pass_a_s + self.pass_b_s
 
@@ -84,6 +87,14 @@ class VerifierService(pb_grpc.VerifierServicer):
         await context.abort(code, message)
 
     async def _admit(self, context, sid: str, sampling: SamplingConfig, codec: int, client: str) -> Session:
+        if not self.free_seqs and self.releasing:
+            # a session just ended (an edge switching from speculation to streaming
+            # re-opens at once): its sequence is free after the scheduler's next pass
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), RELEASE_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
         if not self.free_seqs:
             retry_ms = int(self.cfg.retry_after_s * 1000)
             context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
@@ -104,8 +115,14 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.sched.drop(sess.seq)
         loop = asyncio.get_running_loop()
         seq = sess.seq
+        self.releasing += 1
+
+        def freed() -> None:
+            self.releasing -= 1
+            self.free_seqs.append(seq)
+            self._freed.set()
         self.sched.run_now(lambda: self.info.clear(seq)).add_done_callback(
-            lambda _: loop.call_soon_threadsafe(self.free_seqs.append, seq))
+            lambda _: loop.call_soon_threadsafe(freed))
 
     async def _check_fingerprint(self, fp: str, context) -> None:
         if fp != self.info.fingerprint:
