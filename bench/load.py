@@ -150,7 +150,8 @@ def run_cell(address: str, tok, work: list[tuple], mode: str, n: int, n_tokens: 
     from edge.agent import Agent
     from edge.client import VerifierClient
     from edge.config import GenConfig
-    cfg = GenConfig(mode=mode, max_tokens=n_tokens, stop_at_eos=False, emulate_device=DEVICE if mode != "cloud-only" else None)
+    cfg = GenConfig(mode=mode, max_tokens=n_tokens, stop_at_eos=False, require_cloud=True,
+                    emulate_device=DEVICE if mode != "cloud-only" else None)
     before = wait_idle(metrics_port)
     start = threading.Barrier(n)
     results: list[dict] = [None] * n

@@ -20,6 +20,7 @@ import uuid
 import grpc
 import numpy as np
 
+from cloud.auth import sanitize_log_field
 from cloud.config import VerifierConfig
 from cloud.inbox import END, LEAD, Inbox, StreamError
 from cloud.metrics import Metrics
@@ -30,6 +31,7 @@ from kernels import packing
 from kernels.sampling import SamplingConfig
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
+from proto.prompt_zstd import decompress_prompt
 from sim.latency import LatencyProfile
 
 log = logging.getLogger("tandem.cloud")
@@ -48,8 +50,8 @@ def sampling_from_proto(s: pb.Sampling) -> SamplingConfig:
 
 
 def printable(text: str, limit: int = 64) -> str:
-    """A client-supplied string made safe for one log line."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+    """A client-supplied string made safe for one log line (cloud/auth.py)."""
+    return sanitize_log_field(text, limit)
 
 
 class VerifierService(pb_grpc.VerifierServicer):
@@ -142,6 +144,18 @@ class VerifierService(pb_grpc.VerifierServicer):
                                f"session {printable(sid)} belongs to another client (missing or wrong {KEY_HEADER})")
         return sess
 
+    async def _prompt(self, request, context) -> list[int]:
+        """`prompt`, or `prompt_zstd` unpacked under a hard output limit (n_ctx
+        tokens), so a small message that would expand without end is refused."""
+        if not request.prompt_zstd:
+            return list(request.prompt)
+        if request.prompt:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "give prompt or prompt_zstd, not both")
+        try:
+            return decompress_prompt(request.prompt_zstd, self.width, self.cfg.n_ctx)
+        except ValueError as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
     # -- Open ------------------------------------------------------------------
     async def Open(self, request: pb.OpenRequest, context):
         t_open = time.monotonic()
@@ -150,8 +164,10 @@ class VerifierService(pb_grpc.VerifierServicer):
             sampling = sampling_from_proto(request.sampling)
         except BadDraft as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.codec not in (pb.CODEC_P, pb.CODEC_Q):        # proto3 enums are open: any int arrives
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {int(request.codec)}")
+        prompt = await self._prompt(request, context)
         sess = await self._admit(context, uuid.uuid4().hex[:12], sampling, int(request.codec), request.client)
-        prompt = list(request.prompt)
         ld = sess.lead
         ld.on = request.lead or request.lead_first > 0
         ld.until = len(prompt) + (request.max_tokens or self.cfg.n_ctx)
@@ -177,7 +193,8 @@ class VerifierService(pb_grpc.VerifierServicer):
                             n_vocab=self.info.n_vocab, token_width=self.width, n_ctx=self.cfg.n_ctx,
                             max_draft=self.cfg.max_draft, target=self.target_label, emulated=self.emulate is not None,
                             ar_token_s=self.ar_token_s, verify_a_s=self.pass_a_s, verify_b_s=self.pass_b_s,
-                            p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail, server_s=time.monotonic() - t_open)
+                            p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail, server_s=time.monotonic() - t_open,
+                            accepts_prompt_zstd=True)
 
     # -- Speculate -------------------------------------------------------------
     async def Speculate(self, request_iterator, context):
@@ -243,7 +260,7 @@ class VerifierService(pb_grpc.VerifierServicer):
             sampling = sampling_from_proto(request.sampling)
         except BadDraft as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        prompt = list(request.prompt)
+        prompt = await self._prompt(request, context)
         if not prompt or any(not 0 <= t < self.info.n_vocab for t in prompt):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                "prompt is empty or has token ids outside the vocabulary")

@@ -73,6 +73,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--emulate-device", type=device_profile, metavar="|".join(sorted(DEVICES)) + "|custom:A+B",
                     help="hold each draft step to a device's modelled time t(n) = A + B*n seconds "
                          "(outputs say 'emulated')")
+    ap.add_argument("--require-cloud", action="store_true",
+                    help="fail (exit 3) when the verifier is unreachable or lost, instead of going on edge-only "
+                         "with the draft model (marked in the output and warned on stderr) until it is back")
     ap.add_argument("--token", help="bearer token for the verifier")
     ap.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
     ap.add_argument("--threads", type=int, default=2, help="draft model threads (default: %(default)s)")
@@ -87,7 +90,8 @@ def build_config(a) -> GenConfig:
     return GenConfig(mode=a.mode, codec=a.codec, max_tokens=a.max_tokens,
                      sampling=SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed),
                      gamma=a.gamma, window=a.window, adaptive=not a.no_adaptive, cloud_lead=not a.no_cloud_lead,
-                     stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device)
+                     stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device,
+                     require_cloud=getattr(a, "require_cloud", False))
 
 
 def build_drafter(a):
@@ -116,7 +120,8 @@ def run_generate(a) -> int:
     client = None
     if cfg.mode != "edge-only":
         client = VerifierClient(a.cloud, token=a.token, tls_ca=a.tls_ca.read_bytes() if a.tls_ca else None)
-        client.wait_ready()
+        if drafter is None or cfg.require_cloud:
+            client.wait_ready()       # with a drafter the agent serves edge-only until the verifier answers
     agent = Agent(client, drafter, tok.fingerprint, tok.n_vocab, tok.eos)
     for i in range(a.n):
         run_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=cfg.sampling.seed + i))
@@ -143,7 +148,9 @@ def run_generate(a) -> int:
             print(f"\n[{cfg.mode}{' emulated' if s.emulated else ''}] {s.tokens} tokens, "
                   f"{s.tokens_per_s:.1f} tok/s, ttft {s.ttft_s * 1e3:.0f} ms, acceptance {s.acceptance_rate:.2f}, "
                   f"bytes up/down {s.bytes_up}/{s.bytes_down}"
-                  f"{', fallback: ' + s.fallback if s.fallback else ''}", file=sys.stderr, flush=True)
+                  f"{', fallback: ' + s.fallback if s.fallback else ''}"
+                  f"{f', {s.edge_only_tokens} edge-only tokens (draft model, not verified)' if s.edge_only_tokens else ''}",
+                  file=sys.stderr, flush=True)
     if client is not None:
         client.close()
     if drafter is not None:
