@@ -103,6 +103,7 @@ class Planner:
         self.rtt_samples: deque[float] = deque([rtt_s], maxlen=16)
         self.accept = AcceptRate(prior_accept)
         self.verify_a, self.verify_b = verify_a_s, verify_b_s
+        self.advertised_a = verify_a_s
         self.ar_token_s = ar_token_s
         self.fixed_gamma, self.fixed_window = gamma, window
         self.max_gamma, self.max_window = max_gamma, max_window
@@ -121,6 +122,15 @@ class Planner:
         self.t_draft.add(seconds)
 
     @property
+    def cloud_token_s(self) -> float:
+        """The verifier's time per token if this session streamed from it now.
+        A shared verifier batches every session into one pass, so under load a
+        pass (and a block's verify time) grows for streaming and speculation
+        alike: the verify time measured over the advertised one scales both."""
+        load = max(1.0, self.verify_a / self.advertised_a) if self.advertised_a > 0 else 1.0
+        return max(self.ar_token_s * load, 1e-6)
+
+    @property
     def rtt(self) -> float:
         return min(self.rtt_samples)
 
@@ -136,7 +146,7 @@ class Planner:
         c = max(g * td, tv, cycle / w)
         refill = (1 - a ** g) * (cycle - c)
         lead_s = (1 - a ** g) * max(0.0, cycle - c - (rtt if self.lead_after_rtt else 0.0))
-        led = lead_s / max(self.ar_token_s, 1e-6) if self.lead else 0.0
+        led = lead_s / self.cloud_token_s if self.lead else 0.0
         return (expected_tokens(a, g, bonus=False) + led) / (c + refill)
 
     def plan(self, lead_after_rtt: bool | None = None) -> Plan:
@@ -147,7 +157,7 @@ class Planner:
             other = copy.copy(self)
             other.lead_after_rtt = lead_after_rtt
             return other.plan()
-        cloud = 1.0 / max(self.ar_token_s, 1e-6)
+        cloud = 1.0 / self.cloud_token_s
         gammas = [self.fixed_gamma] if self.fixed_gamma else range(1, self.max_gamma + 1)
         best = None
         for g in gammas:

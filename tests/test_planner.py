@@ -77,3 +77,16 @@ def test_starting_needs_a_predicted_gain_keeping_on_only_a_near_tie():
     assert Plan(3, 2, 0.95 * cloud, cloud).speculate and not Plan(3, 2, 0.95 * cloud, cloud).worth_starting
     assert Plan(3, 2, 1.01 * cloud, cloud).worth_starting
     assert not Plan(3, 2, 0.85 * cloud, cloud).speculate
+
+
+def test_a_loaded_verifier_slows_streaming_as_much_as_verification():
+    """Many sessions share one verifier's passes: blocks verified 3x slower than the
+    verifier advertised at Open mean its streaming would be 3x slower too, so
+    speculation is not abandoned for a cloud-only rate the loaded verifier cannot give."""
+    p = planner(lead=True)
+    alone = p.plan()
+    for _ in range(40):
+        p.observe_block(4, 3, round_trip_s=0.05 + 3 * 0.0776, verify_s=3 * (0.070 + 0.0019 * 4))
+    loaded = p.plan()
+    assert abs(loaded.cloud_rate - alone.cloud_rate / 3) < 0.05 * alone.cloud_rate
+    assert loaded.speculate and loaded.spec_rate / loaded.cloud_rate > 0.9 * alone.spec_rate / alone.cloud_rate
