@@ -146,7 +146,7 @@ def test_sensitivity_probe_measures_every_layer(tiny):
     toks = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(5))
     full, cap = MoETransformer(gm, max_ctx=32), []
     ref = full.forward(toks)
-    MoETransformer(gm, max_ctx=32).forward_from(0, full.tok_embd[toks], cap)
+    MoETransformer(gm, max_ctx=32).forward_from(0, full.embed(toks), cap)
     # Re-running from a captured residual equals the whole forward pass.
     torch.testing.assert_close(MoETransformer(gm, max_ctx=32).forward_from(2, cap[2]), ref)
     res = measure(tiny, [toks.tolist()], SensitivityConfig(probe_bits=(8, 2), max_tokens=12),

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from edge.moe.gguf_loader import GGUFModel, expert_to_f32
+from edge.moe.model import fuse_gate_up
 from kernels import quant
 
 FP = 16          # "full precision": whatever the file holds (F16/F32)
@@ -86,14 +87,25 @@ def load_profiles() -> dict[str, StorageProfile]:
             for k, v in raw.items() if not k.startswith("_")}
 
 
-@dataclass
 class ExpertWeights:
-    """One expert as the compute sees it, plus what it costs to hold."""
-    bits: int
-    nbytes: int
-    gate: torch.Tensor        # (F, D) float32 working copy
-    up: torch.Tensor          # (F, D)
-    down: torch.Tensor        # (D, F)
+    """One expert as the compute sees it, plus what it costs to hold:
+    float32 working copies, gate and up fused into one (2F, D) matrix."""
+
+    __slots__ = ("bits", "nbytes", "gate_up", "down")
+
+    def __init__(self, bits: int, nbytes: int, gate: torch.Tensor, up: torch.Tensor,
+                 down: torch.Tensor):
+        self.bits, self.nbytes = bits, nbytes
+        self.gate_up = fuse_gate_up(gate, up)       # (2F, D)
+        self.down = down                            # (D, F)
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return self.gate_up[:self.gate_up.shape[0] // 2]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.gate_up[self.gate_up.shape[0] // 2:]
 
 
 @dataclass
