@@ -37,6 +37,9 @@ def add_args(p) -> None:
                    help="comma-separated policies to run (default: every baseline, dymoe and its "
                         "ablations); resident-fp always runs first as the agreement reference")
     p.add_argument("--no-ablations", action="store_true", help="skip the dymoe-no-X rows")
+    p.add_argument("--budgets", default=None,
+                   help="comma-separated expert budgets in %% (default 25,100 with --quick, "
+                        "else 25,50,75,100)")
 
 
 def _cell(model_path, policy, budget_pct, storage, prompt, cont, threads=1):
@@ -92,6 +95,12 @@ def run(args) -> int:
     _prepare_images(model_path)
     prompt, cont = seq[:pl], seq[pl:pl + n_dec]
     budgets = [25, 100] if args.quick else [25, 50, 75, 100]
+    if args.budgets:
+        try:
+            budgets = [int(b) for b in args.budgets.split(",")]
+        except ValueError:
+            print(f"--budgets takes integers like 25,100, got {args.budgets!r}")
+            return 2
     storages = ["sd-card"] if args.quick else ["ufs", "emmc", "sd-card"]
     from edge.moe.policy import POLICIES as KNOWN
     policies = POLICIES + ([] if args.no_ablations else ABLATIONS)

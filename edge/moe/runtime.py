@@ -101,6 +101,7 @@ class OffloadedExperts(Experts):
                                                         for l in c.moe_layers}), prior)
         self.stats = {l: LayerStats() for l in c.moe_layers}
         self.step = 0
+        self.io_busy_s = 0.0          # modelled flash time spent reading
         self._predicted: dict[int, set[int]] = {}
         self.io = IOQueue(store, self._on_read, batch=policy.batch_reads)
         self._warm_start(prior)
@@ -123,6 +124,7 @@ class OffloadedExperts(Experts):
                     self.cache.admit((l, e), self.store.resident_copy(l, e, b))
 
     def _on_read(self, key, w: ExpertWeights, prefetched: bool, busy: float) -> None:
+        self.io_busy_s += busy
         self.stats[key[0]].bytes_read += w.nbytes
         cur = self.cache.get(key)
         if cur is None or cur.w.bits <= w.bits:
@@ -213,7 +215,7 @@ class OffloadedExperts(Experts):
                 "resident_mix": {("fp" if b == FP else f"int{b}"): n
                                  for b, n in sorted(self.cache.precision_mix().items())},
                 "steps": self.step, "prefetch_dropped": self.io.dropped,
-                "read_requests": self.io.requests,
+                "read_requests": self.io.requests, "io_busy_s": round(self.io_busy_s, 4),
                 "evictions": self.cache.counters.evictions,
                 "total": tot.as_dict(),
                 "layers": {l: s.as_dict() for l, s in self.stats.items()}}

@@ -46,8 +46,7 @@ import torch
 
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.model import MoETransformer, ResidentExperts
-from edge.moe.store import FP, KINDS, ExpertStore, StorageProfile, StoreConfig
-from kernels import quant
+from edge.moe.store import FP, KINDS, ExpertStore, StorageProfile, StoreConfig, flash_copy, working_copy
 
 
 @dataclass
@@ -96,7 +95,7 @@ def _one_layer_degraded(base: ResidentExperts, layer: int, bits: int, group: int
     out = base.copy()
     ws = []
     for e in range(base.gate_up[layer].shape[0]):
-        ws.append([t if b == FP else quant.dequantize(quant.quantize(t, b, group))
+        ws.append([t if b == FP else working_copy(flash_copy(t, b, group))
                    for t, b in ((t, min(bits, native.get((layer, k), FP)))
                                 for t, k in zip(base.expert(layer, e), KINDS))])
     out.set_layer(layer, ws)

@@ -49,7 +49,7 @@ import torch
 
 from edge.moe.gguf_loader import GGUFModel, expert_to_f32
 from edge.moe.model import fuse_gate_up
-from kernels import quant
+from kernels import grid, quant
 
 FP = 16          # "full precision": whatever the file holds (F16/F32)
 KINDS = ("gate", "up", "down")
@@ -57,8 +57,22 @@ PROFILES_FILE = Path(__file__).with_name("storage_profiles.json")
 _MAGIC = b"TNDQ"
 _HEADER = struct.Struct("<4sIIIIQQ")    # magic, version, bits, group, rounds, model size, mtime
 # Well below int8's error on generic weights (~4e-3 at group 32) and above
-# the fp16 rounding of values already on a coarser grid (~2e-4).
+# the fp16 rounding of values already on a coarser grid (~2e-4). Matrices
+# whose grid is recovered exactly (`kernels.grid`) have error 0.
 LOSSLESS_REL_ERR = 1e-3
+IMAGE_VERSION = 2     # 2: matrices on an exact float16 grid keep that grid
+
+
+def flash_copy(w: torch.Tensor, bits: int, group: int) -> quant.QTensor:
+    """The low-bit record of one matrix: its own grid where it has one (a
+    Q4_1-derived matrix at int4 is then stored bit-exact), else fitted."""
+    return grid.exact_grid(w, bits, group) or quant.quantize(w, bits, group)
+
+
+def working_copy(q: quant.QTensor) -> torch.Tensor:
+    """float32 compute copy of a record, rounded through float16 as the file's
+    own values were (exact for an exact grid, within ~5e-4 of the fit else)."""
+    return grid.dequantize_f16(q)
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,10 @@ def load_profiles() -> dict[str, StorageProfile]:
     raw = json.loads(PROFILES_FILE.read_text())
     return {k: StorageProfile(k, float(v["bandwidth_mb_s"]), float(v["latency_ms"]))
             for k, v in raw.items() if not k.startswith("_")}
+
+
+def _rel_err(w: torch.Tensor, bits: int, group: int) -> float:
+    return float((working_copy(flash_copy(w, bits, group)) - w).norm() / w.norm().clamp_min(1e-30))
 
 
 class ExpertWeights:
@@ -167,7 +185,7 @@ class ExpertStore:
         p, st = self.gm.path, self.gm.path.stat()
         path = p.with_name(f"{p.name.removesuffix('.gguf')}.native-g{self.cfg.group}.json")
         key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "group": self.cfg.group,
-               "rounds": quant.REFINE_ROUNDS, "tol": LOSSLESS_REL_ERR}
+               "rounds": quant.REFINE_ROUNDS, "tol": LOSSLESS_REL_ERR, "version": IMAGE_VERSION}
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("key") == key:
@@ -178,8 +196,7 @@ class ExpertStore:
             for i, kind in enumerate(KINDS):
                 native[layer, kind] = FP
                 for bits in quant.BITS[::-1]:           # 2, 4, 8: the first that holds wins
-                    if all(quant.relative_error(w[i], bits, self.cfg.group) <= LOSSLESS_REL_ERR
-                           for w in ws):
+                    if all(_rel_err(w[i], bits, self.cfg.group) <= LOSSLESS_REL_ERR for w in ws):
                         native[layer, kind] = bits
                         break
         per: dict[str, dict[str, int]] = {}
@@ -203,7 +220,7 @@ class ExpertStore:
 
     def _fingerprint(self, bits: int) -> bytes:
         st = self.gm.path.stat()
-        return _HEADER.pack(_MAGIC, 1, bits, self.cfg.group, quant.REFINE_ROUNDS,
+        return _HEADER.pack(_MAGIC, IMAGE_VERSION, bits, self.cfg.group, quant.REFINE_ROUNDS,
                             st.st_size, st.st_mtime_ns)
 
     def _open_image(self, bits: int, log):
@@ -223,7 +240,7 @@ class ExpertStore:
                 for layer in c.moe_layers:
                     for e in range(c.n_expert):
                         for w in self._fp32(layer, e):
-                            q = quant.quantize(w, bits, self.cfg.group)
+                            q = flash_copy(w, bits, self.cfg.group)
                             for t in (q.codes, q.scale, q.minv):
                                 f.write(t.contiguous().numpy().tobytes())
             os.replace(tmp, path)
@@ -294,7 +311,7 @@ class ExpertStore:
         for i, kind in enumerate(KINDS):
             b = self.matrix_bits(layer, kind, bits)
             out.append(torch.from_numpy(expert_to_f32(*self.gm.expert_raw(layer, kind, e)).copy())
-                       if b == FP else quant.dequantize(self._quantised(layer, e, b)[i]))
+                       if b == FP else working_copy(self._quantised(layer, e, b)[i]))
         return out
 
     def resident_copy(self, layer: int, e: int, bits: int) -> ExpertWeights:
