@@ -98,21 +98,14 @@ def run(args) -> int:
     from edge.moe.cli import calib_cache, default_model
     from edge.model_files import shipped_gguf
     torch.set_num_threads(args.threads)
-    model_path = args.moe_model or default_model()
-    if not model_path.exists():
-        print(f"{model_path} not found; run `edge-agent moeify` first")
-        return 2
-    text = load_or_generate(shipped_gguf(), calib_cache())
-    seq, pl = text["heldout"][0], text["heldout_prompt_len"][0]
-    n_dec = args.decode_tokens or (24 if args.quick else 64)
-    copies = _prepare_images(model_path)
-    prompt, cont = seq[:pl], seq[pl:pl + n_dec]
     budgets = [25, 100] if args.quick else [25, 50, 75, 100]
     if args.budgets:
         try:
             budgets = [int(b) for b in args.budgets.split(",")]
         except ValueError:
-            print(f"--budgets takes integers like 25,100, got {args.budgets!r}")
+            budgets = []
+        if not budgets or not all(0 < b <= 100 for b in budgets):
+            print(f"--budgets takes percentages in (0, 100] like 25,100, got {args.budgets!r}")
             return 2
     storages = ["sd-card"] if args.quick else ["ufs", "emmc", "sd-card"]
     from edge.moe.policy import POLICIES as KNOWN
@@ -124,8 +117,17 @@ def run(args) -> int:
             print(f"unknown policies {', '.join(bad)}; known: {', '.join(KNOWN)}")
             return 2
         policies = ["resident-fp"] + [p for p in policies if p != "resident-fp"]
+    model_path = args.moe_model or default_model()
+    if not model_path.exists():
+        print(f"{model_path} not found; run `edge-agent moeify` first")
+        return 2
+    text = load_or_generate(shipped_gguf(), calib_cache())
+    seq, pl = text["heldout"][0], text["heldout_prompt_len"][0]
+    n_dec = args.decode_tokens or (24 if args.quick else 64)
+    copies = _prepare_images(model_path)
+    prompt, cont = seq[:pl], seq[pl:pl + n_dec]
     rows = []
-    ref_top, ref = None, None
+    ref_top = None
     _cell(model_path, "resident-fp", 100, "none", prompt, cont[:2], args.threads, copies)   # warm-up, untimed
     for storage in storages:
         for policy in policies:
