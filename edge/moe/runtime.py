@@ -146,6 +146,9 @@ class OffloadedExperts(Experts):
     def hint(self, layer: int, sel: torch.Tensor, imp: torch.Tensor) -> None:
         need = expert_requirements(self.policy, layer, sel, imp)
         self._predicted[layer] = set(need)
+        if sel.shape[0] == 1 and self.policy.prefetch_min_imp > 0:
+            sure = {e for e, p in zip(sel[0].tolist(), imp[0].tolist()) if p >= self.policy.prefetch_min_imp}
+            need = {e: b for e, b in need.items() if e in sure}
         fetch = []
         for e, bits in need.items():
             cur = self.cache.get((layer, e))
