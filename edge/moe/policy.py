@@ -22,9 +22,13 @@ so the runtime stays a plain loop.
   missing expert once for all its tokens at the layer's low precision,
   since prompt positions are not sampled from. Residency by a calibration-
   free prior (running gate frequency + weight-norm score), look-ahead
-  prefetch (for one token only of the guesses with at least the uniform
-  share of predicted importance: the flash is the bottleneck, and the
-  weakest guesses were wrong often enough to cost 17 % of the bytes read).
+  prefetch during prompts. Not for single tokens: there the flash is the
+  bottleneck (~0.19 s of reads a token against ~0.04 s of compute to hide
+  them behind), and a read of a wrong guess holds the queue when the
+  layer's real misses arrive; measured on the test bed at 25 %, SD card:
+  TPOT 0.255-0.262 s with decode prefetch (only guesses of at least the
+  uniform importance share; all guesses was worse: 17 % more bytes),
+  0.238-0.241 s without, agreement the same.
 - dymoe-no-{evict,prior,importance,prefetch,batch}: dymoe with one
   mechanism switched off (ablations for the benchmark): LRU instead of
   next-use eviction; no weight-norm prior (warm start and flash order by
@@ -43,7 +47,7 @@ POLICIES = ("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-
             "dymoe") + tuple(f"dymoe-no-{a}" for a in ABLATIONS)
 _DYMOE = dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
               evict_next_use=True, prefill_low=True, high_above_floor=True, native=True,
-              batch_reads=True, prefill_lookahead=2, prefetch_min_imp=0.25)
+              batch_reads=True, prefill_lookahead=2, prefetch_decode=False)
 _ABLATE = {"evict": dict(evict_next_use=False), "prior": dict(prior=False),
            "importance": dict(importance=False), "prefetch": dict(prefetch=False),
            "batch": dict(batch_reads=False)}
@@ -65,7 +69,7 @@ class PolicyConfig:
     native: bool = False         # DyMoE's flash format: matrices at their lossless precision
     batch_reads: bool = False    # adjacent experts of one layer in one storage request
     prefill_lookahead: int = 1   # layers hinted ahead during a prompt
-    prefetch_min_imp: float = 0.0  # decode: prefetch only guesses with this much predicted importance
+    prefetch_decode: bool = True # look ahead for single tokens too (else only in prompts)
     floors: dict[int, int] = field(default_factory=dict)   # layer -> min bits
 
     @classmethod

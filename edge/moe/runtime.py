@@ -138,17 +138,17 @@ class OffloadedExperts(Experts):
         """A prompt needs nearly every expert of every layer, so guessing two
         layers ahead costs little and keeps the flash queue from running dry
         behind layers that were mostly resident; a decode token looks one
-        layer ahead, where the guess is good."""
+        layer ahead, where the guess is good, if the policy prefetches for
+        single tokens at all."""
         if not self.policy.prefetch:
             return 0
-        return self.policy.prefill_lookahead if tokens > 1 else 1
+        if tokens > 1:
+            return self.policy.prefill_lookahead
+        return 1 if self.policy.prefetch_decode else 0
 
     def hint(self, layer: int, sel: torch.Tensor, imp: torch.Tensor) -> None:
         need = expert_requirements(self.policy, layer, sel, imp)
         self._predicted[layer] = set(need)
-        if sel.shape[0] == 1 and self.policy.prefetch_min_imp > 0:
-            sure = {e for e, p in zip(sel[0].tolist(), imp[0].tolist()) if p >= self.policy.prefetch_min_imp}
-            need = {e: b for e, b in need.items() if e in sure}
         fetch = []
         for e, bits in need.items():
             cur = self.cache.get((layer, e))
