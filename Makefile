@@ -9,6 +9,7 @@ MODELS := models
 DRAFT := $(MODELS)/draft-l29.gguf
 DRAFT_BEST := $(MODELS)/draft-q8.gguf
 MOE := $(MODELS)/smollm2-moe.gguf
+MOE_FLOORS := $(MODELS)/smollm2-moe.floors.json
 
 .PHONY: setup models models-moe demo test test-all bench bench-quick report replicas proto lint clean help
 
@@ -47,12 +48,15 @@ models: $(STAMP)
 	@$(PY) -m edge.derive --out-dir $(MODELS)
 
 # The DyMoE test bed: a MoE carved and trained from SmolLM2 (~6 min on 2 cores, once),
-# then its per-layer precision floors (stored beside it).
+# then its per-layer precision floors (stored beside it; measured again when the
+# calibration's code or its fixed tokens change: the same floors on any machine).
 $(MOE): $(STAMP)
 	@$(VENV)/bin/edge-agent moeify --out $@
-	@$(VENV)/bin/edge-agent moe-calibrate --moe-model $@
 
-models-moe: models $(MOE)
+$(MOE_FLOORS): $(MOE) edge/moe/sensitivity.py edge/moe/fixed_calib_tokens.json kernels/grid.py
+	@$(VENV)/bin/edge-agent moe-calibrate --moe-model $(MOE)
+
+models-moe: models $(MOE_FLOORS)
 
 demo: setup models
 	@$(PY) -m bench.demo

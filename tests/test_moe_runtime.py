@@ -11,7 +11,7 @@ from edge.moe.model import MoETransformer
 from edge.moe.policy import PolicyConfig, default_floors, expert_requirements
 from edge.moe.sensitivity import floors_from_kl, tolerance
 from edge.moe.runtime import BudgetTooSmall, OffloadedExperts
-from edge.moe.store import ExpertStore, StorageProfile, StoreConfig
+from edge.moe.store import ExpertStore, StorageProfile, StoreConfig, flash_copy, working_copy
 
 
 SPEC = MoESpec("llama", 3, 64, 4, 2, 16, 8, 64, [2, 2, 2])
@@ -125,7 +125,6 @@ def test_dymoe_precision_by_importance_floor_and_prefill():
 
 
 def test_low_bit_image_is_written_once_and_read_back(tiny):
-    from kernels import quant
     gm = GGUFModel(tiny)
     store = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none")))
     store.prepare([4])
@@ -136,7 +135,7 @@ def test_low_bit_image_is_written_once_and_read_back(tiny):
     assert path.stat().st_mtime_ns == mtime
     w, _ = again.read(1, 3, 4)
     fp = store.resident_copy(1, 3, 16)
-    torch.testing.assert_close(w.down, quant.dequantize(quant.quantize(fp.down, 4)))
+    torch.testing.assert_close(w.down, working_copy(flash_copy(fp.down, 4, 32)))
     assert w.nbytes == store.nbytes(1, 4) < fp.nbytes / 3
 
 
@@ -146,7 +145,7 @@ def test_sensitivity_probe_measures_every_layer(tiny):
     toks = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(5))
     full, cap = MoETransformer(gm, max_ctx=32), []
     ref = full.forward(toks)
-    MoETransformer(gm, max_ctx=32).forward_from(0, full.tok_embd[toks], cap)
+    MoETransformer(gm, max_ctx=32).forward_from(0, full.embed(toks), cap)
     # Re-running from a captured residual equals the whole forward pass.
     torch.testing.assert_close(MoETransformer(gm, max_ctx=32).forward_from(2, cap[2]), ref)
     res = measure(tiny, [toks.tolist()], SensitivityConfig(probe_bits=(8, 2), max_tokens=12),
@@ -258,3 +257,47 @@ def test_batched_io_reads_adjacent_experts_as_one_request(tiny):
             assert torch.equal(a.down, b.down) and a.nbytes == b.nbytes
     with pytest.raises(ValueError, match="not one contiguous extent"):
         next(store.read_run(1, [0, 1], 16))              # order [1, 3, 0, 2]: 0 and 1 are apart
+
+
+def _gridded_moe(tmp_path):
+    """The tiny MoE with gate/up put on an exact float16 int4 grid, as a
+    Q4_1 source leaves them (down stays random floats)."""
+    from kernels import quant
+    t = random_moe(SPEC, 49152, seed=5)
+    for i in range(SPEC.n_layer):
+        for k in ("gate", "up"):
+            name = f"blk.{i}.ffn_{k}_exps.weight"
+            t[name] = np.stack([quant.dequantize(quant.quantize(torch.from_numpy(m), 4)).half().float().numpy()
+                                for m in t[name]])
+    return write_moe(tmp_path / "grid.gguf", SPEC, t, shipped_gguf(), dtype=np.float16)
+
+
+def test_lru_native_reads_the_file_exactly_and_fewer_bytes(tmp_path):
+    """lru-native (llama.cpp's mmap of a quantised file) reads gate/up at
+    int4 and still reproduces resident-fp bit for bit: the grid is the
+    file's own, recovered exactly."""
+    path = _gridded_moe(tmp_path)
+    ref, _ = run_policy(path, "resident-fp", 100)
+    fp, st_fp = run_policy(path, "lru-fp", 30)
+    nat, st_nat = run_policy(path, "lru-native", 30)
+    np.testing.assert_array_equal(nat, ref)
+    np.testing.assert_array_equal(fp, ref)
+    per_read = lambda st: st["total"]["bytes_read"] / st["total"]["misses"]
+    assert per_read(st_nat) < 0.75 * per_read(st_fp)
+
+
+def test_ablations_switch_off_one_mechanism_each():
+    from dataclasses import asdict
+    from edge.moe.policy import ABLATIONS
+    base = asdict(PolicyConfig.from_name("dymoe", {1: 4}))
+    changed = {}
+    for a in ABLATIONS:
+        p = asdict(PolicyConfig.from_name(f"dymoe-no-{a}", {1: 4}))
+        diff = {k for k in p if p[k] != base[k]} - {"name"}
+        assert len(diff) == 1 and p["floors"] == {1: 4}
+        changed[a] = diff.pop()
+    assert changed == {"evict": "evict_next_use", "prior": "prior", "importance": "importance",
+                       "prefetch": "prefetch", "batch": "batch_reads"}
+    p = PolicyConfig.from_name("dymoe-no-importance", {1: 4})
+    assert expert_requirements(p, 1, torch.tensor([[0, 1]]), torch.tensor([[0.9, 0.1]])) == {0: 4, 1: 4}
+    assert PolicyConfig.from_name("lru-native").native and not PolicyConfig.from_name("lru-fp").native

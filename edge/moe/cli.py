@@ -87,7 +87,9 @@ def run_moeify(args) -> int:
 # ---- precision floors -------------------------------------------------------
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-model", type=Path, default=None, help="MoE GGUF (default models/smollm2-moe.gguf)")
-    p.add_argument("--tokens", type=int, default=400, help="held-out tokens to measure KL on")
+    p.add_argument("--tokens", type=int, default=800,
+                   help="tokens of the fixed calibration text (edge/moe/fixed_text.py) to measure "
+                        "KL on (default %(default)s: all of it)")
     p.add_argument("--kl-tol", type=float, default=0.01,
                    help="per-layer KL (nats/token) a layer may add at its floor precision")
     p.add_argument("--noise-factor", type=float, default=3.0,
@@ -103,23 +105,44 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args) -> int:
-    from edge.moe.calib_text import load_or_generate
-    from edge.moe.drafter import floors_path
-    from edge.moe.sensitivity import SensitivityConfig, measure, refloor, save
+    import os
+    # Pin the numeric code paths before torch starts (the same floors on any
+    # x86 machine): MKL's conditional reproducibility at AVX2, torch's own
+    # vectorised kernels at AVX2. One thread and deterministic algorithms
+    # are set by the measurement itself.
+    os.environ.setdefault("MKL_CBWR", "AVX2")
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    import hashlib
     import torch
     torch.set_num_threads(THREADS)
+    from edge.moe.drafter import floors_path
+    from edge.moe.fixed_text import fixed_sequences
+    from edge.moe.sensitivity import SensitivityConfig, measure, refloor, save
     model = args.moe_model or default_model()
     if not model.exists():
         _log(f"[moe-calibrate] {model} not found; run `edge-agent moeify` first")
+        return 2
+    if args.tokens <= 0:
+        _log(f"[moe-calibrate] --tokens must be positive, got {args.tokens}")
         return 2
     cfg = SensitivityConfig(max_tokens=args.tokens, kl_tol=args.kl_tol,
                             noise_factor=args.noise_factor, max_floor=args.max_floor,
                             kl_budget=args.kl_budget)
     if args.from_kl:
+        if not floors_path(model).exists():
+            _log(f"[moe-calibrate] {floors_path(model)} not found: measure first (without --from-kl)")
+            return 2
         res = refloor(json.loads(floors_path(model).read_text()), cfg, model)
     else:
-        text = load_or_generate(shipped_gguf(), calib_cache(), log=_log)
-        res = measure(model, text["heldout"], cfg, log=_log)
+        from edge.moe.gguf_loader import GGUFModel
+        try:
+            seqs = fixed_sequences(GGUFModel(model).cfg.n_vocab)
+        except ValueError as exc:
+            _log(f"[moe-calibrate] error: {exc}")
+            return 2
+        res = measure(model, seqs, cfg, log=_log)
+        with open(model, "rb") as f:
+            res["model_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     save(res, floors_path(model))
     _log(f"[moe-calibrate] {'KL budget' if cfg.kl_budget > 0 else 'tolerance'} "
          f"{res['tolerance']:.4f} nats/token; "
@@ -142,9 +165,11 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
                    help="resident expert memory as %% of the full-precision expert bytes")
     g.add_argument("--storage", default="none", choices=["ufs", "emmc", "sd-card", "none"],
                    help="modelled flash the experts are read from (default none)")
-    g.add_argument("--moe-policy", default="dymoe",
-                   choices=["dymoe", "resident-fp", "lru-fp", "lru-prefetch-int4",
-                            "static-int2", "static-int4"])
+    from edge.moe.policy import POLICIES
+    g.add_argument("--moe-policy", default="dymoe", choices=POLICIES, metavar="POLICY",
+                   help="expert policy (default %(default)s): " + ", ".join(POLICIES) +
+                        "; lru-native is llama.cpp's mmap of the quantised file, dymoe-no-X "
+                        "switches off one DyMoE mechanism")
 
 
 def build_drafter(args):

@@ -30,6 +30,7 @@ class MoEDrafterConfig:
     # OpenMP workers of 2 threads wait on preempted peers; measured 10x
     # slower per token than 1 thread under load.
     threads: int = 1
+    working_copies: dict | None = None   # shared float32 copies (benchmark cells), see StoreConfig
 
 
 def floors_path(model: Path) -> Path:
@@ -53,7 +54,8 @@ def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExper
         raise ValueError("give --expert-budget-mb or --expert-budget-pct, not both")
     gm = GGUFModel(cfg.model)
     policy = PolicyConfig.from_name(cfg.policy, load_floors(cfg.model, gm))
-    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name(cfg.storage), native=policy.native))
+    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name(cfg.storage), native=policy.native,
+                                        working_copies=cfg.working_copies))
     total = store.total_fp_nbytes()
     if cfg.budget_mb is not None:
         if cfg.budget_mb <= 0:

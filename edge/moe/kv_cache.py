@@ -16,11 +16,13 @@ class KVCacheConfig:
 
 class KVCache:
     """Slot p holds position p. Rolling back is only moving `n_past`: stale
-    slots beyond it are overwritten by the next `update` before being read."""
+    slots beyond it are overwritten by the next `update` before being read.
+    Stored head-major, (layer, kv head, position, hd), so a layer's keys are
+    read by attention as they lie, without a transposed copy per token."""
 
     def __init__(self, cfg: KVCacheConfig):
         self.cfg = cfg
-        shape = (cfg.n_layer, cfg.max_ctx, cfg.n_kv_head, cfg.head_dim)
+        shape = (cfg.n_layer, cfg.n_kv_head, cfg.max_ctx, cfg.head_dim)
         self.k = torch.zeros(shape)
         self.v = torch.zeros(shape)
         self.n_past = 0
@@ -32,11 +34,11 @@ class KVCache:
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (T, n_kv, hd) at positions pos..pos+T-1 and return the
-        keys/values of positions 0..pos+T-1, (pos+T, n_kv, hd) each."""
+        keys/values of positions 0..pos+T-1, (n_kv, pos+T, hd) each."""
         t = k.shape[0]
-        self.k[layer, pos:pos + t] = k
-        self.v[layer, pos:pos + t] = v
-        return self.k[layer, :pos + t], self.v[layer, :pos + t]
+        self.k[layer, :, pos:pos + t] = k.transpose(0, 1)
+        self.v[layer, :, pos:pos + t] = v.transpose(0, 1)
+        return self.k[layer, :, :pos + t], self.v[layer, :, :pos + t]
 
     def truncate(self, n_past: int) -> None:
         if not 0 <= n_past <= self.n_past:

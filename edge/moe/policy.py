@@ -4,7 +4,10 @@ One `PolicyConfig` per named policy; the decisions are small pure methods
 so the runtime stays a plain loop.
 
 - resident-fp: every expert in memory at full precision (quality reference).
-- lru-fp: on-demand reads at full precision, LRU eviction (llama.cpp mmap).
+- lru-fp: on-demand reads of the F16 file, LRU eviction.
+- lru-native: on-demand reads of each matrix at the precision the file
+  really holds (a Q4-derived matrix at int4), LRU, no prefetch, no
+  importance: what a llama.cpp user gets by mmapping the quantised file.
 - lru-prefetch-int4: LRU + next-layer gate prefetch, everything int4
   (Mixtral-offloading).
 - static-int2 / static-int4: uniform precision, LRU.
@@ -19,7 +22,18 @@ so the runtime stays a plain loop.
   missing expert once for all its tokens at the layer's low precision,
   since prompt positions are not sampled from. Residency by a calibration-
   free prior (running gate frequency + weight-norm score), look-ahead
-  prefetch.
+  prefetch during prompts. Not for single tokens: there the flash is the
+  bottleneck (~0.19 s of reads a token against ~0.04 s of compute to hide
+  them behind), and a read of a wrong guess holds the queue when the
+  layer's real misses arrive; measured on the test bed at 25 %, SD card:
+  TPOT 0.255-0.262 s with decode prefetch (only guesses of at least the
+  uniform importance share; all guesses was worse: 17 % more bytes),
+  0.238-0.241 s without, agreement the same.
+- dymoe-no-{evict,prior,importance,prefetch,batch}: dymoe with one
+  mechanism switched off (ablations for the benchmark): LRU instead of
+  next-use eviction; no weight-norm prior (warm start and flash order by
+  id); every expert at the layer's floor whatever its gate weight; demand
+  reads only; one storage request per expert.
 """
 from __future__ import annotations
 
@@ -28,7 +42,15 @@ from dataclasses import dataclass, field
 from edge.moe.store import FP
 
 LADDER = (2, 4, 8, FP)
-POLICIES = ("resident-fp", "lru-fp", "lru-prefetch-int4", "static-int2", "static-int4", "dymoe")
+ABLATIONS = ("evict", "prior", "importance", "prefetch", "batch")
+POLICIES = ("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-int2", "static-int4",
+            "dymoe") + tuple(f"dymoe-no-{a}" for a in ABLATIONS)
+_DYMOE = dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
+              evict_next_use=True, prefill_low=True, high_above_floor=True, native=True,
+              batch_reads=True, prefill_lookahead=2, prefetch_decode=False)
+_ABLATE = {"evict": dict(evict_next_use=False), "prior": dict(prior=False),
+           "importance": dict(importance=False), "prefetch": dict(prefetch=False),
+           "batch": dict(batch_reads=False)}
 
 
 @dataclass
@@ -38,13 +60,16 @@ class PolicyConfig:
     low_bits: int = FP           # precision allowed for unimportant ones
     high_share: float = 1.0      # experts covering this much gate mass run high
     prefetch: bool = False
-    prior: bool = False          # residency by frequency + norm prior (else LRU)
+    prior: bool = False          # weight-norm prior: warm start, flash order, first use rates
+    evict_next_use: bool = False # evict by expected time to next use (else LRU)
+    importance: bool = True      # precision by the token's gate weight (else all at the floor)
     all_resident: bool = False
     prefill_low: bool = False    # prompt tokens read experts at the layer's low precision
     high_above_floor: bool = False
     native: bool = False         # DyMoE's flash format: matrices at their lossless precision
     batch_reads: bool = False    # adjacent experts of one layer in one storage request
     prefill_lookahead: int = 1   # layers hinted ahead during a prompt
+    prefetch_decode: bool = True # look ahead for single tokens too (else only in prompts)
     floors: dict[int, int] = field(default_factory=dict)   # layer -> min bits
 
     @classmethod
@@ -52,16 +77,18 @@ class PolicyConfig:
         table = {
             "resident-fp": dict(all_resident=True),
             "lru-fp": dict(),
+            "lru-native": dict(native=True),
             "lru-prefetch-int4": dict(high_bits=4, low_bits=4, prefetch=True),
             "static-int2": dict(high_bits=2, low_bits=2),
             "static-int4": dict(high_bits=4, low_bits=4),
-            "dymoe": dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
-                          prefill_low=True, high_above_floor=True, native=True,
-                          batch_reads=True, prefill_lookahead=2),
+            "dymoe": _DYMOE,
         }
+        for a, off in _ABLATE.items():
+            table[f"dymoe-no-{a}"] = {**_DYMOE, **off}
         if name not in table:
             raise ValueError(f"unknown MoE policy {name!r}; known: {', '.join(POLICIES)}")
-        return cls(name=name, floors=dict(floors or {}) if name == "dymoe" else {}, **table[name])
+        dymoe = name.startswith("dymoe")
+        return cls(name=name, floors=dict(floors or {}) if dymoe else {}, **table[name])
 
     # ---- precision --------------------------------------------------------
     def low_for(self, layer: int) -> int:
@@ -88,6 +115,8 @@ class PolicyConfig:
         """Precision an expert needs for this token. `cum_before` is the gate
         mass of the more important experts chosen with it: the first experts
         up to `high_share` of the mass run high, the tail may run low."""
+        if not self.importance:
+            return self.low_for(layer)
         high = imp_sorted_rank == 0 or cum_before < self.high_share
         return self.high_for(layer) if high else self.low_for(layer)
 
@@ -115,12 +144,11 @@ def expert_requirements(policy: PolicyConfig, layer: int, sel, imp) -> dict[int,
         low = policy.low_for(layer)
         return {int(e): low for e in sel.unique().tolist()}
     need: dict[int, int] = {}
-    order = imp.argsort(dim=-1, descending=True)
-    for t in range(sel.shape[0]):
+    for es, ps in zip(sel.tolist(), imp.tolist()):
         cum = 0.0
-        for r, a in enumerate(order[t].tolist()):
-            e = int(sel[t, a])
+        # Most important first; ties keep the router's order.
+        for r, (p, e) in enumerate(sorted(zip(ps, es), key=lambda t: -t[0])):
             bits = policy.required_bits(layer, r, cum)
             need[e] = max(need.get(e, 0), bits)
-            cum += float(imp[t, a])
+            cum += p
     return need

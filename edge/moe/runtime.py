@@ -18,7 +18,7 @@ import torch
 
 from edge.moe.cache import CacheConfig, ExpertCache
 from edge.moe.gguf_loader import GGUFModel
-from edge.moe.model import Experts, swiglu
+from edge.moe.model import Experts, add_expert_one, add_expert_rows
 from edge.moe.policy import PolicyConfig, expert_requirements
 from edge.moe.prefetch import DEMAND, PREFETCH, IOQueue
 from edge.moe.store import FP, ExpertStore, ExpertWeights
@@ -96,11 +96,12 @@ class OffloadedExperts(Experts):
         if policy.batch_reads and prior:
             store.set_order({l: sorted(range(c.n_expert), key=lambda e: -prior[l, e])
                              for l in c.moe_layers})
-        self.cache = ExpertCache(CacheConfig(budget_bytes, use_prior=policy.prior, cycle=c.n_layer,
+        self.cache = ExpertCache(CacheConfig(budget_bytes, use_prior=policy.evict_next_use, cycle=c.n_layer,
                                              base_rate={l: c.expert_used[l] / c.n_expert
                                                         for l in c.moe_layers}), prior)
         self.stats = {l: LayerStats() for l in c.moe_layers}
         self.step = 0
+        self.io_busy_s = 0.0          # modelled flash time spent reading
         self._predicted: dict[int, set[int]] = {}
         self.io = IOQueue(store, self._on_read, batch=policy.batch_reads)
         self._warm_start(prior)
@@ -123,6 +124,7 @@ class OffloadedExperts(Experts):
                     self.cache.admit((l, e), self.store.resident_copy(l, e, b))
 
     def _on_read(self, key, w: ExpertWeights, prefetched: bool, busy: float) -> None:
+        self.io_busy_s += busy
         self.stats[key[0]].bytes_read += w.nbytes
         cur = self.cache.get(key)
         if cur is None or cur.w.bits <= w.bits:
@@ -136,10 +138,13 @@ class OffloadedExperts(Experts):
         """A prompt needs nearly every expert of every layer, so guessing two
         layers ahead costs little and keeps the flash queue from running dry
         behind layers that were mostly resident; a decode token looks one
-        layer ahead, where the guess is good."""
+        layer ahead, where the guess is good, if the policy prefetches for
+        single tokens at all."""
         if not self.policy.prefetch:
             return 0
-        return self.policy.prefill_lookahead if tokens > 1 else 1
+        if tokens > 1:
+            return self.policy.prefill_lookahead
+        return 1 if self.policy.prefetch_decode else 0
 
     def hint(self, layer: int, sel: torch.Tensor, imp: torch.Tensor) -> None:
         need = expert_requirements(self.policy, layer, sel, imp)
@@ -175,24 +180,27 @@ class OffloadedExperts(Experts):
         futs = self.io.submit_many(layer, missing, DEMAND, self.step)
         waiting = {e: (bits, f) for (e, bits), f in zip(missing, futs)}
         out = torch.zeros_like(x)
+        # One token: its gate weight per expert, read once from the tensor.
+        gate_w = dict(zip(sel[0].tolist(), w[0].tolist())) if x.shape[0] == 1 else None
         for e, ew in ready.items():
-            self._accumulate(out, layer, e, ew, x, sel, w)
+            self._accumulate(out, layer, e, ew, x, sel, w, gate_w)
         for e, (bits, fut) in waiting.items():
             t0 = time.perf_counter()
             ew = fut.result()
             while ew is None or ew.bits < bits:      # a dropped or too-coarse prefetch
                 ew = self.io.submit(layer, e, bits, DEMAND, self.step).result()
             st.stall_s += time.perf_counter() - t0
-            self._accumulate(out, layer, e, ew, x, sel, w)
+            self._accumulate(out, layer, e, ew, x, sel, w, gate_w)
         self.cache.pinned = set()
         if layer == self.gm.cfg.moe_layers[-1]:
             self.step += 1
         return out
 
-    def _accumulate(self, out, layer, e, ew: ExpertWeights, x, sel, w) -> None:
-        rows, slot = (sel == e).nonzero(as_tuple=True)
-        # rows are distinct (a token picks an expert once): plain indexed add.
-        out[rows] += swiglu(x[rows], ew.gate, ew.up, ew.down) * w[rows, slot, None]
+    def _accumulate(self, out, layer, e, ew: ExpertWeights, x, sel, w, gate_w) -> None:
+        if gate_w is not None:
+            add_expert_one(out, x, ew.gate_up, ew.down, gate_w[e])
+        else:
+            add_expert_rows(out, x, sel, w, e, ew.gate_up, ew.down)
         bu = self.stats[layer].bits_used
         bu[ew.bits] = bu.get(ew.bits, 0) + 1
 
@@ -210,7 +218,7 @@ class OffloadedExperts(Experts):
                 "resident_mix": {("fp" if b == FP else f"int{b}"): n
                                  for b, n in sorted(self.cache.precision_mix().items())},
                 "steps": self.step, "prefetch_dropped": self.io.dropped,
-                "read_requests": self.io.requests,
+                "read_requests": self.io.requests, "io_busy_s": round(self.io_busy_s, 4),
                 "evictions": self.cache.counters.evictions,
                 "total": tot.as_dict(),
                 "layers": {l: s.as_dict() for l, s in self.stats.items()}}

@@ -36,7 +36,9 @@ once, so a probe only re-runs the layers from the probed one on.
 from __future__ import annotations
 
 import json
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +46,7 @@ import torch
 
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.model import MoETransformer, ResidentExperts
-from edge.moe.store import FP, KINDS, ExpertStore, StorageProfile, StoreConfig
-from kernels import quant
+from edge.moe.store import FP, KINDS, ExpertStore, StorageProfile, StoreConfig, flash_copy, working_copy
 
 
 @dataclass
@@ -55,20 +56,50 @@ class SensitivityConfig:
     noise_factor: float = 3.0
     max_floor: int = FP
     kl_budget: float = 0.03      # summed over layers; 0: per-layer tolerance instead
-    max_tokens: int = 400
+    max_tokens: int = 800
     group: int = 32
 
 
-class _OneLayerDegraded(ResidentExperts):
-    def __init__(self, base: ResidentExperts, layer: int, bits: int, group: int,
-                 native: dict[tuple[int, str], int] | None = None):
-        self.w = dict(base.w)
-        native = native or {}
-        for (l, e), ws in base.w.items():
-            if l == layer:
-                self.w[l, e] = tuple(
-                    t if b == FP else quant.dequantize(quant.quantize(t, b, group))
-                    for t, b in ((t, min(bits, native.get((l, k), FP))) for t, k in zip(ws, KINDS)))
+# Measured KLs are snapped to a log grid before any floor is chosen, so
+# noise in the last digits (another BLAS code path, a routing near-tie
+# resolved the other way) does not move a floor: 20 steps a decade is a
+# ~12 % step; anything below 1e-4 nats counts as 1e-4 (still not free).
+KL_STEPS_PER_DECADE = 20
+KL_MIN = 1e-4
+
+
+def quantise_kl(kl: float) -> float:
+    k = max(kl, KL_MIN)
+    return float(f"{10 ** (round(math.log10(k) * KL_STEPS_PER_DECADE) / KL_STEPS_PER_DECADE):.4g}")
+
+
+@contextmanager
+def reproducible_torch():
+    """One thread and deterministic kernels while measuring: a reduction's
+    order then depends on neither the thread count nor the load."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+
+
+def _one_layer_degraded(base: ResidentExperts, layer: int, bits: int, group: int,
+                        native: dict[tuple[int, str], int] | None = None) -> ResidentExperts:
+    """`base` with every expert of `layer` quantised to `bits` (each matrix at
+    most at its own lossless precision), the other layers shared."""
+    native = native or {}
+    out = base.copy()
+    ws = []
+    for e in range(base.gate_up[layer].shape[0]):
+        ws.append([t if b == FP else working_copy(flash_copy(t, b, group))
+                   for t, b in ((t, min(bits, native.get((layer, k), FP)))
+                                for t, k in zip(base.expert(layer, e), KINDS))])
+    out.set_layer(layer, ws)
+    return out
 
 
 def tolerance(kl: dict[int, dict[int, float]], kl_tol: float, noise_factor: float) -> float:
@@ -84,10 +115,15 @@ def floors_from_kl(kl: dict[int, dict[int, float]], tol: float, max_floor: int =
             for l in layers}
 
 
-def measure(path: Path, seqs: list[list[int]], cfg: SensitivityConfig = SensitivityConfig(),
+def measure(path: Path | GGUFModel, seqs: list[list[int]], cfg: SensitivityConfig = SensitivityConfig(),
             log=print) -> dict:
+    with reproducible_torch():
+        return _measure(path, seqs, cfg, log)
+
+
+def _measure(path: Path | GGUFModel, seqs: list[list[int]], cfg: SensitivityConfig, log) -> dict:
     t0 = time.time()
-    gm = GGUFModel(path)
+    gm = path if isinstance(path, GGUFModel) else GGUFModel(path)
     base = ResidentExperts(gm)
     native = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), group=cfg.group,
                                          native=True)).native()
@@ -98,27 +134,31 @@ def measure(path: Path, seqs: list[list[int]], cfg: SensitivityConfig = Sensitiv
         tokens.append(s[:cfg.max_tokens - n])
         n += len(tokens[-1])
     refs, entering = [], []
+    proto = MoETransformer(gm, base, max_ctx=max(map(len, tokens)) + 1)
     for s in tokens:
         cap: list = []
-        m = MoETransformer(gm, base, max_ctx=len(s) + 1)
-        refs.append(m.forward_from(0, m.tok_embd[torch.tensor(s)], cap).log_softmax(-1))
+        m = proto.sibling(base)
+        refs.append(m.forward_from(0, m.embed(torch.tensor(s)), cap).log_softmax(-1))
         entering.append(cap)
     ref = torch.cat(refs)
     kl: dict[int, dict[int, float]] = {b: {} for b in cfg.probe_bits}
+    kl_raw: dict[int, dict[int, float]] = {}
     for layer in gm.cfg.moe_layers:
         for bits in cfg.probe_bits:
-            ex = _OneLayerDegraded(base, layer, bits, cfg.group, native)
-            lp = torch.cat([MoETransformer(gm, ex, max_ctx=len(s) + 1)
-                            .forward_from(layer, entering[j][layer]).log_softmax(-1)
-                            for j, s in enumerate(tokens)])
-            kl[bits][layer] = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+            ex = _one_layer_degraded(base, layer, bits, cfg.group, native)
+            lp = torch.cat([proto.sibling(ex).forward_from(layer, entering[j][layer]).log_softmax(-1)
+                            for j in range(len(tokens))])
+            raw = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+            kl_raw.setdefault(bits, {})[layer] = raw
+            kl[bits][layer] = quantise_kl(raw)
         log(f"[moe-calibrate] layer {layer:2d}: KL " +
             ", ".join(f"int{b} {kl[b][layer]:.4f}" for b in cfg.probe_bits) +
             f" ({time.time() - t0:.0f}s)")
-    tol, floors = _floors(kl, cfg, native_nbytes(path, cfg.group))
+    tol, floors = _floors(kl, cfg, native_nbytes(gm, cfg.group))
     return {"kl_budget": cfg.kl_budget, "probe_bits": list(cfg.probe_bits), "kl_tol": cfg.kl_tol, "max_floor": cfg.max_floor,
             "noise_factor": cfg.noise_factor, "tolerance": tol, "group": cfg.group,
-            "native": True, "kl": kl, "floors": floors, "tokens": n, "seconds": round(time.time() - t0, 1)}
+            "native": True, "kl": kl, "kl_raw": kl_raw, "kl_grid_steps_per_decade": KL_STEPS_PER_DECADE,
+            "floors": floors, "tokens": n, "seconds": round(time.time() - t0, 1)}
 
 
 def floors_from_budget(kl: dict[int, dict[int, float]], nbytes, budget: float,
@@ -153,23 +193,29 @@ def _floors(kl, cfg: SensitivityConfig, nbytes) -> tuple[float, dict[int, int]]:
     return tol, floors_from_kl(kl, tol, cfg.max_floor)
 
 
-def native_nbytes(path: Path, group: int = 32):
-    store = ExpertStore(GGUFModel(path), StoreConfig(StorageProfile.from_name("none"), group=group,
-                                                     native=True))
+def native_nbytes(model: Path | GGUFModel, group: int = 32):
+    """nbytes(layer, bits) of DyMoE's flash format (opening a GGUF parses its
+    49k-token vocabulary: pass an opened one where there is one)."""
+    gm = model if isinstance(model, GGUFModel) else GGUFModel(model)
+    store = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), group=group, native=True))
     return store.nbytes
 
 
 def save(result: dict, path: Path) -> None:
+    per_bits = lambda d: {f"int{b}": {str(l): v for l, v in per.items()} for b, per in d.items()}
     path.write_text(json.dumps(
-        {**result, "kl": {f"int{b}": {str(l): v for l, v in per.items()}
-                          for b, per in result["kl"].items()},
+        {**result, "kl": per_bits(result["kl"]),
+         **({"kl_raw": per_bits(result["kl_raw"])} if "kl_raw" in result else {}),
          "floors": {str(k): v for k, v in result["floors"].items()}}, indent=1))
 
 
 def refloor(saved: dict, cfg: SensitivityConfig, path: Path) -> dict:
     """New floors from a saved measurement under another tolerance, budget or cap."""
-    kl = {int(b.removeprefix("int")): {int(l): v for l, v in per.items()}
-          for b, per in saved["kl"].items()}
+    parse = lambda d: {int(b.removeprefix("int")): {int(l): v for l, v in per.items()}
+                       for b, per in d.items()}
+    kl = parse(saved["kl"])
+    if "kl_raw" in saved:
+        saved = {**saved, "kl_raw": parse(saved["kl_raw"])}
     tol, floors = _floors(kl, cfg, native_nbytes(path, saved.get("group", cfg.group)))
     return {**saved, "kl": kl, "kl_tol": cfg.kl_tol, "noise_factor": cfg.noise_factor,
             "kl_budget": cfg.kl_budget, "max_floor": cfg.max_floor, "tolerance": tol,

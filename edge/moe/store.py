@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from edge.moe.gguf_loader import GGUFModel, expert_to_f32
-from kernels import quant
+from edge.moe.model import fuse_gate_up
+from kernels import grid, quant
 
 FP = 16          # "full precision": whatever the file holds (F16/F32)
 KINDS = ("gate", "up", "down")
@@ -56,8 +57,22 @@ PROFILES_FILE = Path(__file__).with_name("storage_profiles.json")
 _MAGIC = b"TNDQ"
 _HEADER = struct.Struct("<4sIIIIQQ")    # magic, version, bits, group, rounds, model size, mtime
 # Well below int8's error on generic weights (~4e-3 at group 32) and above
-# the fp16 rounding of values already on a coarser grid (~2e-4).
+# the fp16 rounding of values already on a coarser grid (~2e-4). Matrices
+# whose grid is recovered exactly (`kernels.grid`) have error 0.
 LOSSLESS_REL_ERR = 1e-3
+IMAGE_VERSION = 2     # 2: matrices on an exact float16 grid keep that grid
+
+
+def flash_copy(w: torch.Tensor, bits: int, group: int) -> quant.QTensor:
+    """The low-bit record of one matrix: its own grid where it has one (a
+    Q4_1-derived matrix at int4 is then stored bit-exact), else fitted."""
+    return grid.exact_grid(w, bits, group) or quant.quantize(w, bits, group)
+
+
+def working_copy(q: quant.QTensor) -> torch.Tensor:
+    """float32 compute copy of a record, rounded through float16 as the file's
+    own values were (exact for an exact grid, within ~5e-4 of the fit else)."""
+    return grid.dequantize_f16(q)
 
 
 @dataclass(frozen=True)
@@ -86,14 +101,35 @@ def load_profiles() -> dict[str, StorageProfile]:
             for k, v in raw.items() if not k.startswith("_")}
 
 
-@dataclass
+def _rel_err(w: torch.Tensor, bits: int, group: int) -> float:
+    return float((working_copy(flash_copy(w, bits, group)) - w).norm() / w.norm().clamp_min(1e-30))
+
+
 class ExpertWeights:
-    """One expert as the compute sees it, plus what it costs to hold."""
-    bits: int
-    nbytes: int
-    gate: torch.Tensor        # (F, D) float32 working copy
-    up: torch.Tensor          # (F, D)
-    down: torch.Tensor        # (D, F)
+    """One expert as the compute sees it, plus what it costs to hold:
+    float32 working copies, gate and up fused into one (2F, D) matrix."""
+
+    __slots__ = ("bits", "nbytes", "gate_up", "down")
+
+    def __init__(self, bits: int, nbytes: int, gate: torch.Tensor, up: torch.Tensor,
+                 down: torch.Tensor):
+        self.bits, self.nbytes = bits, nbytes
+        self.gate_up = fuse_gate_up(gate, up)       # (2F, D)
+        self.down = down                            # (D, F)
+
+    @classmethod
+    def fused(cls, bits: int, nbytes: int, gate_up: torch.Tensor, down: torch.Tensor):
+        w = cls.__new__(cls)
+        w.bits, w.nbytes, w.gate_up, w.down = bits, nbytes, gate_up, down
+        return w
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return self.gate_up[:self.gate_up.shape[0] // 2]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.gate_up[self.gate_up.shape[0] // 2:]
 
 
 @dataclass
@@ -101,6 +137,12 @@ class StoreConfig:
     profile: StorageProfile
     group: int = 32
     native: bool = False      # read matrices at their lossless precision when lower
+    # Float32 working copies already made, shared by stores of one model
+    # (the benchmark's cells): unpacking low-bit codes is this CPU stand-in's
+    # cost, not the device's (a fused low-bit kernel reads the codes as
+    # they are), and on a loaded box it overran the modelled read time.
+    # The modelled device time is charged either way. None: none kept.
+    working_copies: dict | None = None
 
 
 class ExpertStore:
@@ -155,7 +197,7 @@ class ExpertStore:
         p, st = self.gm.path, self.gm.path.stat()
         path = p.with_name(f"{p.name.removesuffix('.gguf')}.native-g{self.cfg.group}.json")
         key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "group": self.cfg.group,
-               "rounds": quant.REFINE_ROUNDS, "tol": LOSSLESS_REL_ERR}
+               "rounds": quant.REFINE_ROUNDS, "tol": LOSSLESS_REL_ERR, "version": IMAGE_VERSION}
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("key") == key:
@@ -166,8 +208,7 @@ class ExpertStore:
             for i, kind in enumerate(KINDS):
                 native[layer, kind] = FP
                 for bits in quant.BITS[::-1]:           # 2, 4, 8: the first that holds wins
-                    if all(quant.relative_error(w[i], bits, self.cfg.group) <= LOSSLESS_REL_ERR
-                           for w in ws):
+                    if all(_rel_err(w[i], bits, self.cfg.group) <= LOSSLESS_REL_ERR for w in ws):
                         native[layer, kind] = bits
                         break
         per: dict[str, dict[str, int]] = {}
@@ -191,7 +232,7 @@ class ExpertStore:
 
     def _fingerprint(self, bits: int) -> bytes:
         st = self.gm.path.stat()
-        return _HEADER.pack(_MAGIC, 1, bits, self.cfg.group, quant.REFINE_ROUNDS,
+        return _HEADER.pack(_MAGIC, IMAGE_VERSION, bits, self.cfg.group, quant.REFINE_ROUNDS,
                             st.st_size, st.st_mtime_ns)
 
     def _open_image(self, bits: int, log):
@@ -211,7 +252,7 @@ class ExpertStore:
                 for layer in c.moe_layers:
                     for e in range(c.n_expert):
                         for w in self._fp32(layer, e):
-                            q = quant.quantize(w, bits, self.cfg.group)
+                            q = flash_copy(w, bits, self.cfg.group)
                             for t in (q.codes, q.scale, q.minv):
                                 f.write(t.contiguous().numpy().tobytes())
             os.replace(tmp, path)
@@ -275,16 +316,27 @@ class ExpertStore:
                     time.sleep(left)
                 now = time.perf_counter()
                 busy, last = now - last, now
-                yield ExpertWeights(bits, nbytes, *ws), busy
+                yield ExpertWeights.fused(bits, nbytes, *ws), busy
 
-    def _weights(self, layer: int, e: int, bits: int) -> list[torch.Tensor]:
+    def _weights(self, layer: int, e: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) float32 working copies of one expert at `bits`."""
+        memo = self.cfg.working_copies
+        if memo is None:
+            return self._make_weights(layer, e, bits)
+        key = (str(self.gm.path), self.cfg.group, layer, e,
+               tuple(self.matrix_bits(layer, k, bits) for k in KINDS))
+        if key not in memo:
+            memo[key] = self._make_weights(layer, e, bits)
+        return memo[key]
+
+    def _make_weights(self, layer: int, e: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for i, kind in enumerate(KINDS):
             b = self.matrix_bits(layer, kind, bits)
             out.append(torch.from_numpy(expert_to_f32(*self.gm.expert_raw(layer, kind, e)).copy())
-                       if b == FP else quant.dequantize(self._quantised(layer, e, b)[i]))
-        return out
+                       if b == FP else working_copy(self._quantised(layer, e, b)[i]))
+        return fuse_gate_up(out[0], out[1]), out[2]
 
     def resident_copy(self, layer: int, e: int, bits: int) -> ExpertWeights:
         """Weights without any device charge (for warm starts and references)."""
-        return ExpertWeights(bits, self.nbytes(layer, bits), *self._weights(layer, e, bits))
+        return ExpertWeights.fused(bits, self.nbytes(layer, bits), *self._weights(layer, e, bits))
