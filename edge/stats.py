@@ -28,6 +28,7 @@ class GenStats:
     window: int = 0
     codec: str = ""
     drafter: dict = field(default_factory=dict)
+    tree: dict = field(default_factory=dict)   # draft trees: passes, siblings sent/taken, shapes (edge/picospec.py)
 
     @property
     def acceptance_rate(self) -> float:
