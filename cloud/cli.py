@@ -1,21 +1,31 @@
-"""cloud-verifier: verifies edge drafts with the target model over gRPC."""
+"""cloud-verifier: verifies edge drafts with the target model over gRPC.
+
+One scheduler owns the model and batches every session's work (prompt chunks,
+verify blocks, lead and cloud-only tokens) into exact multi-sequence passes.
+"""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import logging
-import signal
+import os
 import sys
-import threading
 from pathlib import Path
 
-from cloud.config import VerifierConfig
+from cloud.config import WAIT_POLICIES, VerifierConfig
 from sim.latency import TARGETS
 
 EPILOG = """examples:
   cloud-verifier --listen 127.0.0.1:50051
-  cloud-verifier --listen 0.0.0.0:50051 --model target.gguf --token s3cret
+  cloud-verifier --listen 127.0.0.1:50051 --max-sessions 16 --metrics 127.0.0.1:9100
   cloud-verifier --emulate-target qwen3-32b-a100     # real tokens, 32B-on-A100 timing
+  cloud-verifier --no-batching                       # one session per pass, for comparison
+
+threads and wait policy: on a machine of its own the verifier is fastest with
+llama.cpp's threads spinning between passes; next to another busy process
+(an edge on the same cores, in tests) spinning starves it. --threads 0
+measures 1 and 2 threads at start-up and keeps the faster.
 
 Emulated targets: """ + ", ".join(f"{n} ({p.source})" for n, p in TARGETS.items())
 
@@ -26,22 +36,33 @@ def parse_args(argv) -> VerifierConfig:
     ap.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on (default: %(default)s)")
     ap.add_argument("--model", type=Path, help="target GGUF (default: the shipped SmolLM2-135M-Instruct)")
     ap.add_argument("--n-ctx", type=int, default=2048, help="context window per session (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="llama.cpp threads; 0 = measure 1 and 2 at start-up, keep the faster (default: %(default)s)")
+    ap.add_argument("--wait-policy", choices=WAIT_POLICIES, default="auto",
+                    help="idle llama.cpp threads spin (active) or sleep (passive); auto = spin briefly, then "
+                         "sleep (default: %(default)s)")
     ap.add_argument("--max-sessions", type=int, default=8,
-                    help="concurrent sessions before Open answers RESOURCE_EXHAUSTED (default: %(default)s)")
+                    help="concurrent sessions (Open'ed or streaming Generate) before RESOURCE_EXHAUSTED "
+                         "(default: %(default)s)")
     ap.add_argument("--max-draft", type=int, default=32, help="longest accepted draft block (default: %(default)s)")
+    ap.add_argument("--max-batch-tokens", type=int, default=256,
+                    help="tokens in one batched pass over all sessions (default: %(default)s)")
+    ap.add_argument("--no-batching", action="store_true", help="one session per pass (for comparison)")
     ap.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session expires")
     ap.add_argument("--token", help="require 'authorization: Bearer TOKEN' metadata")
     ap.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key) to serve TLS")
     ap.add_argument("--tls-key", type=Path, help="PEM private key")
     ap.add_argument("--emulate-target", choices=sorted(TARGETS),
-                    help="hold every forward pass to a bigger target's modelled time (outputs say 'emulated')")
+                    help="hold every pass to a bigger target's modelled time (outputs say 'emulated')")
+    ap.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT")
     ap.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s cloud %(levelname)s %(message)s")
     return VerifierConfig(listen=a.listen, model=a.model, n_ctx=a.n_ctx, threads=a.threads,
-                          max_sessions=a.max_sessions, max_draft=a.max_draft, idle_timeout_s=a.idle_timeout,
-                          token=a.token, tls_cert=a.tls_cert, tls_key=a.tls_key, emulate_target=a.emulate_target)
+                          wait_policy=a.wait_policy, max_sessions=a.max_sessions, max_draft=a.max_draft,
+                          max_batch_tokens=a.max_batch_tokens, batching=not a.no_batching,
+                          idle_timeout_s=a.idle_timeout, token=a.token, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                          emulate_target=a.emulate_target, metrics=a.metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,30 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"cloud-verifier: {e}", file=sys.stderr)
         return 2
-    from cloud.server import build_server
-    from cloud.target import TargetModel
-    log = logging.getLogger("tandem.cloud")
+    # OpenMP reads its wait policy once, when llama.cpp first runs: set it before the import.
+    if cfg.wait_policy != "auto":
+        os.environ["OMP_WAIT_POLICY"] = cfg.wait_policy.upper()
+    from cloud.daemon import serve
     try:
-        target = TargetModel(cfg.model or default_target(), n_ctx=cfg.n_ctx, n_threads=cfg.threads)
-        server, service, health_servicer, port = build_server(cfg, target)
-    except (OSError, ValueError) as e:
+        return asyncio.run(serve(cfg, cfg.model or default_target()))
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"cloud-verifier: {e}", file=sys.stderr)
         return 1
-    server.start()
-    host = cfg.listen.rsplit(":", 1)[0]
-    log.info("serving %s on %s:%d (vocab %d, fingerprint %s, %.1f ms/token%s)", service.target_label, host, port,
-             target.n_vocab, target.fingerprint, service.ar_token_s * 1e3, ", TLS" if cfg.tls_cert else "")
-    print(f"cloud-verifier listening on {host}:{port}", flush=True)
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("draining: no new sessions, %.0f s for running ones", cfg.grace_s)
-    health_servicer.enter_graceful_shutdown()
-    server.stop(cfg.grace_s).wait()
-    log.info("stopped")
-    return 0
+    except KeyboardInterrupt:
+        return 0
 
 
 def default_target() -> Path:

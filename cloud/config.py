@@ -4,15 +4,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+WAIT_POLICIES = ("auto", "active", "passive")
+
 
 @dataclass
 class VerifierConfig:
     listen: str = "127.0.0.1:50051"
     model: Path | None = None           # None: the shipped SmolLM2-135M
-    n_ctx: int = 2048
-    threads: int = 2
-    max_sessions: int = 8
+    n_ctx: int = 2048                   # per session
+    threads: int = 0                    # llama.cpp threads; 0: measure 1 and 2 at start-up, keep the faster
+    wait_policy: str = "auto"           # OpenMP idle threads: spin (active) or sleep (passive); auto: see cli
+    max_sessions: int = 8               # every RPC that holds a sequence counts (Open'ed sessions, Generate)
     max_draft: int = 32
+    max_batch_tokens: int = 256         # tokens in one scheduler pass
+    batching: bool = True               # False: one session per pass (for comparison)
     idle_timeout_s: float = 300.0
     p_top_k: int = 16                   # codec P payload: top-K entries ...
     p_tail: int = 4                     # ... and pre-drawn tail samples
@@ -20,6 +25,9 @@ class VerifierConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     emulate_target: str | None = None   # a sim.latency TARGETS profile
+    metrics: str | None = None          # HOST:PORT for Prometheus metrics
+    max_message_bytes: int = 1 << 20    # largest request accepted
+    retry_after_s: float = 2.0          # hint sent with RESOURCE_EXHAUSTED
     grace_s: float = 5.0
 
     def __post_init__(self):
@@ -27,5 +35,14 @@ class VerifierConfig:
             raise ValueError("max_sessions must be >= 1")
         if not 1 <= self.max_draft <= 256:
             raise ValueError("max_draft must be in 1..256")
+        if self.max_batch_tokens < self.max_draft + 2:
+            raise ValueError(f"max_batch_tokens must be >= max_draft + 2 = {self.max_draft + 2} "
+                             "(a block is never split across passes)")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: measure)")
+        if self.wait_policy not in WAIT_POLICIES:
+            raise ValueError(f"wait_policy must be one of {', '.join(WAIT_POLICIES)}")
+        if self.n_ctx < 16:
+            raise ValueError("n_ctx must be >= 16")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

@@ -1,17 +1,16 @@
 """One Speculate stream as the verifier reads it: what to do next.
 
-A thread moves the edge's requests into a queue, stamped with their arrival
-time, so the verifier can tell "nothing queued right now" (lead, or wait a
-moment for a block that is due) from "the edge is done", and can take every
-block already queued into one verify pass.
+A task moves the edge's requests into a bounded buffer, stamped with their
+arrival time, so the verifier can tell "nothing queued right now" (lead, or
+wait a moment for a block that is due) from "the edge is done", and can take
+every block already queued into one verify pass. When the buffer is full the
+task stops reading and HTTP/2 flow control holds the edge back.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
+import collections
 import time
-
-import grpc
 
 END = object()     # the edge closed its side
 LEAD = object()    # decode on alone: nothing worth waiting for is queued
@@ -21,63 +20,93 @@ LEAD = object()    # decode on alone: nothing worth waiting for is queued
 LEAD_AFTER_IDLE_S = 0.2
 
 
+class StreamError(Exception):
+    """Reading the edge's stream failed (it went away, or sent garbage)."""
+
+
 class Inbox:
-    def __init__(self, requests, width: int):
-        self.width = width
-        self._q: queue.Queue = queue.Queue()
-        self._held: list = []          # taken from the queue but not mergeable with the last group
-        threading.Thread(target=self._pump, args=(requests,), daemon=True).start()
+    def __init__(self, requests, width: int, max_draft: int, capacity: int = 64):
+        self.width, self.max_draft, self.capacity = width, max_draft, capacity
+        self._items: collections.deque = collections.deque()
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._held: list = []          # taken but not mergeable with the last group
+        self._task = asyncio.ensure_future(self._pump(requests))
 
-    def _pump(self, requests) -> None:
+    async def _pump(self, requests) -> None:
         try:
-            for r in requests:
-                self._q.put((time.monotonic(), r))
-        except grpc.RpcError as e:
-            self._q.put((time.monotonic(), e))
+            async for r in requests:
+                while len(self._items) >= self.capacity:
+                    self._room.clear()
+                    await self._room.wait()
+                self._put(r)
         except Exception as e:  # noqa: BLE001 - a broken stream ends only its own RPC
-            self._q.put((time.monotonic(), grpc.RpcError(str(e))))
-        self._q.put((time.monotonic(), END))
+            self._put(StreamError(str(e) or type(e).__name__))
+        self._put(END)
 
-    def next(self, sess, active) -> tuple[float, object]:
-        """(arrival time, item): END, an RpcError, LEAD, or a list of drafts to
+    def _put(self, item) -> None:
+        self._items.append((time.monotonic(), item))
+        self._arrived.set()
+
+    def _pop(self):
+        got = self._items.popleft()
+        self._room.set()
+        return got
+
+    async def _take(self, timeout: float | None):
+        """The next (arrival, item), or None when nothing came within `timeout`."""
+        if not self._items and timeout != 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self._pop() if self._items else None
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    async def next(self, sess) -> tuple[float, object]:
+        """(arrival time, item): END, a StreamError, LEAD, or a list of drafts to
         verify together (a `more_tail` request always comes alone)."""
+        if sess.must_lead():
+            return time.monotonic(), LEAD
         if self._held:
             t, first = self._held.pop(0)
         else:
-            got = self._wait(sess, active)
+            got = await self._wait(sess)
             if got is None:
                 return time.monotonic(), LEAD
             t, first = got
-        if first is END or isinstance(first, grpc.RpcError):
+        if first is END or isinstance(first, StreamError):
             return t, first
         group = [first]
-        while not self._held and not first.more_tail and not self._q.empty():
-            item = self._q.get_nowait()
-            if continues(group, item[1], self.width, sess.max_draft):
+        while not self._held and not first.more_tail and self._items:
+            item = self._pop()
+            if continues(group, item[1], self.width, self.max_draft):
                 group.append(item[1])
             else:
                 self._held.append(item)
         return t, group
 
-    def _wait(self, sess, active):
+    async def _wait(self, sess):
         while True:
-            if not (sess.can_lead() and active()):
-                try:
-                    return self._q.get(timeout=LEAD_AFTER_IDLE_S if sess.lead else None)
-                except queue.Empty:
-                    sess.awaiting_branch = True   # the live branch went quiet
+            if not sess.can_lead():
+                idle = LEAD_AFTER_IDLE_S if sess.lead.on and not sess.lead.first else None
+                got = await self._take(idle)
+                if got is None:
+                    sess.lead.awaiting = True     # the live branch went quiet
                     continue
+                return got
             wait = sess.lead_wait(time.monotonic())
-            try:
-                return self._q.get(timeout=wait) if wait > 0 else self._q.get_nowait()
-            except queue.Empty:
-                return None
+            return await self._take(wait if wait > 0 else 0)
 
 
 def continues(group: list, d, width: int, max_draft: int) -> bool:
     """May block `d` join `group` in one verify pass? Only a plain block that
     starts where the group ends, of the same epoch, within the draft limit."""
-    if d is END or isinstance(d, grpc.RpcError) or d.more_tail or d.fixed:
+    if d is END or isinstance(d, StreamError) or d.more_tail or d.fixed:
         return False
     last = group[-1]
     if last.more_tail or last.want_bonus or d.epoch != last.epoch:

@@ -22,20 +22,29 @@ edge's branch is dead and the epoch moves on; the edge, which receives the
 lead tokens before any answer to that block, takes the same step. Lead tokens
 race the draft on shared keys (kernels.sampling.race_sample), so an edge that
 drafted the same token keeps its branch alive.
+
+A session never calls the model: each request becomes a `Step` (tokens to
+evaluate at a position of the session's sequence, and a `finish` that turns
+the logits rows into the answer) that the scheduler runs inside a batched
+pass. The session's sequence in the target's cache (`n_past` tokens) may hold
+rejected drafts past `tokens`; the next step simply starts where the valid
+prefix ends and the target cuts the rest.
 """
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from cloud.scheduler import Step
+from cloud.target import INVARIANT_BATCH
 from kernels import packing
 from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, sample_residual,
                                snap_p, verify_greedy)
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
                               SamplingConfig, logits_to_probs, race_sample_at, rng_for, sample)
-from sim.latency import Hold, LatencyProfile
 
 CODEC_P, CODEC_Q = 0, 1
 
@@ -71,58 +80,99 @@ class PendingRejection:
 
 
 @dataclass
-class Session:
-    sid: str
-    ctx: object                      # TargetContext
-    sampling: SamplingConfig
-    codec: int
+class Limits:
+    """What the verifier allows a session (the same for every session)."""
     n_vocab: int
     n_ctx: int
     max_draft: int
     width: int
     p_top_k: int = 16
     p_tail: int = 4
-    emulate: LatencyProfile | None = None
-    lead: bool = False
-    lead_until: int = 0                   # absolute position the edge wants tokens up to
-    eos: int | None = None                # leading stops after it (None: never)
-    tokens: list[int] = field(default_factory=list)
-    epoch: int = 0
-    pending: np.ndarray | None = None     # logits predicting position len(tokens)
-    rejection: PendingRejection | None = None
-    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class LeadState:
+    """When the verifier decodes on alone. `awaiting` is True from the start and
+    after every break until a block of the new branch is verified: while a
+    branch lives its next block is already on the way, and a lead pass then
+    would only delay it (one token for a whole pass)."""
+    on: bool = False
+    until: int = 0                        # absolute position the edge wants tokens up to
+    first: int = 0                        # >0: lead exactly the first `first` positions, never later ones
+    awaiting: bool = True
+    broke_at: float | None = None         # when the last branch ended (None: the first is still due)
+    respond_s: float = 0.0                # edge's measured time from a break to the new branch's block
+    pass_s: float = 0.0                   # measured time of a lead pass
+    sent: dict = field(default_factory=dict)   # position -> when its lead token was decided
+
+
+@dataclass
+class Counters:
     blocks: int = 0
     drafted: int = 0
     accepted: int = 0
     leads: int = 0
+
+
+@dataclass
+class Session:
+    sid: str
+    seq: int                              # the session's sequence in the target's cache
+    sampling: SamplingConfig
+    codec: int
+    limits: Limits
+    eos: int | None = None                # leading stops after it (None: never)
+    client: str = ""
+    key: str = field(default_factory=lambda: secrets.token_hex(16))
+    lead: LeadState = field(default_factory=LeadState)
+    count: Counters = field(default_factory=Counters)
+    tokens: list[int] = field(default_factory=list)
     prompt_len: int = 0
-    # True from the start and after every break until a block of the new branch
-    # is verified. While a branch lives its next block is already on the way:
-    # a lead pass then would only delay it (one token for a whole pass).
-    awaiting_branch: bool = True
-    broke_at: float | None = None         # when the last branch ended (None: the first is still due)
-    respond_s: float = 0.0                # edge's measured time from a break to the new branch's block
-    lead_pass_s: float = 0.0              # measured time of a lead pass
-    lead_sent: dict = field(default_factory=dict)   # position -> when its lead token was decided
+    n_past: int = 0                       # tokens of `tokens` already in the cache
+    epoch: int = 0
+    pending: np.ndarray | None = None     # logits predicting position len(tokens)
+    rejection: PendingRejection | None = None
+    opened: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    streams: int = 0                      # live RPCs using the session (it is freed only at 0)
+
+    def _step(self, tokens: list[int], n_logits: int, finish, chunkable: bool) -> Step:
+        return Step(self.seq, self.n_past, tokens, n_logits, finish, prefill=chunkable)
 
     # -- setup ------------------------------------------------------------
-    def prefill(self, prompt: list[int]) -> None:
+    def prefill_step(self, prompt: list[int]) -> Step:
         if not prompt:
             raise BadDraft("empty prompt: at least one token is needed to predict from")
         self._check_ids(prompt)
-        if len(prompt) >= self.n_ctx:
-            raise ContextFull(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
-        with Hold(self.emulate, len(prompt)):
-            logits = self.ctx.eval(prompt)
-        self.tokens = list(prompt)
+        if len(prompt) >= self.limits.n_ctx:
+            raise ContextFull(f"prompt of {len(prompt)} tokens does not fit the context of {self.limits.n_ctx}")
+        self.tokens, self.prompt_len, self.n_past = list(prompt), len(prompt), 0
+
+        def finish(rows: np.ndarray) -> None:
+            self.pending, self.n_past = rows[-1], len(prompt)
+        return self._step(list(prompt), 1, finish, chunkable=True)
+
+    def restart_from(self, prompt: list[int]) -> None:
+        """Continue from `prompt` (a cloud-only stream taking the session over):
+        keep the cache for the prefix it shares with what the session holds."""
+        if self.tokens == prompt and self.pending is not None and self.n_past == len(prompt):
+            return
+        same = 0
+        for a, b in zip(self.tokens[:self.n_past], prompt):
+            if a != b:
+                break
+            same += 1
+        self.tokens, self.pending, self.rejection = list(prompt), None, None
+        self.n_past = min(same, len(prompt) - 1)
         self.prompt_len = len(prompt)
-        self.pending = logits[-1]
 
     # -- the verify step ---------------------------------------------------
-    def verify(self, epoch: int, start: int, block: list[int], fixed: int, q_u8: list[int],
-               q_sparse: list, want_bonus: bool) -> VerdictData | None:
-        """Verify one block; None when the block is stale (older epoch)."""
+    def verify_step(self, epoch: int, start: int, block: list[int], fixed: int, q_u8: list[int],
+                    q_sparse: list, want_bonus: bool) -> Step | None:
+        """The pass that verifies one block (or several merged); None when the
+        block needs no pass (stale epoch, or every position already led)."""
         self.last_used = time.monotonic()
+        lim = self.limits
         if epoch < self.epoch:
             return None
         if epoch > self.epoch:
@@ -130,27 +180,27 @@ class Session:
         self._check_ids(block)
         if fixed > len(block) or fixed > 1:
             raise BadDraft(f"fixed={fixed} is invalid for a block of {len(block)} tokens (at most 1)")
-        if len(block) - fixed > self.max_draft:
-            raise BadDraft(f"draft of {len(block) - fixed} tokens exceeds the limit of {self.max_draft}")
+        if len(block) - fixed > lim.max_draft:
+            raise BadDraft(f"draft of {len(block) - fixed} tokens exceeds the limit of {lim.max_draft}")
         overlap = len(self.tokens) - start
-        if overlap < 0 or (overlap > 0 and (not self.lead or fixed)):
+        if overlap < 0 or (overlap > 0 and (not self.lead.on or fixed)):
             raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
         if overlap:                                       # positions decided while the block travelled
             seen = self.tokens[start:start + len(block)]
             if block[:len(seen)] != seen:
                 # the edge's branch died at a lead token, and the edge saw it when the token went down
                 wrong = start + next(i for i, (a, b) in enumerate(zip(block, seen)) if a != b)
-                self._break(self.lead_sent.get(wrong))
+                self._break(self.lead.sent.get(wrong))
                 return None
             if len(block) <= overlap:
-                self.awaiting_branch = False              # the branch lives: its next block is coming
+                self.lead.awaiting = False                # the branch lives: its next block is coming
                 return None                               # every position already decided
         drafted = block[fixed + overlap:]
         q_u8, q_sparse = q_u8[overlap:], q_sparse[overlap:]
         if not drafted and not want_bonus:
             raise BadDraft("empty draft: send at least one token, or ask for the bonus")
-        if len(self.tokens) + len(block) + 1 > self.n_ctx:
-            raise ContextFull(f"context full: {len(self.tokens)} + {len(block)} tokens exceed n_ctx={self.n_ctx}")
+        if len(self.tokens) + len(block) + 1 > lim.n_ctx:
+            raise ContextFull(f"context full: {len(self.tokens)} + {len(block)} tokens exceed n_ctx={lim.n_ctx}")
         sampled = not self.sampling.greedy
         if sampled:
             self._check_q(drafted, q_u8, q_sparse)
@@ -159,110 +209,122 @@ class Session:
         elif self.rejection is not None:
             raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
 
-        t0 = time.monotonic()
-        # Emulated: the whole pass (forward and the accept/sampling math, which a
-        # GPU server does inside it) is held to the modelled time together.
-        with Hold(self.emulate, len(self.tokens) - self.ctx.n_past + len(drafted)):
-            rows = self._score(drafted)                   # (len(drafted)+1, V)
-            p0 = len(self.tokens)
+        lag = self.tokens[self.n_past:]
+        p0, kv_end, t0 = len(self.tokens), len(self.tokens) + len(drafted), time.monotonic()
+
+        def finish(rows: np.ndarray) -> VerdictData:
+            if not lag:                                   # the last pass already predicted p0
+                rows = np.concatenate([self.pending[None, :], rows])   # (len(drafted)+1, V)
             if not sampled:
                 n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
                 token = nxt if (n_acc < len(drafted) or want_bonus) else None
                 payload = b""
             else:
                 n_acc, token, payload = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
-        rejected = n_acc < len(drafted)
+            self.tokens += drafted[:n_acc]
+            self.n_past = min(kv_end, len(self.tokens))
+            self.pending = rows[n_acc]
+            if token is not None:
+                self.tokens.append(token)
+                self.pending = None                       # it predicted the position just filled
+            self.lead.awaiting = False
+            if n_acc < len(drafted):
+                self._break()
+            c = self.count
+            c.blocks, c.drafted, c.accepted = c.blocks + 1, c.drafted + len(drafted), c.accepted + n_acc
+            return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0,
+                               overlap=overlap)
+        return self._step(lag + drafted, len(drafted) + (1 if lag else 0), finish, chunkable=False)
 
-        self.tokens += drafted[:n_acc]
-        self.ctx.truncate(len(self.tokens))
-        self.pending = rows[n_acc] if self.ctx.n_past == len(self.tokens) else None
-        if token is not None:
-            self.tokens.append(token)
-            self.pending = None                           # it predicted the position just filled
-        self.awaiting_branch = False
-        if rejected:
-            self._break()
-        self.blocks += 1
-        self.drafted += len(drafted)
-        self.accepted += n_acc
-        return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0,
-                           overlap=overlap)
-
-    # -- leading -----------------------------------------------------------
+    # -- leading and streaming ----------------------------------------------
     def can_lead(self) -> bool:
-        n = len(self.tokens)
-        return (self.lead and self.awaiting_branch and self.rejection is None and n < self.lead_until
-                and n + 1 < self.n_ctx
-                and not (self.eos is not None and self.tokens[-1] == self.eos and n > self.prompt_len))
+        n, ld = len(self.tokens), self.lead
+        if not (ld.on and self.rejection is None and n < ld.until and n + 1 < self.limits.n_ctx
+                and not (self.eos is not None and self.tokens[-1] == self.eos and n > self.prompt_len)):
+            return False
+        if ld.first:
+            return n - self.prompt_len < ld.first
+        return ld.awaiting
+
+    def must_lead(self) -> bool:
+        """A fixed lead schedule (`lead.first`): lead now, before reading any block."""
+        return bool(self.lead.first) and self.can_lead()
 
     def _break(self, at: float | None = None) -> None:
         self.epoch += 1
-        self.awaiting_branch = True
-        self.broke_at = at or time.monotonic()
+        self.lead.awaiting = True
+        self.lead.broke_at = at or time.monotonic()
 
     def block_arrived(self, t: float, epoch: int) -> None:
         """Learn how long the edge takes to answer a break with a new branch."""
-        if self.awaiting_branch and epoch == self.epoch and self.broke_at is not None and t >= self.broke_at:
-            r = t - self.broke_at
-            self.respond_s = r if not self.respond_s else 0.7 * self.respond_s + 0.3 * r
+        ld = self.lead
+        if ld.awaiting and epoch == self.epoch and ld.broke_at is not None and t >= ld.broke_at:
+            r = t - ld.broke_at
+            ld.respond_s = r if not ld.respond_s else 0.7 * ld.respond_s + 0.3 * r
 
     def lead_wait(self, now: float) -> float:
         """Seconds to wait for the new branch before leading (0: lead now). A
         lead pass that would still run when the branch's block is due delays
         the block by most of a pass for one token: wait for the block instead."""
-        if not self.respond_s or not self.lead_pass_s or self.broke_at is None:
+        ld = self.lead
+        if ld.first or not ld.respond_s or not ld.pass_s or ld.broke_at is None:
             return 0.0
-        due = self.broke_at + self.respond_s
-        if now + self.lead_pass_s <= due or now > due + self.lead_pass_s / 2:
+        due = ld.broke_at + ld.respond_s
+        if now + ld.pass_s <= due or now > due + ld.pass_s / 2:
             return 0.0
-        return due + self.lead_pass_s / 2 - now
+        return due + ld.pass_s / 2 - now
 
-    def lead_one(self) -> VerdictData:
-        """Decode the next token alone, as cloud-only streaming would. Free when
-        the last pass already produced its distribution; else one forward pass."""
-        self.last_used = time.monotonic()
-        t0 = time.monotonic()
-        lag = self.tokens[self.ctx.n_past:]
-        pos = len(self.tokens)
-        with Hold(self.emulate if lag else None, len(lag)):
+    def lead_step(self) -> Step:
+        """Decode the next token alone, as cloud-only streaming would, racing the
+        edge's draft on shared keys. Needs no pass when the last one already
+        produced its distribution."""
+        pos, t0, lag = len(self.tokens), time.monotonic(), self.tokens[self.n_past:]
+
+        def pick(p: np.ndarray) -> int:
+            return race_sample_at(p, self.sampling.seed, pos)
+
+        def finish(rows: np.ndarray) -> VerdictData:
+            tok = self._next_token(rows, pick)
+            ld = self.lead
+            self.count.leads += 1
+            ld.sent = {q: t for q, t in ld.sent.items() if q > pos - 64}
+            ld.sent[pos] = time.monotonic()
             if lag:
-                self.pending = self.ctx.eval(lag)[-1]
-            if self.sampling.greedy:
-                tok = int(np.argmax(self.pending))
-            else:
-                p = logits_to_probs(self.pending, self.sampling)
-                tok = race_sample_at(p, self.sampling.seed, pos)
+                d = time.monotonic() - t0
+                ld.pass_s = d if not ld.pass_s else 0.8 * ld.pass_s + 0.2 * d
+            return VerdictData(self.epoch, pos, 0, tok, verify_s=time.monotonic() - t0, lead=True)
+        self.last_used = time.monotonic()
+        return self._step(lag, 1 if lag else 0, finish, chunkable=len(lag) > INVARIANT_BATCH)
+
+    def stream_step(self) -> Step:
+        """The next token of cloud-only streaming (`Generate`)."""
+        pos, lag = len(self.tokens), self.tokens[self.n_past:]
+        pick = lambda p: sample(p, rng_for(self.sampling.seed, pos, STREAM_TARGET))
+        self.last_used = time.monotonic()
+        return self._step(lag, 1 if lag else 0, lambda rows: self._next_token(rows, pick), chunkable=len(lag) > INVARIANT_BATCH)
+
+    def _next_token(self, rows: np.ndarray, pick) -> int:
+        if len(rows):
+            self.pending, self.n_past = rows[-1], len(self.tokens)
+        if self.sampling.greedy:
+            tok = int(np.argmax(self.pending))
+        else:
+            tok = pick(logits_to_probs(self.pending, self.sampling))
         self.tokens.append(tok)
         self.pending = None
-        self.leads += 1
-        self.lead_sent = {p: t for p, t in self.lead_sent.items() if p > pos - 64}
-        self.lead_sent[pos] = time.monotonic()
-        if lag:
-            d = time.monotonic() - t0
-            self.lead_pass_s = d if not self.lead_pass_s else 0.8 * self.lead_pass_s + 0.2 * d
-        return VerdictData(self.epoch, pos, 0, tok, verify_s=time.monotonic() - t0, lead=True)
+        return tok
 
     def more_tail(self, epoch: int) -> VerdictData:
         rej = self.rejection
         if rej is None or epoch != self.epoch:
             raise BadDraft("no pending rejection to send more tail draws for")
-        ids, probs = draw_tail(rej.p, rej.top_ids, self.p_tail,
+        ids, probs = draw_tail(rej.p, rej.top_ids, self.limits.p_tail,
                                rng_for(self.sampling.seed, rej.pos, STREAM_TAIL + 16 * (1 + rej.draws)))
         rej.draws += 1
         tail = PPayload(np.zeros(0, np.int64), np.zeros(0, np.float32), ids, probs)
-        return VerdictData(epoch, rej.pos, 0, tail=packing.pack_payload(tail, self.width))
+        return VerdictData(epoch, rej.pos, 0, tail=packing.pack_payload(tail, self.limits.width))
 
     # -- helpers -----------------------------------------------------------
-    def _score(self, drafted: list[int]) -> np.ndarray:
-        lag = self.tokens[self.ctx.n_past:]
-        todo = lag + drafted
-        if not todo:
-            return self.pending[None, :]
-        logits = self.ctx.eval(todo)
-        if lag:
-            return logits[len(lag) - 1:]
-        return np.concatenate([self.pending[None, :], logits])
-
     def _verify_sampled(self, p0, drafted, rows, q_u8, q_sparse, want_bonus):
         seed = self.sampling.seed
         for i, x in enumerate(drafted):
@@ -274,9 +336,9 @@ class Session:
             if self.codec == CODEC_Q:
                 y = sample_residual(p, q_sparse[i], rng_for(seed, p0 + i, STREAM_RESIDUAL))
                 return i, y, b""
-            payload = encode_p(p, self.p_top_k, self.p_tail, rng_for(seed, p0 + i, STREAM_TAIL))
+            payload = encode_p(p, self.limits.p_top_k, self.limits.p_tail, rng_for(seed, p0 + i, STREAM_TAIL))
             self.rejection = PendingRejection(p0 + i, p, payload.top_ids, 0)
-            return i, None, packing.pack_payload(payload, self.width)
+            return i, None, packing.pack_payload(payload, self.limits.width)
         token = None
         if want_bonus:
             p = logits_to_probs(rows[len(drafted)], self.sampling)
@@ -293,9 +355,9 @@ class Session:
         self.rejection = None
 
     def _check_ids(self, ids) -> None:
-        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        bad = [t for t in ids if not 0 <= t < self.limits.n_vocab]
         if bad:
-            raise BadDraft(f"token id {bad[0]} is outside the vocabulary (n_vocab={self.n_vocab})")
+            raise BadDraft(f"token id {bad[0]} is outside the vocabulary (n_vocab={self.limits.n_vocab})")
 
     def _check_q(self, drafted, q_u8, q_sparse) -> None:
         if self.codec == CODEC_P:

@@ -1,88 +1,190 @@
-"""The target model: llama.cpp contexts, one per session, over one mmapped file.
+"""The target model: one llama.cpp context, many sequences, one batch per pass.
 
-Flash attention is always on: on CPU it is the only llama.cpp setting measured
-to give bit-identical logits whether a token is evaluated alone or inside a
-block, which is what makes block verification exactly equal to the target's
-own one-token-at-a-time decoding. That holds for passes of up to 48 tokens
-(measured; a 64-token pass differs by up to 0.9 in a logit, and so does every
-later token's), so every pass is split into batches of INVARIANT_BATCH: a
-re-prefill of prompt + output after a fallback or a reconnect then gives the
-same tokens as decoding them one at a time.
+This is the only code that touches llama.cpp. Every session owns a sequence id
+in one context (`n_seq_max` sequences); a pass evaluates chunks of several
+sequences in one `llama_decode` and returns each chunk's logits rows.
+
+Exactness. Flash attention is always on: on CPU it is the only llama.cpp
+setting measured to give bit-identical logits whether a token is evaluated
+alone, inside a block, or beside other sequences' tokens in one batch. That
+holds for ubatches of up to ~48 tokens (a 64-token ubatch differs by up to
+0.9 in a logit), so ubatches are INVARIANT_BATCH tokens; llama.cpp splits a
+larger pass into them.
+
+The attention kernel also sums over KV cells in cell order, so a sequence's
+cells must stay in position order. In a unified KV cache they do not: a
+rollback frees cells in the middle of the cache and the next pass of *another*
+sequence fills them, placing its new positions before its older ones (measured:
+6 of 6 rows of such a pass differed from one-token decoding). So every sequence
+gets a KV stream of its own (`kv_unified = False`), where a rollback's holes are
+refilled only by the same sequence's next positions, in order; batched passes
+over several streams stay bit-identical to one-sequence decoding. `Chunk.start`
+says where a chunk's tokens go; anything the sequence held from there on is
+removed first, so a rollback is simply the next chunk starting earlier.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import threading
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from proto.fingerprint import fingerprint_llama
+from proto.fingerprint import fingerprint_vocab
 
 INVARIANT_BATCH = 32
 
 
-def _llama(path: Path, n_ctx: int, n_threads: int, logits_all: bool, vocab_only: bool = False):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see edge/llama_model.py: idle spinning starves peers
-    import llama_cpp  # imported late: loading the shared library costs ~0.2 s
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(INVARIANT_BATCH, n_ctx),
-                               n_threads=n_threads, n_threads_batch=n_threads,
-                               logits_all=logits_all, flash_attn=True, vocab_only=vocab_only,
-                               verbose=False)
+@contextlib.contextmanager
+def _quiet():
+    """llama.cpp logs to fd 2 from C; keep a daemon's stderr for its own lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-class TargetContext:
-    """One sequence's KV cache. Not thread-safe: one session uses it at a time."""
-
-    def __init__(self, llm, compute_lock: threading.Lock):
-        self.llm, self.compute_lock = llm, compute_lock
-
-    @property
-    def n_past(self) -> int:
-        return self.llm.n_tokens
-
-    def eval(self, tokens: Sequence[int]) -> np.ndarray:
-        """Append tokens; return their logits, row i predicting position n_past_before + i + 1."""
-        n0 = self.llm.n_tokens
-        with self.compute_lock:  # two llama.cpp passes at once would only thrash the cores
-            self.llm.eval(list(tokens))
-        return np.array(self.llm.scores[n0:n0 + len(tokens)], dtype=np.float32)  # (k, V)
-
-    def truncate(self, n_past: int) -> None:
-        # llama-cpp-python removes KV entries past n_tokens on the next eval.
-        self.llm.n_tokens = min(self.llm.n_tokens, n_past)
+def _llama():
+    import llama_cpp  # late: loading the shared library costs ~0.2 s
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)   # llama.cpp's own chatter
+    return llama_cpp
 
 
-class TargetModel:
-    """Loads the GGUF once for metadata; hands out pooled per-session contexts."""
+@dataclass
+class Chunk:
+    """Tokens of one sequence for one pass. `start`: position of tokens[0]
+    (the sequence's cache is cut there first). `n_logits`: how many of the
+    last tokens need their logits (row i predicts the position after token i)."""
+    seq: int
+    start: int
+    tokens: Sequence[int]
+    n_logits: int = 0
 
-    def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int = 2):
-        self.path, self.n_ctx, self.n_threads = Path(path), n_ctx, n_threads
+
+class TargetError(RuntimeError):
+    """llama.cpp refused a pass (e.g. the KV cache is full)."""
+
+
+class Target:
+    """One model, one context of `n_seqs` sequences of up to `n_ctx` tokens each.
+    Not thread-safe: the scheduler's thread is its only caller."""
+
+    def __init__(self, path: Path, n_ctx: int = 2048, n_seqs: int = 8, n_threads: int = 2,
+                 max_batch_tokens: int = 256):
+        self.path, self.n_ctx, self.n_seqs = Path(path), n_ctx, n_seqs
         if not self.path.exists():
             raise FileNotFoundError(f"target model not found: {self.path}")
-        vocab = _llama(self.path, 64, 1, logits_all=False, vocab_only=True)
-        self.n_vocab = vocab.n_vocab()
-        self.eos = vocab.token_eos()
-        self.fingerprint = fingerprint_llama(vocab)
+        ll = _llama()
+        self._ll = ll
+        with _quiet():
+            ll.llama_backend_init()
+            mp = ll.llama_model_default_params()
+            self.model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.model:
+            raise ValueError(f"llama.cpp could not load {self.path}")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.eos = ll.llama_vocab_eos(self.vocab)
+        self.bos = ll.llama_vocab_bos(self.vocab)
+        self.fingerprint = fingerprint_vocab(self.vocab)
         self.name = self.path.stem
-        self._free: list[TargetContext] = []
-        self._lock = threading.Lock()
-        self.compute_lock = threading.Lock()
+        self.max_batch_tokens = max(INVARIANT_BATCH, max_batch_tokens)
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx * n_seqs
+        cp.n_batch = self.max_batch_tokens
+        cp.n_ubatch = INVARIANT_BATCH
+        cp.n_seq_max = n_seqs
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cp.kv_unified = False              # one KV stream per sequence: see the module docstring
+        cp.no_perf = True
+        with _quiet():
+            self.ctx = ll.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise ValueError(f"llama.cpp could not create a context of {n_seqs} x {n_ctx} tokens")
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.n_threads = n_threads
+        self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
+        self._seq_len = [0] * n_seqs
 
-    def acquire(self) -> TargetContext:
-        with self._lock:
-            if self._free:
-                ctx = self._free.pop()
-                ctx.truncate(0)
-                return ctx
-        return TargetContext(_llama(self.path, self.n_ctx, self.n_threads, logits_all=True),
-                             self.compute_lock)
+    def set_threads(self, n: int) -> None:
+        self._ll.llama_set_n_threads(self.ctx, n, n)
+        self.n_threads = n
 
-    def release(self, ctx: TargetContext, keep: int = 4) -> None:
-        with self._lock:
-            if len(self._free) < keep:
-                ctx.truncate(0)
-                self._free.append(ctx)
+    def seq_len(self, seq: int) -> int:
+        return self._seq_len[seq]
+
+    def clear(self, seq: int) -> None:
+        self._ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
+        self._seq_len[seq] = 0
+
+    def decode(self, chunks: Sequence[Chunk]) -> list[np.ndarray]:
+        """Evaluate every chunk in one pass; per chunk, its (n_logits, V) rows."""
+        total = sum(len(c.tokens) for c in chunks)
+        if total > self.max_batch_tokens:
+            raise ValueError(f"pass of {total} tokens exceeds the batch of {self.max_batch_tokens}")
+        for c in chunks:
+            if not 0 <= c.start <= self._seq_len[c.seq]:
+                raise ValueError(f"sequence {c.seq}: chunk starts at {c.start}, cache holds {self._seq_len[c.seq]}")
+            if c.start + len(c.tokens) > self.n_ctx:
+                raise TargetError(f"sequence {c.seq}: {c.start + len(c.tokens)} tokens exceed n_ctx={self.n_ctx}")
+            if c.start < self._seq_len[c.seq]:
+                self._ll.llama_memory_seq_rm(self.mem, c.seq, c.start, -1)
+                self._seq_len[c.seq] = c.start
+        b = self._batch
+        i, rows = 0, []
+        for c in chunks:
+            n = len(c.tokens)
+            for k, tok in enumerate(c.tokens):
+                b.token[i] = tok
+                b.pos[i] = c.start + k
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = c.seq
+                b.logits[i] = k >= n - c.n_logits
+                i += 1
+            rows.append(range(i - c.n_logits, i))
+        b.n_tokens = i
+        if i:
+            rc = self._ll.llama_decode(self.ctx, b)
+            if rc != 0:
+                for c in chunks:   # a failed pass may leave part of it in the cache
+                    self._ll.llama_memory_seq_rm(self.mem, c.seq, c.start, -1)
+                raise TargetError(f"llama_decode failed ({rc}) on a pass of {i} tokens")
+        for c in chunks:
+            self._seq_len[c.seq] = c.start + len(c.tokens)
+        return [self._logits(r) for r in rows]
+
+    def _logits(self, rows: range) -> np.ndarray:
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)   # (n_logits, V)
+        for k, i in enumerate(rows):
+            ptr = self._ll.llama_get_logits_ith(self.ctx, i)
+            out[k] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._ll.llama_batch_free(self._batch)
+            self._ll.llama_free(self.ctx)
+            self._ll.llama_model_free(self.model)
+            self.ctx = None
+
+
+def measure_pass(target: Target, seq: int, n_tokens: int, reps: int) -> float:
+    """Median seconds of a pass of `n_tokens` on an empty sequence (then cleared)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        target.decode([Chunk(seq, 0, [target.eos] * n_tokens, 1)])
+        times.append(time.perf_counter() - t0)
+        target.clear(seq)
+    return float(np.median(times))

@@ -24,6 +24,15 @@ examples:
 """
 
 
+def device_profile(name: str) -> str:
+    from sim.latency import lookup
+    try:
+        lookup(DEVICES, name, "device")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
     ap.add_argument("--cloud", default="127.0.0.1:50051", help="verifier HOST:PORT (default: %(default)s)")
@@ -59,8 +68,9 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
                          "(leading never loses tokens; it keeps the verifier busy across rejections)")
     ap.add_argument("--no-adaptive", action="store_true",
                     help="never fall back to cloud-only streaming, even where speculation is slower")
-    ap.add_argument("--emulate-device", choices=sorted(DEVICES),
-                    help="hold each draft step to a device's modelled time (outputs say 'emulated')")
+    ap.add_argument("--emulate-device", type=device_profile, metavar="|".join(sorted(DEVICES)) + "|custom:A+B",
+                    help="hold each draft step to a device's modelled time t(n) = A + B*n seconds "
+                         "(outputs say 'emulated')")
     ap.add_argument("--token", help="bearer token for the verifier")
     ap.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
     ap.add_argument("--threads", type=int, default=2, help="draft model threads (default: %(default)s)")

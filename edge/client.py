@@ -54,6 +54,7 @@ class VerifierClient:
         self.target = target
         self.connect_timeout_s = connect_timeout_s
         self.bytes = ByteCounter()
+        self.keys: dict[str, str] = {}   # session -> the secret the verifier gave its opener
 
     def wait_ready(self) -> None:
         try:
@@ -72,7 +73,11 @@ class VerifierClient:
         except grpc.RpcError as e:
             raise _wrap(e) from None
         self.bytes.received(reply)
+        self.keys[reply.session] = reply.session_key
         return reply
+
+    def session_meta(self, session: str) -> tuple:
+        return self.meta + (("tandem-session", session), ("tandem-session-key", self.keys.get(session, "")))
 
     def speculate(self, session: str) -> "DraftStream":
         return DraftStream(self, session)
@@ -81,7 +86,8 @@ class VerifierClient:
         """Yields generated token ids as the verifier streams them."""
         self.bytes.sent(req)
         try:
-            for chunk in self.stub.Generate(req, metadata=self.meta):
+            meta = self.session_meta(req.session) if req.session else self.meta
+            for chunk in self.stub.Generate(req, metadata=meta):
                 self.bytes.received(chunk)
                 yield from chunk.tokens
                 if chunk.done:
@@ -103,8 +109,7 @@ class DraftStream:
         self.client = client
         self._out: queue.Queue = queue.Queue()
         self._in: queue.Queue = queue.Queue()
-        self._calls = client.stub.Speculate(iter(self._out.get, self._END),
-                                            metadata=client.meta + (("tandem-session", session),))
+        self._calls = client.stub.Speculate(iter(self._out.get, self._END), metadata=client.session_meta(session))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -20,6 +20,7 @@ class GenConfig:
     window: int | None = None         # None: adapt (picospec only)
     adaptive: bool = True             # may fall back to cloud-only when speculation does not pay
     cloud_lead: bool = True           # picospec: the verifier decodes on while no block is queued
+    lead_first: int = 0               # >0: the verifier leads exactly the first N positions, never later ones
     q_top_k: int = 16                 # codec Q: entries of the sparse q sent per drafted token
     stop_at_eos: bool = True
     emulate_device: str | None = None

@@ -413,4 +413,5 @@ def choose_codec(cfg: GenConfig, n_vocab: int, measured: Planner | None = None, 
 def open_request(fingerprint: str, cfg: GenConfig, codec: str, prompt: list[int]) -> pb.OpenRequest:
     return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=CODEC_ID[codec],
                           prompt=prompt, client="edge-agent", lead=cfg.pipelined and cfg.cloud_lead,
-                          max_tokens=cfg.max_tokens, ignore_eos=not cfg.stop_at_eos)
+                          max_tokens=cfg.max_tokens, ignore_eos=not cfg.stop_at_eos,
+                          lead_first=cfg.lead_first if cfg.pipelined and cfg.cloud_lead else 0)

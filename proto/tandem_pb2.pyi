@@ -27,7 +27,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client", "lead", "max_tokens", "ignore_eos")
+    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client", "lead", "max_tokens", "ignore_eos", "lead_first")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class OpenRequest(_message.Message):
     LEAD_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    LEAD_FIRST_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     sampling: Sampling
     codec: Codec
@@ -44,10 +45,11 @@ class OpenRequest(_message.Message):
     lead: bool
     max_tokens: int
     ignore_eos: bool
-    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    lead_first: int
+    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., lead_first: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s", "trees")
+    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s", "session_key", "trees")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class OpenReply(_message.Message):
     P_TOP_K_FIELD_NUMBER: _ClassVar[int]
     P_TAIL_FIELD_NUMBER: _ClassVar[int]
     SERVER_S_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     TREES_FIELD_NUMBER: _ClassVar[int]
     session: str
     fingerprint: str
@@ -77,8 +80,9 @@ class OpenReply(_message.Message):
     p_top_k: int
     p_tail: int
     server_s: float
+    session_key: str
     trees: bool
-    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ..., trees: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ..., session_key: _Optional[str] = ..., trees: _Optional[bool] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("epoch", "start", "tokens", "fixed", "q", "q_sparse", "want_bonus", "more_tail", "parents")

@@ -67,7 +67,8 @@ class VerifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Speculate(self, request_iterator, context):
-        """One stream per session (metadata "tandem-session"). Many drafts may be in flight.
+        """One stream per session (metadata "tandem-session" and "tandem-session-key").
+        Many drafts may be in flight.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,11 +50,25 @@ DEVICES = {
 }
 
 
+CUSTOM = "custom:"
+
+
 def lookup(table: dict[str, LatencyProfile], name: str, what: str) -> LatencyProfile:
+    """A named profile, or one given inline as `custom:A+B` (seconds per pass and
+    per token: t(n) = A + B*n), for a device or target that has no profile yet."""
+    if name.startswith(CUSTOM):
+        try:
+            a, b = (float(x) for x in name[len(CUSTOM):].split("+"))
+        except ValueError:
+            raise ValueError(f"custom {what} profile must read custom:A+B (seconds), got {name!r}") from None
+        if a < 0 or b < 0 or a + b <= 0:
+            raise ValueError(f"custom {what} profile needs A, B >= 0 and A + B > 0, got {name!r}")
+        return LatencyProfile(name, a, b, f"custom: t(n) = {a} + {b}*n s")
     try:
         return table[name]
     except KeyError:
-        raise ValueError(f"unknown {what} profile {name!r}; known: {', '.join(sorted(table))}") from None
+        raise ValueError(f"unknown {what} profile {name!r}; known: {', '.join(sorted(table))}, "
+                         f"or {CUSTOM}A+B") from None
 
 
 class Hold:

@@ -19,9 +19,10 @@ PROMPT = "Name three colours."
 class Stream:
     """A Speculate call whose requests the test sends one at a time."""
 
-    def __init__(self, stub, session):
+    def __init__(self, stub, reply):
         self._q: queue.Queue = queue.Queue()
-        self.responses = stub.Speculate(iter(self._q.get, None), metadata=(("tandem-session", session),))
+        self.responses = stub.Speculate(iter(self._q.get, None), metadata=(
+            ("tandem-session", reply.session), ("tandem-session-key", reply.session_key)))
 
     def send(self, epoch, start, tokens):
         self._q.put(pb.Draft(epoch=epoch, start=start, tokens=packing.pack_tokens(tokens, 2)))
@@ -44,7 +45,7 @@ def opened(cloud, tokenizer, reference):
     def open_lead(max_tokens):
         r = stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=prompt, lead=True,
                                      max_tokens=max_tokens, ignore_eos=True))
-        return Stream(stub, r.session)
+        return Stream(stub, r)
 
     yield open_lead, len(prompt), ref
     ch.close()

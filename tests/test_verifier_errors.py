@@ -21,15 +21,20 @@ def open_session(stub, tokenizer, prompt="Hello there"):
     return stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=tokenizer.encode(prompt)))
 
 
-def speculate(stub, session, drafts):
-    return list(stub.Speculate(iter(drafts), metadata=(("tandem-session", session),)))
+def speculate(stub, reply, drafts):
+    """A Speculate call on an Open'ed session, as its opener (session id and key)."""
+    return list(stub.Speculate(iter(drafts), metadata=session_meta(reply)))
+
+
+def session_meta(reply):
+    return (("tandem-session", reply.session), ("tandem-session-key", reply.session_key))
 
 
 def assert_serving(ch, stub, tokenizer):
     health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="tandem.v1.Verifier"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     reply = open_session(stub, tokenizer)
-    out = speculate(stub, reply.session, [pb.Draft(epoch=0, start=len(tokenizer.encode("Hello there")),
+    out = speculate(stub, reply, [pb.Draft(epoch=0, start=len(tokenizer.encode("Hello there")),
                                                    tokens=packing.pack_tokens([28], 2))])
     assert len(out) == 1 and out[0].accepted <= 1
 
@@ -54,7 +59,7 @@ def test_token_id_outside_vocabulary(stub, tokenizer):
     r = open_session(s, tokenizer)
     n = len(tokenizer.encode("Hello there"))
     msg = expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
-        s, r.session, [pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([60000], 2))]))
+        s, r, [pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([60000], 2))]))
     assert "outside the vocabulary" in msg
     expect(grpc.StatusCode.INVALID_ARGUMENT,
            lambda: s.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=[1, 99999])))
@@ -66,19 +71,19 @@ def test_empty_and_oversized_and_garbled_drafts(stub, tokenizer):
     n = len(tokenizer.encode("Hello there"))
     r = open_session(s, tokenizer)
     assert "empty draft" in expect(grpc.StatusCode.INVALID_ARGUMENT,
-                                   lambda: speculate(s, r.session, [pb.Draft(epoch=0, start=n, tokens=b"")]))
+                                   lambda: speculate(s, r, [pb.Draft(epoch=0, start=n, tokens=b"")]))
     r = open_session(s, tokenizer)
     assert "exceeds the limit" in expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
-        s, r.session, [pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([28] * 1000, 2))]))
+        s, r, [pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([28] * 1000, 2))]))
     r = open_session(s, tokenizer)
     expect(grpc.StatusCode.INVALID_ARGUMENT,
-           lambda: speculate(s, r.session, [pb.Draft(epoch=0, start=n, tokens=b"\x01\x02\x03")]))
+           lambda: speculate(s, r, [pb.Draft(epoch=0, start=n, tokens=b"\x01\x02\x03")]))
     r = open_session(s, tokenizer)
     assert "expected" in expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
-        s, r.session, [pb.Draft(epoch=0, start=n + 7, tokens=packing.pack_tokens([28], 2))]))
+        s, r, [pb.Draft(epoch=0, start=n + 7, tokens=packing.pack_tokens([28], 2))]))
     r = open_session(s, tokenizer)
     assert "ahead" in expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(
-        s, r.session, [pb.Draft(epoch=5, start=n, tokens=packing.pack_tokens([28], 2))]))
+        s, r, [pb.Draft(epoch=5, start=n, tokens=packing.pack_tokens([28], 2))]))
     assert_serving(ch, s, tokenizer)
 
 
@@ -91,7 +96,8 @@ def test_context_overflow_is_out_of_range(stub, tokenizer):
 
 def test_unknown_session(stub, tokenizer):
     s, ch = stub
-    msg = expect(grpc.StatusCode.NOT_FOUND, lambda: speculate(s, "nope", [pb.Draft(epoch=0, start=1, tokens=b"\x01\x00")]))
+    nope = pb.OpenReply(session="nope", session_key="x")
+    msg = expect(grpc.StatusCode.NOT_FOUND, lambda: speculate(s, nope, [pb.Draft(epoch=0, start=1, tokens=b"\x01\x00")]))
     assert "unknown session" in msg
     assert_serving(ch, s, tokenizer)
 
@@ -108,7 +114,7 @@ def test_client_disconnecting_mid_stream(cloud, tokenizer):
         import time
         time.sleep(30)  # never sends more: the client goes away instead
 
-    call = s.Speculate(drafts(), metadata=(("tandem-session", r.session),))
+    call = s.Speculate(drafts(), metadata=session_meta(r))
     next(call)
     call.cancel()
     ch.close()
@@ -124,8 +130,53 @@ def test_stale_epoch_blocks_are_dropped(stub, tokenizer):
     n = len(prompt)
     r = open_session(s, tokenizer)
     bad = [tokenizer.eos] * 3  # almost surely rejected at the first position
-    out = speculate(s, r.session, [
+    out = speculate(s, r, [
         pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens(bad, 2)),
         pb.Draft(epoch=0, start=n + 3, tokens=packing.pack_tokens(bad, 2)),  # stale once the first is rejected
     ])
     assert len(out) == 1 and out[0].accepted == 0 and out[0].HasField("token")
+
+
+def test_another_clients_session_is_refused(stub, tokenizer):
+    """Only the opener holds the session's key: a stream or Close without it is refused."""
+    s, ch = stub
+    r = open_session(s, tokenizer)
+    n = len(tokenizer.encode("Hello there"))
+    draft = [pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens([28], 2))]
+    for key in ("", "0" * 32):
+        stolen = pb.OpenReply(session=r.session, session_key=key)
+        assert "another client" in expect(grpc.StatusCode.PERMISSION_DENIED, lambda: speculate(s, stolen, draft))
+    expect(grpc.StatusCode.PERMISSION_DENIED, lambda: s.Close(pb.CloseRequest(session=r.session)))
+    assert len(speculate(s, r, draft)) == 1, "the opener still drives its session"
+
+
+def test_full_verifier_refuses_with_a_retry_hint_and_frees_slots_on_close(tokenizer):
+    """Every RPC that holds a sequence counts, Generate included; Close frees the slot."""
+    from bench.procs import start_cloud
+    d = start_cloud("--threads", "1", "--max-sessions", "2")
+    try:
+        ch = grpc.insecure_channel(d.address)
+        s = pb_grpc.VerifierStub(ch)
+        a, b = open_session(s, tokenizer), open_session(s, tokenizer)
+        with pytest.raises(grpc.RpcError) as e:
+            open_session(s, tokenizer)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(e.value.trailing_metadata()).get("retry-after-ms")
+        gen = pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt=tokenizer.encode("Hi"), max_tokens=2)
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: list(s.Generate(gen)))
+        s.Close(pb.CloseRequest(session=a.session), metadata=session_meta(a)[1:])
+        # the freed sequence returns once the scheduler has cleared it: poll, never sleep a fixed time
+        for _ in range(100):
+            try:
+                out = list(s.Generate(gen))
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                import time
+                time.sleep(0.05)
+        assert out[-1].done and len([t for c in out for t in c.tokens]) == 2
+        assert len(speculate(s, b, [pb.Draft(epoch=0, start=len(tokenizer.encode("Hello there")),
+                                             tokens=packing.pack_tokens([28], 2))])) == 1
+        ch.close()
+    finally:
+        d.stop()

@@ -1,0 +1,146 @@
+"""The verifier daemon assembled: target, scheduler, gRPC server, signals."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from cloud.config import VerifierConfig
+from cloud.metrics import Metrics
+from cloud.scheduler import Scheduler
+from cloud.server import SERVICE, VerifierService
+from cloud.target import Target, measure_pass
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pb_grpc
+from sim.latency import TARGETS, LatencyProfile, lookup
+
+log = logging.getLogger("tandem.cloud")
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Every Verifier RPC needs 'authorization: Bearer TOKEN'."""
+
+    def __init__(self, token: str):
+        import hmac
+        expected = f"Bearer {token}".encode()
+        self._ok = lambda got: hmac.compare_digest(got.encode(), expected)
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health") or details.method.startswith("/grpc.reflection"):
+            return await continuation(details)
+        if not self._ok(dict(details.invocation_metadata).get("authorization", "")):
+            return self._deny
+        return await continuation(details)
+
+
+@dataclass
+class Built:
+    server: grpc.aio.Server
+    service: VerifierService
+    health: health_aio.HealthServicer
+    scheduler: Scheduler
+    target: Target
+    port: int
+
+
+def pick_threads(target: Target, seq: int) -> int:
+    """The faster of 1 and 2 llama.cpp threads for a typical pass here (8 tokens)."""
+    timing = {}
+    for n in (1, 2):
+        target.set_threads(n)
+        measure_pass(target, seq, 8, 2)                       # warm-up
+        timing[n] = measure_pass(target, seq, 8, 5)
+    best = min(timing, key=timing.get)
+    log.info("threads: 1 -> %.1f ms, 2 -> %.1f ms per 8-token pass; using %d",
+             timing[1] * 1e3, timing[2] * 1e3, best)
+    return best
+
+
+def pass_model(target: Target, seq: int, emulate: LatencyProfile | None) -> tuple[float, float]:
+    """The verifier's own pass time t(n) = a + b*n, for the edge's planner (on a
+    CPU b is far from zero: a block costs more than a token). Emulated: the profile's."""
+    if emulate:
+        return emulate.a_s, emulate.b_s
+    measure_pass(target, seq, 1, 1)
+    t1, t8 = measure_pass(target, seq, 1, 8), measure_pass(target, seq, 8, 4)
+    b = max(0.0, (t8 - t1) / 7)
+    return max(1e-4, t1 - b), b
+
+
+async def build(cfg: VerifierConfig, model: Path) -> Built:
+    emulate = lookup(TARGETS, cfg.emulate_target, "target") if cfg.emulate_target else None
+    target = Target(model, n_ctx=cfg.n_ctx, n_seqs=cfg.max_sessions, n_threads=max(cfg.threads, 1),
+                    max_batch_tokens=cfg.max_batch_tokens)
+    if cfg.threads == 0:
+        target.set_threads(pick_threads(target, 0))
+    model_ab = pass_model(target, 0, emulate)
+    metrics = Metrics()
+    scheduler = Scheduler(target, batching=cfg.batching, emulate=emulate, on_pass=metrics.observe_pass)
+    scheduler.start()
+    service = VerifierService(cfg, target, scheduler, emulate, model_ab, metrics)
+    metrics.queue.set_function(lambda: scheduler.queued)
+    interceptors = [BearerAuth(cfg.token)] if cfg.token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes)])
+    pb_grpc.add_VerifierServicer_to_server(service, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Verifier"].full_name, "grpc.health.v1.Health", reflection.SERVICE_NAME),
+        server)
+    try:
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+            port = server.add_secure_port(cfg.listen, creds)
+        else:
+            port = server.add_insecure_port(cfg.listen)
+    except RuntimeError as e:
+        port = 0
+        log.debug("bind failed: %s", e)
+    if port == 0:
+        scheduler.stop()
+        raise OSError(f"cannot listen on {cfg.listen} (address in use or not available)")
+    if cfg.metrics:
+        metrics.serve(cfg.metrics)
+    return Built(server, service, health, scheduler, target, port)
+
+
+async def serve(cfg: VerifierConfig, model: Path) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):          # before the ready line: a SIGTERM right after it drains
+        loop.add_signal_handler(sig, stop.set)
+    b = await build(cfg, model)
+    await b.server.start()
+    reaper = asyncio.ensure_future(b.service.reap_idle())
+    host = cfg.listen.rsplit(":", 1)[0]
+    log.info("serving %s on %s:%d (vocab %d, fingerprint %s, %.1f ms/token, %d threads, batching %s%s)",
+             b.service.target_label, host, b.port, b.target.n_vocab, b.target.fingerprint,
+             b.service.ar_token_s * 1e3, b.target.n_threads, "on" if cfg.batching else "off",
+             ", TLS" if cfg.tls_cert else "")
+    print(f"cloud-verifier listening on {host}:{b.port}", flush=True)
+    await stop.wait()
+    log.info("draining: no new sessions, %.0f s for running ones", cfg.grace_s)
+    t0 = time.monotonic()
+    await b.health.enter_graceful_shutdown()
+    reaper.cancel()
+    await b.server.stop(cfg.grace_s)
+    b.scheduler.stop()
+    log.info("stopped after %.1f s", time.monotonic() - t0)
+    return 0

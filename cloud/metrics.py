@@ -1,0 +1,33 @@
+"""The verifier's Prometheus metrics, in a registry of its own (no global state)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from cloud.scheduler import PassStats
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.sessions = Gauge("tandem_verifier_sessions", "sessions holding a sequence", registry=r)
+        self.queue = Gauge("tandem_verifier_queue_steps", "steps waiting for a pass", registry=r)
+        self.pass_tokens = Histogram("tandem_verifier_pass_tokens", "tokens evaluated per pass", registry=r,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.pass_seconds = Histogram("tandem_verifier_pass_seconds", "wall time of a pass (with emulated hold)",
+                                      registry=r, buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2))
+        self.pass_steps = Histogram("tandem_verifier_pass_steps", "sessions' steps per pass", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.drafted = Counter("tandem_verifier_drafted_tokens", "drafted tokens verified", registry=r)
+        self.accepted = Counter("tandem_verifier_accepted_tokens", "drafted tokens accepted", registry=r)
+        self.bytes_in = Counter("tandem_verifier_draft_bytes", "serialised Draft bytes received", registry=r)
+        self.bytes_out = Counter("tandem_verifier_verdict_bytes", "serialised Verdict bytes sent", registry=r)
+        self.refused = Counter("tandem_verifier_refusals", "RPCs refused, by status code", ["code"], registry=r)
+
+    def observe_pass(self, s: PassStats) -> None:
+        self.pass_tokens.observe(s.tokens)
+        self.pass_seconds.observe(s.seconds)
+        self.pass_steps.observe(s.steps)
+
+    def serve(self, hostport: str) -> None:
+        host, port = hostport.rsplit(":", 1)
+        start_http_server(int(port), addr=host, registry=self.registry)

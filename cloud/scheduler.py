@@ -1,0 +1,205 @@
+"""One loop owns the model: every session's work, batched into exact passes.
+
+Sessions hand the scheduler *steps* (a prompt to prefill, a block to verify,
+a token to lead or stream); each iteration gathers every queued step under a
+token budget, evaluates them in one multi-sequence pass, and hands each step
+its logits rows. The shape of a continuous-batching server loop:
+
+    wait for work -> gather (decodes first, prefills chunked) -> one pass
+                  -> finish each step (accept/sample) -> resolve its future
+
+Fairness: steps that decode (verify, lead, stream) go first, oldest first; a
+prompt is prefilled in chunks of at most `prefill_chunk` tokens, so a long
+prompt delays other sessions' tokens by one chunk's time, never by the whole
+prompt. With `batching` off every pass carries one step (for comparison).
+An emulated target holds each pass, finishing included, to the modelled
+t(n) = a + b*n for the n tokens in it: the one place latency is emulated.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from cloud.target import INVARIANT_BATCH, Chunk, Target
+from sim.latency import Hold, LatencyProfile
+
+log = logging.getLogger("tandem.cloud")
+
+
+@dataclass
+class Step:
+    """Model work for one sequence: evaluate `tokens` at positions `start`... and
+    pass the last `n_logits` rows to `finish`, whose result resolves the step.
+    `prefill` steps may be split across passes."""
+    seq: int
+    start: int
+    tokens: list[int]
+    n_logits: int
+    finish: Callable[[np.ndarray], object]
+    prefill: bool = False
+    future: Future = field(default_factory=Future)
+    done: int = 0                               # tokens evaluated so far (chunked prefill)
+    rows: list = field(default_factory=list)    # logits gathered so far
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class PassStats:
+    tokens: int
+    steps: int
+    seconds: float
+
+
+class Scheduler:
+    def __init__(self, target: Target, batching: bool = True, emulate: LatencyProfile | None = None,
+                 prefill_chunk: int = 2 * INVARIANT_BATCH,
+                 on_pass: Callable[[PassStats], None] = lambda s: None):
+        self.target, self.batching, self.emulate = target, batching, emulate
+        self.budget = target.max_batch_tokens
+        self.prefill_chunk = max(1, min(prefill_chunk, self.budget))
+        self.on_pass = on_pass
+        self._queue: collections.deque[Step] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.passes = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, step: Step) -> Future:
+        self.submit_many([step])
+        return step.future
+
+    def submit_many(self, steps: list[Step]) -> None:
+        """Queue several steps at once: the next pass sees all of them."""
+        with self._cv:
+            for step in steps:
+                if self._stopping:
+                    step.future.set_exception(RuntimeError("the verifier is shutting down"))
+                else:
+                    self._queue.append(step)
+            self._cv.notify()
+
+    def drop(self, seq: int) -> None:
+        """Forget the queued steps of a sequence whose session is gone."""
+        with self._cv:
+            for s in [s for s in self._queue if s.seq == seq]:
+                self._queue.remove(s)
+                s.future.cancel()
+
+    def run_now(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the model's thread between passes (e.g. freeing a sequence)."""
+        return self.submit(Step(-1, 0, [], 0, lambda rows: fn()))
+
+    # -- the loop ----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._queue:
+                    return
+                batch = self._gather()
+            self._run(batch)
+
+    def _gather(self) -> list[tuple[Step, int]]:
+        """(step, tokens to evaluate now) for the next pass; called under the lock."""
+        q = self._queue
+        if q[0].seq < 0:                            # housekeeping runs alone, in order
+            return [(q.popleft(), 0)]
+        if not self.batching:
+            s = q[0]
+            n = self._chunk(s, self.budget)
+            if s.done + n >= len(s.tokens):
+                q.popleft()
+            return [(s, n)]
+        taken: list[tuple[Step, int]] = []
+        left = self.budget
+        seqs: set[int] = set()
+        waiting_prefill = any(s.prefill for s in q)
+        # decodes first (keep a chunk's room for a waiting prompt), then prompts
+        for want_prefill in (False, True):
+            room = left - (self.prefill_chunk if waiting_prefill and not want_prefill else 0)
+            for s in list(q):
+                if s.seq < 0:
+                    break                           # nothing overtakes housekeeping
+                if s.prefill != want_prefill or s.seq in seqs:
+                    continue
+                n = self._chunk(s, room)
+                if n <= 0 and len(s.tokens) > 0:
+                    continue
+                taken.append((s, n))
+                seqs.add(s.seq)
+                room -= n
+                left -= n
+                if s.done + n >= len(s.tokens):
+                    q.remove(s)
+        return taken
+
+    def _chunk(self, s: Step, room: int) -> int:
+        rest = len(s.tokens) - s.done
+        if not s.prefill:
+            return rest if rest <= room else 0      # a block is never split
+        return min(rest, self.prefill_chunk, room)
+
+    def _run(self, batch: list[tuple[Step, int]]) -> None:
+        t0 = time.monotonic()
+        n_tokens = sum(n for _, n in batch)
+        chunks = []
+        for s, n in batch:
+            first_row = len(s.tokens) - s.n_logits          # tokens from here on need their logits
+            chunks.append(Chunk(s.seq, s.start + s.done, s.tokens[s.done:s.done + n],
+                                max(0, min(n, s.done + n - first_row))))
+        with Hold(self.emulate if n_tokens else None, n_tokens):
+            try:
+                live = [c for c, (s, _) in zip(chunks, batch) if s.seq >= 0 and c.tokens]
+                rows = iter(self.target.decode(live) if live else [])
+            except Exception as e:  # noqa: BLE001 - a failed pass fails its steps, not the loop
+                log.warning("pass of %d tokens failed: %s", n_tokens, e)
+                for s, _ in batch:
+                    _resolve(s.future, e)
+                return
+            for (s, n), c in zip(batch, chunks):
+                if s.seq >= 0 and c.tokens:
+                    s.rows.append(next(rows))
+                s.done += n
+                if s.done < len(s.tokens):
+                    continue                        # a prompt with chunks still to go
+                r = s.rows[0] if len(s.rows) == 1 else (
+                    np.concatenate(s.rows) if s.rows else np.zeros((0, 0), np.float32))
+                if s.future.cancelled():
+                    continue                        # its session is gone
+                try:
+                    result = s.finish(r)
+                except Exception as e:  # noqa: BLE001 - a bad step fails only its own session
+                    _resolve(s.future, e)
+                else:
+                    _resolve(s.future, result, ok=True)
+        self.passes += 1
+        if n_tokens:
+            self.on_pass(PassStats(n_tokens, len(batch), time.monotonic() - t0))
+
+
+def _resolve(fut: Future, value, ok: bool = False) -> None:
+    try:
+        fut.set_result(value) if ok else fut.set_exception(value)
+    except InvalidStateError:
+        pass                                        # cancelled meanwhile: its session is gone
