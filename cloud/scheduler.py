@@ -46,6 +46,7 @@ class Step:
     prefill: bool = False
     future: Future = field(default_factory=Future)
     done: int = 0                               # tokens evaluated so far (chunked prefill)
+    copy_from: int | None = None                # tree branch: start from a copy of that sequence (cloud/target.py)
     rows: list = field(default_factory=list)    # logits gathered so far
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -167,7 +168,7 @@ class Scheduler:
         for s, n in batch:
             first_row = len(s.tokens) - s.n_logits          # tokens from here on need their logits
             chunks.append(Chunk(s.seq, s.start + s.done, s.tokens[s.done:s.done + n],
-                                max(0, min(n, s.done + n - first_row))))
+                                max(0, min(n, s.done + n - first_row)), copy_from=s.copy_from))
         with Hold(self.emulate if n_tokens else None, n_tokens):
             try:
                 live = [c for c, (s, _) in zip(chunks, batch) if s.seq >= 0 and c.tokens]

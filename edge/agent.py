@@ -152,7 +152,7 @@ class Agent:
             raise SwitchToCloudOnly(reply.session)  # the stream continues from the prefilled cache
         stream = self.client.speculate(reply.session)
         spec = Speculator(stream, self.drafter, prompt, cfg, codec, reply.token_width, self.eos, planner,
-                          device, emit, stats, t0, logits, trees=reply.trees, max_draft=reply.max_draft)
+                          device, emit, stats, t0, logits, tree_branches=reply.tree_branches, max_draft=reply.max_draft)
         try:
             spec.run()
         finally:

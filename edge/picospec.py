@@ -101,7 +101,7 @@ class Speculator:
     def __init__(self, stream: DraftStream, drafter: Drafter, prompt: list[int], cfg: GenConfig,
                  codec: str, width: int, eos: int, planner: Planner, device: LatencyProfile | None,
                  on_tokens: OnTokens, stats: GenStats, t0: float, first_logits: np.ndarray,
-                 trees: bool = False, max_draft: int = 64):
+                 tree_branches: int = 0, max_draft: int = 64):
         self.stream, self.drafter, self.cfg, self.codec, self.width = stream, drafter, cfg, codec, width
         self.eos, self.planner, self.device, self.on_tokens, self.stats, self.t0 = (
             eos, planner, device, on_tokens, stats, t0)
@@ -118,8 +118,10 @@ class Speculator:
         self.lead = cfg.pipelined and cfg.cloud_lead
         self.restart = True                   # the next block is the first after a break
         # Trees need a verifier that takes them, and at T>0 codec Q (kernels/tree.py says why).
-        self.trees = trees and cfg.tree != "off" and (cfg.sampling.greedy or codec == "Q")
+        self.trees = tree_branches > 0 and cfg.tree != "off" and (cfg.sampling.greedy or codec == "Q")
+        self.tree_branches = tree_branches
         planner.tree = cfg.tree if self.trees else "off"
+        self.plan = planner.plan()
         self.max_draft = max_draft
         self.tree_stats = {"passes": 0, "siblings": 0, "sibling_hits": 0, "tree_blocks": 0, "shapes": {}}
         stats.tree = self.tree_stats
@@ -199,7 +201,9 @@ class Speculator:
         budget = self.plan.tree_budget
         if not budget and self.cfg.tree == "auto" and self.stats.blocks % PROBE_EVERY == PROBE_EVERY - 1:
             budget = 1                                # keep measuring what siblings yield
-        budget = min(budget, self.max_draft - len(b.drafted) - (b.fixed is not None))
+        # Each sibling is a branch the verifier evaluates in a scratch sequence; it has
+        # tree_branches of them per pass.
+        budget = min(budget, self.tree_branches, self.max_draft - len(b.drafted) - (b.fixed is not None))
         if budget <= 0:
             return []
         reach, cands = 1.0, []
@@ -213,10 +217,13 @@ class Speculator:
                 gain = reach * (1.0 - conf)
             else:
                 y, gain = None, 0.0
-            if y is not None and gain >= MIN_SIBLING_GAIN:
+            if y is not None:
                 cands.append((gain, d, y))
             reach *= conf
-        return sorted((d, y) for _, d, y in sorted(cands, reverse=True)[:budget])
+        best = sorted(cands, reverse=True)[:budget]
+        # `always` sends its best sibling whatever it is worth (tests, measurement)
+        keep = [c for i, c in enumerate(best) if c[0] >= MIN_SIBLING_GAIN or (i == 0 and self.cfg.tree == "always")]
+        return sorted((d, y) for _, d, y in keep)
 
     def _block_complete(self) -> bool:
         b = self.cur

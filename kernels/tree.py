@@ -45,6 +45,8 @@ from kernels.sparse import SparseDist
 __all__ = [
     "DraftTree",
     "accept_greedy",
+    "main_length",
+    "merge_chained",
     "accept_sampled",
     "race_draws",
     "pack_parents",
@@ -122,6 +124,23 @@ class DraftTree:
             node = kids[0]
             out.append(node)
 
+    def subtree(self, node: int) -> tuple["DraftTree", list[int]]:
+        """The nodes below `node`, re-rooted at it (the tree left when `node` is decided), and
+        their indices here. Depth-first order makes them the run after `node` that is deeper."""
+        keep = []
+        for i in range(node + 1, len(self)):
+            if self.depth(i) <= self.depth(node):
+                break
+            keep.append(i)
+        where = {old: new for new, old in enumerate(keep)}
+        return DraftTree([self.tokens[i] for i in keep],
+                         [where.get(self.parents[i], ROOT) for i in keep]), keep
+
+    def leaves_off_main(self) -> list[int]:
+        """Leaves not on the main chain: one scratch evaluation of its path each."""
+        main = set(self.main_chain())
+        return [i for i in range(len(self)) if i not in main and not self.children(i)]
+
     def shape(self) -> str:
         """Children per level along the main chain, e.g. '2-1-2-1' (a chain of 4: '1-1-1-1')."""
         return "-".join(str(len(self.children(n))) for n in [ROOT] + self.main_chain()[:-1])
@@ -162,6 +181,44 @@ def unpack_parents(data: bytes, n: int) -> list[int]:
         parents[i] = p
         last = i
     return parents
+
+
+def main_length(parents: Sequence[int]) -> int:
+    """Length of the main chain: in depth-first order, the leading run of nodes whose parent
+    is the node before them."""
+    n = 0
+    while n < len(parents) and parents[n] == n - 1:
+        n += 1
+    return n
+
+
+def merge_chained(trees: Sequence[DraftTree]) -> tuple[DraftTree, list[tuple[int, int]]]:
+    """Blocks that each continue the previous block's main chain, as one tree: block k+1 hangs
+    below block k's main-chain leaf. Returns the tree and, per node, (block, node in block)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    origin: list[tuple[int, int]] = []
+
+    def add(k: int, parent_of_root: int) -> None:
+        t = trees[k]
+        m = main_length(t.parents)
+        base = len(tokens)
+        for i in range(m):                               # the main chain ...
+            tokens.append(t.tokens[i])
+            parents.append(parent_of_root if i == 0 else base + i - 1)
+            origin.append((k, i))
+        if k + 1 < len(trees):                           # ... the next block below its leaf ...
+            add(k + 1, base + m - 1 if m else parent_of_root)
+        shift = len(tokens) - m                          # ... then this block's other nodes
+        for i in range(m, len(t)):
+            p = t.parents[i]
+            tokens.append(t.tokens[i])
+            parents.append(parent_of_root if p == ROOT else (base + p if p < m else shift + p))
+            origin.append((k, i))
+
+    if trees:
+        add(0, ROOT)
+    return DraftTree(tokens, parents), origin
 
 
 # ---------------------------------------------------------------------------------------------

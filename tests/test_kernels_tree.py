@@ -12,7 +12,8 @@ from kernels.rejection import residual_probs, sample_residual
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TARGET, race_keys, race_sample_at,
                               rng_for, sample)
 from kernels.sparse import SparseDist, quantize_dist
-from kernels.tree import DraftTree, accept_greedy, accept_sampled, pack_parents, race_draws, unpack_parents
+from kernels.tree import (DraftTree, accept_greedy, accept_sampled, main_length, merge_chained, pack_parents,
+                          race_draws, unpack_parents)
 from tests.test_kernels_sampling import assert_samples_match, chi2_pvalue, random_probs
 
 # A tree of 7 nodes below the root (depth-first, first children first):
@@ -280,3 +281,28 @@ def test_race_draws_are_draws_without_replacement_led_by_race_sample():
     # the runner-up's marginal: sum over winners w of q(w) * q(y) / (1 - q(w))
     second = np.array([sum(dense[w] * dense[y] / (1 - dense[w]) for w in range(8) if w != y) for y in range(8)])
     assert_samples_match(seconds, second)
+
+
+def test_subtree_re_roots_what_is_below_a_decided_node():
+    t = DraftTree(TOKENS, PARENTS)
+    sub, kept = t.subtree(0)
+    assert kept == [1, 2, 3, 4] and sub.tokens == (11, 12, 13, 14) and sub.parents == (-1, 0, -1, 2)
+    assert t.subtree(2)[1] == [] and t.subtree(5)[0].tokens == (16,)
+
+
+def test_main_length_and_leaves_off_main():
+    t = DraftTree(TOKENS, PARENTS)
+    assert main_length(t.parents) == 3 and t.leaves_off_main() == [4, 6]
+    assert main_length((-1, 0, 1)) == 3 and main_length(()) == 0
+
+
+def test_merge_chained_hangs_each_block_below_the_previous_main_leaf():
+    a = DraftTree((1, 2, 3, 9), (-1, 0, 1, 0))           # chain 1-2-3, sibling 9 of 2
+    b = DraftTree((4, 5, 8), (-1, 0, -1))                # chain 4-5, sibling 8 of 4
+    c = DraftTree.chain([6])
+    m, origin = merge_chained([a, b, c])
+    assert m.main_chain() == [0, 1, 2, 3, 4, 5] and [m.tokens[i] for i in m.main_chain()] == [1, 2, 3, 4, 5, 6]
+    # 8 is a sibling of 4 (child of 3), 9 a sibling of 2 (child of 1)
+    assert {m.tokens[i]: m.tokens[m.parents[i]] for i in range(len(m)) if i not in m.main_chain()} == {8: 3, 9: 1}
+    assert [origin[i] for i in range(len(m)) if m.tokens[i] in (8, 9)] == [(1, 2), (0, 3)]
+    assert merge_chained([DraftTree.chain([1, 2])])[0] == DraftTree.chain([1, 2])
