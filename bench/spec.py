@@ -45,7 +45,7 @@ TARGETS = ["smollm2-135m", "emulated:qwen3-32b-a100", "emulated:llama-70b-a100"]
 DRAFTERS = ["draft-l29", "draft-q8"]       # default (realistic acceptance), best (near-copy)
 DEVICE = "jetson-orin"
 PROMPTS = datasets.BUILTIN
-TREE_MODES = {"picospec-Q": ["off", "auto"]}   # chain and tree rows; other modes run chains
+TREE_MODES = {"picospec-Q": ["off", "auto"]}   # chain and tree rows (--trees); other modes run chains
 SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, seed=7)
 COLUMNS = ["dataset", "profile", "mode", "tree", "target", "drafter", "tokens_per_s", "speedup", "ttft_s",
            "acceptance_rate", "accepted_per_pass", "bytes_up_per_token", "bytes_up_per_drafted_token",
@@ -61,6 +61,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompts", type=int, default=None, help="prompts per dataset (default: 8; --quick: 4)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per completion (default: %(default)s)")
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="modes to run (default: all)")
+    ap.add_argument("--trees", nargs="+", default=TREE_MODES["picospec-Q"], choices=["off", "auto", "always"],
+                    help="tree settings picospec-Q runs with, one row each (default: %(default)s)")
     ap.add_argument("--drafters", nargs="+", default=None, choices=DRAFTERS,
                     help="drafters (default: both; --quick: draft-l29)")
     ap.add_argument("--json", type=Path, default=RESULTS / "spec.json", help="output JSON (default: %(default)s)")
@@ -74,7 +76,7 @@ QUICK_DATASETS = ["humaneval", "mtbench"]
 QUICK_DRAFTERS = ["draft-l29"]
 
 
-def plan_cells(quick: bool, profiles, targets, modes=MODES, drafters=None):
+def plan_cells(quick: bool, profiles, targets, modes=MODES, drafters=None, trees=None):
     """(target, profile, mode, drafter, tree setting) per cell."""
     drafters = drafters or (QUICK_DRAFTERS if quick else DRAFTERS)
     for target in targets:
@@ -85,7 +87,7 @@ def plan_cells(quick: bool, profiles, targets, modes=MODES, drafters=None):
                 continue
             for mode in modes:
                 for drafter in [None] if mode == "cloud-only" else drafters:
-                    for tree in TREE_MODES.get(mode, ["off"]):
+                    for tree in (trees or TREE_MODES["picospec-Q"]) if mode in TREE_MODES else ["off"]:
                         yield target, profile, mode, drafter, tree
 
 
@@ -117,7 +119,7 @@ def run(args) -> int:
     n_prompts = args.prompts or (4 if args.quick else 8)
     n_tokens = args.max_tokens
     sets = {name: [tok.encode(p.text, raw=p.raw) for p in datasets.load(name, n_prompts)] for name in names}
-    cells = list(plan_cells(args.quick, args.profiles, args.targets, args.modes, args.drafters))
+    cells = list(plan_cells(args.quick, args.profiles, args.targets, args.modes, args.drafters, args.trees))
     by_stack: dict = {}
     for c in cells:
         by_stack.setdefault((c[0], c[1]), []).append(c)

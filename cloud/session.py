@@ -307,8 +307,13 @@ class Session:
         own = self._step(lag + [tree.tokens[i] for i in main_idx], len(main_idx) + (1 if lag else 0), keep,
                          chunkable=False)
         # More branches than scratch sequences share them in successive passes (one step per sequence a pass).
-        steps = [own] + [Step(scratch[k % len(scratch)], self.n_past, lag + [tree.tokens[i] for i in path],
-                              len(path), keep, copy_from=self.seq) for k, path in enumerate(branches)]
+        off_main = set(range(len(tree))) - set(main_idx)
+        steps = [own]
+        for k, path in enumerate(branches):
+            new = [i for i in path if i in off_main]        # each off-main node is charged once
+            off_main -= set(new)
+            steps.append(Step(scratch[k % len(scratch)], self.n_past, lag + [tree.tokens[i] for i in path],
+                              len(path), keep, copy_from=self.seq, charged=len(new)))
 
         def finish(rows_list: list[np.ndarray]) -> VerdictData:
             own_rows = rows_list[0]

@@ -172,9 +172,7 @@ class Planner:
         `siblings`: tree nodes beside the chain, each a verify token more and
         `sibling_gain` tokens more per block."""
         a, td, rtt = self.accept.value, self.t_draft.value, self.rtt
-        # A sibling at level d is verified as its own chain (lag + d + 1 tokens) from a
-        # copy of the session's cache: priced at the middle level.
-        tv = self.verify_a + self.verify_b * (g + 1 + siblings * (g + 3) / 2)
+        tv = self.verify_a + self.verify_b * (g + 1 + siblings)
         extra = siblings * self.sibling_gain.value
         cycle = g * td + rtt + tv
         if w == 1:
