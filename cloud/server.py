@@ -232,7 +232,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         trees = [DraftTree(b, unpack_parents(d.parents, len(b))) for d, b in zip(group, blocks)]
         tree, origin = merge_chained(trees)
         q_sparse = []
-        if not sess.sampling.greedy:
+        if not sess.sampling.greedy and sess.codec == pb.CODEC_Q:
             per_block = [[packing.unpack_sparse(q, self.width, 8) if q else None for q in d.q_sparse] for d in group]
             if any(len(qs) != len(t) for qs, t in zip(per_block, trees)):
                 raise BadDraft("codec Q needs one entry of q_sparse per tree node (empty for later siblings)")

@@ -120,3 +120,46 @@ def test_first_three_tokens_follow_the_target_with_trees(cloud, drafter, tokeniz
         p = pvalue(samples[:, pos], dists[pos])
         print(f"trees, token {pos + 1}: chi-square p = {p:.3f}")
         assert p > 0.01, f"trees: token {pos + 1} does not follow the target (p={p:.2g})"
+
+
+@pytest.mark.parametrize("case, why", [
+    ("not-depth-first", "not depth-first"),
+    ("repeated-sibling", "repeats a sibling"),
+    ("codec-p-sampled", "codec P cannot carry draft trees"),
+    ("later-sibling-with-q", "later sibling"),
+])
+def test_bad_trees_are_refused_and_the_verifier_keeps_serving(cloud, tokenizer, case, why):
+    import grpc
+
+    from kernels import packing
+    from kernels.sparse import SparseDist
+    from kernels.tree import pack_parents
+    from proto import tandem_pb2 as pb
+    from proto import tandem_pb2_grpc as pb_grpc
+    from tests.test_verifier_errors import assert_serving, expect, open_session, speculate
+    ch = grpc.insecure_channel(cloud.address)
+    s = pb_grpc.VerifierStub(ch)
+    try:
+        sampled = case in ("codec-p-sampled", "later-sibling-with-q")
+        r = s.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=tokenizer.encode("Hello there"),
+                                  codec=pb.CODEC_P if case == "codec-p-sampled" else pb.CODEC_Q,
+                                  sampling=pb.Sampling(temperature=0.8, seed=1) if sampled else None))
+        assert r.tree_branches > 0
+        n = len(tokenizer.encode("Hello there"))
+        tokens, parents = [28, 29, 30], [-1, 0, -1]
+        if case == "not-depth-first":
+            tokens, parents = [28, 29, 30, 31, 32], [-1, 0, 1, 0, 2]   # node 4 goes back below node 2
+        if case == "repeated-sibling":
+            tokens = [28, 29, 28]
+        d = pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens(tokens, r.token_width),
+                     parents=pack_parents(parents))
+        q = SparseDist([28, 29, 30], [100, 100, 55], 255)
+        if case == "codec-p-sampled":
+            d.q = packing.pack_u8([100, 100, 100])
+        if case == "later-sibling-with-q":
+            d.q_sparse.extend([packing.pack_sparse(q, r.token_width)] * 3)
+        msg = expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(s, r, [d]))
+        assert why in msg, msg
+        assert_serving(ch, s, tokenizer)
+    finally:
+        ch.close()
