@@ -77,3 +77,28 @@ def test_starting_needs_a_predicted_gain_keeping_on_only_a_near_tie():
     assert Plan(3, 2, 0.95 * cloud, cloud).speculate and not Plan(3, 2, 0.95 * cloud, cloud).worth_starting
     assert Plan(3, 2, 1.01 * cloud, cloud).worth_starting
     assert not Plan(3, 2, 0.85 * cloud, cloud).speculate
+
+
+def test_trees_only_where_the_measured_yield_beats_the_chain():
+    p = planner(lead=True, tree="auto")
+    p.sibling_gain.hits, p.sibling_gain.sent = 0.0, 100.0          # siblings never taken
+    plan = p.plan()
+    assert plan.tree_budget == 0 and plan.spec_rate == plan.chain_rate
+    p.sibling_gain.hits = 40.0                                      # 0.4 tokens per sibling
+    plan = p.plan()
+    assert plan.tree_budget > 0 and plan.spec_rate > plan.chain_rate
+    assert planner(lead=True, tree="off").plan().tree_budget == 0
+
+
+def test_tree_always_sends_at_least_one_sibling_even_when_it_does_not_pay():
+    p = planner(lead=True, tree="always")
+    p.sibling_gain.hits, p.sibling_gain.sent = 0.0, 100.0
+    plan = p.plan()
+    assert plan.tree_budget >= 1 and plan.spec_rate <= plan.chain_rate
+
+
+def test_sibling_gain_is_measured_per_sibling_sent():
+    p = planner(tree="auto")
+    for _ in range(200):
+        p.observe_siblings(1, 4)
+    assert abs(p.sibling_gain.value - 0.25) < 0.01
