@@ -334,8 +334,8 @@ def split_verdict(v, group: list[pb.Draft], levels: list[int]) -> list[pb.Verdic
                              verify_us=int(v.verify_s * 1e6))
         ranks = v.path[first:min(v.accepted, end)]
         if any(ranks):
-            verdict.path = bytes(ranks)
-        if v.accepted < end or i == len(group) - 1:
+            verdict.path = bytes(ranks)  # the path left the main chain in this block: it is the last answered
+        if v.accepted < end or any(ranks) or i == len(group) - 1:
             verdict.p_payload = v.p_payload
             if v.token is not None:
                 verdict.token = v.token

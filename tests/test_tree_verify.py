@@ -163,3 +163,18 @@ def test_bad_trees_are_refused_and_the_verifier_keeps_serving(cloud, tokenizer, 
         assert_serving(ch, s, tokenizer)
     finally:
         ch.close()
+
+
+def test_a_path_leaving_the_main_chain_at_a_block_end_answers_that_block_with_the_token():
+    """Merged blocks [tree A of 4 levels, chain B]: the sibling at A's last level was taken.
+    A's verdict must carry the path and the token after the sibling; B gets no verdict."""
+    from cloud.server import split_verdict
+    from cloud.session import VerdictData
+    from proto import tandem_pb2 as pb
+    group = [pb.Draft(epoch=2, start=10, tokens=b"\0" * 10, parents=b"\x04\x02"), pb.Draft(epoch=2, start=14,
+                                                                                            tokens=b"\0" * 6)]
+    v = VerdictData(2, 10, 4, token=77, path=[0, 0, 0, 1])
+    out = split_verdict(v, group, [4, 3])
+    assert len(out) == 1 and out[0].accepted == 4 and out[0].token == 77 and list(out[0].path) == [0, 0, 0, 1]
+    full = split_verdict(VerdictData(2, 10, 7, token=None, path=[0] * 7), group, [4, 3])
+    assert [o.accepted for o in full] == [4, 3] and not full[0].path and not full[1].HasField("token")
