@@ -21,7 +21,9 @@ row names its dataset; speedups compare with cloud-only on the same dataset.
 Trees: picospec-Q runs once with chains (tree none) and once with --tree auto
 (tree: the shape most often sent, siblings per level along the chain, e.g.
 2-1-1-1; none if the planner kept chains). accepted_per_pass = drafted tokens
-accepted per verified block (a taken sibling counts). Codec P carries no trees
+accepted per verified block, a taken sibling included; acceptance_rate stays
+the chain's own (a position whose sibling was taken counts as a rejection of
+the chain's token), so it compares with chain rows. Codec P carries no trees
 at T>0 (kernels/tree.py says why).
 
 --quick: the PicoSpec WAN only, the real and the emulated 32B target,
@@ -178,7 +180,7 @@ def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tok
                "emulated": emulated, "prompts": n_prompts, "max_tokens": n_tokens,
                "fallbacks": r.fallbacks, "passes": r.passes, "siblings": r.siblings,
                "sibling_hits": r.sibling_hits,
-               "accepted_per_pass": round(r.accepted / r.passes, 3) if r.passes else None}
+               "accepted_per_pass": round((r.accepted + r.sibling_hits) / r.passes, 3) if r.passes else None}
         rows.append(row)
         print(f"[spec {done}/{total} {time.monotonic() - t_start:5.0f}s] {dataset:<9} {profile:<13} {mode:<11} "
               f"{row['tree']:<9} {target:<24} {dname or '-':<10} {r.tokens_per_s:6.1f} tok/s  "

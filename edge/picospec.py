@@ -303,8 +303,10 @@ class Speculator:
         self.planner.observe_siblings(sibling is not None, len(b.siblings))
         self.tree_stats["passes"] += 1
         self.tree_stats["sibling_hits"] += sibling is not None
-        self.stats.accepted += v.accepted - led
-        self.stats.verified += v.accepted - led + (v.accepted < len(b.drafted) and sibling is None)
+        # acceptance stays the chain's own (comparable with chains); a taken sibling is
+        # counted in tree_stats["sibling_hits"]
+        self.stats.accepted += n_chain - led
+        self.stats.verified += n_chain - led + (n_chain < len(b.drafted))
         self._commit(b.drafted[led:n_chain])
         if v.accepted == len(b.drafted) and sibling is None:
             if v.HasField("token"):                  # bonus: nothing speculative follows it
