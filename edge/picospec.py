@@ -299,7 +299,7 @@ class Speculator:
         sibling = self._taken_sibling(b, v)
         n_chain = v.accepted - (sibling is not None)  # chain tokens accepted
         self.planner.observe_block(len(b.drafted) - led, n_chain - led, time.monotonic() - b.sent_at,
-                                   v.verify_us / 1e6)
+                                   v.verify_us / 1e6, siblings=len(b.siblings))
         self.planner.observe_siblings(sibling is not None, len(b.siblings))
         self.tree_stats["passes"] += 1
         self.tree_stats["sibling_hits"] += sibling is not None

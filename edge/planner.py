@@ -21,10 +21,12 @@ preserves over any link. Speculation is abandoned for cloud-only streaming
 when its best predicted rate falls below that.
 
 Trees: a block may carry up to B siblings beside its chain (kernels/tree.py).
-Each costs verify time b (and a few uplink bytes) and yields one more token
-when the verifier takes it (the sibling, then the target's token after it,
-where the chain would have yielded the correction alone); the yield per
-sibling sent is measured (`SiblingGain`). The plan takes the B, 0 included,
+Each costs verify time (one token's b on a tree-attention target; on a CPU
+verifier, which copies and re-evaluates each branch, far more: measured from
+the verdicts' verify time, `sibling_s`) and a few uplink bytes, and yields one
+more token when the verifier takes it (the sibling, then the target's token
+after it, where the chain would have yielded the correction alone); the yield
+per sibling sent is measured too (`SiblingGain`). The plan takes the B, 0 included,
 of the highest predicted rate, so a tree is chosen only where it is predicted
 faster than the chain; a session on chains still sends a sibling every
 PROBE_EVERY blocks, so the yield keeps being measured.
@@ -146,15 +148,22 @@ class Planner:
         self.blocks = 0
         self.tree = tree                 # off | auto | always (see edge.config)
         self.sibling_gain = SiblingGain()
+        self.sibling_s = Ema(verify_b_s, weight=0.3)   # verify time per sibling, measured
 
-    def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float) -> None:
+    def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
+                      siblings: int = 0) -> None:
         self.blocks += 1
         if drafted:
             self.accept.add(accepted, accepted + (accepted < drafted))
         self.rtt_samples.append(max(0.0, round_trip_s - verify_s))
-        if verify_s > 0 and drafted:
+        if verify_s > 0 and drafted and not siblings:
             # keep the cloud's advertised fixed cost, learn only the level
             self.verify_a = 0.8 * self.verify_a + 0.2 * max(0.0, verify_s - self.verify_b * drafted)
+        elif verify_s > 0 and drafted:
+            # what a sibling really costs the verifier, beyond the chain it sits beside (on a
+            # CPU its branch is copied and re-evaluated: far more than one token's b)
+            extra = max(0.0, verify_s - self.verify_a - self.verify_b * drafted) / siblings
+            self.sibling_s.add(extra)
 
     def observe_siblings(self, hits: int, sent: int) -> None:
         self.sibling_gain.add(hits, sent)
@@ -172,7 +181,7 @@ class Planner:
         `siblings`: tree nodes beside the chain, each a verify token more and
         `sibling_gain` tokens more per block."""
         a, td, rtt = self.accept.value, self.t_draft.value, self.rtt
-        tv = self.verify_a + self.verify_b * (g + 1 + siblings)
+        tv = self.verify_a + self.verify_b * (g + 1) + self.sibling_s.value * siblings
         extra = siblings * self.sibling_gain.value
         cycle = g * td + rtt + tv
         if w == 1:

@@ -102,3 +102,15 @@ def test_sibling_gain_is_measured_per_sibling_sent():
     for _ in range(200):
         p.observe_siblings(1, 4)
     assert abs(p.sibling_gain.value - 0.25) < 0.01
+
+
+def test_siblings_that_slow_the_verifier_down_are_priced_out():
+    """A verifier whose tree passes cost 40 ms more per sibling (a CPU copying branches)
+    makes auto go back to chains, however often siblings are taken."""
+    p = planner(lead=True, tree="auto")
+    p.sibling_gain.hits, p.sibling_gain.sent = 30.0, 100.0
+    assert p.plan().tree_budget > 0                                 # priced at one token's b
+    for _ in range(20):
+        p.observe_block(4, 3, 0.2, 0.070 + 0.0019 * 4 + 0.040 * 2, siblings=2)
+    assert abs(p.sibling_s.value - 0.040) < 0.002
+    assert p.plan().tree_budget == 0
