@@ -298,6 +298,10 @@ class Session:
             q_sparse = [q_sparse[i] for i in kept] if sampled else q_sparse
         if len(self.tokens) + tree.height + 1 > lim.n_ctx:
             raise ContextFull(f"context full: {len(self.tokens)} + {tree.height} tokens exceed n_ctx={lim.n_ctx}")
+        if len(tree.leaves_off_main()) > len(scratch):
+            # merged blocks may bring more branches than one pass can verify: drop the deepest
+            tree, kept = tree.pruned(len(scratch))
+            q_sparse = [q_sparse[i] for i in kept] if sampled else q_sparse
         qs = self._tree_qs(tree, q_sparse) if sampled else []
         main_idx = tree.main_chain()
         branches = [tree.path_to(leaf) for leaf in tree.leaves_off_main()]
@@ -306,7 +310,6 @@ class Session:
         keep = lambda rows: rows                          # noqa: E731 - rows go to finish() below
         own = self._step(lag + [tree.tokens[i] for i in main_idx], len(main_idx) + (1 if lag else 0), keep,
                          chunkable=False)
-        # More branches than scratch sequences share them in successive passes (one step per sequence a pass).
         off_main = set(range(len(tree))) - set(main_idx)
         steps = [own]
         for k, path in enumerate(branches):

@@ -136,6 +136,21 @@ class DraftTree:
         return DraftTree([self.tokens[i] for i in keep],
                          [where.get(self.parents[i], ROOT) for i in keep]), keep
 
+    def pruned(self, max_branches: int) -> tuple["DraftTree", list[int]]:
+        """This tree with at most `max_branches` leaves off the main chain, and the kept
+        nodes' indices here. Drops the deepest such leaves that are their parent's last child:
+        the siblings before them keep their ranks, and dropping the last draws of a set drawn
+        without replacement leaves the earlier ones exactly as drawn."""
+        tree, kept = self, list(range(len(self)))
+        while len(tree.leaves_off_main()) > max_branches:
+            last = [i for i in tree.leaves_off_main() if tree.children(tree.parents[i])[-1] == i]
+            drop = max(last, key=lambda i: (tree.depth(i), i))
+            keep = [i for i in range(len(tree)) if i != drop]
+            where = {old: new for new, old in enumerate(keep)}
+            tree = DraftTree([tree.tokens[i] for i in keep], [where.get(tree.parents[i], ROOT) for i in keep])
+            kept = [kept[i] for i in keep]
+        return tree, kept
+
     def leaves_off_main(self) -> list[int]:
         """Leaves not on the main chain: one scratch evaluation of its path each."""
         main = set(self.main_chain())

@@ -306,3 +306,11 @@ def test_merge_chained_hangs_each_block_below_the_previous_main_leaf():
     assert {m.tokens[i]: m.tokens[m.parents[i]] for i in range(len(m)) if i not in m.main_chain()} == {8: 3, 9: 1}
     assert [origin[i] for i in range(len(m)) if m.tokens[i] in (8, 9)] == [(1, 2), (0, 3)]
     assert merge_chained([DraftTree.chain([1, 2])])[0] == DraftTree.chain([1, 2])
+
+
+def test_pruned_drops_the_deepest_last_siblings_first():
+    t = DraftTree((1, 2, 3, 4, 5, 6), (-1, 0, 1, 1, 0, -1))   # main 1-2-3; siblings 4 (of 3), 5 (of 2), 6 (of 1)
+    assert t.leaves_off_main() == [3, 4, 5]
+    p, kept = t.pruned(1)
+    assert kept == [0, 1, 2, 5] and p.tokens == (1, 2, 3, 6) and p.parents == (-1, 0, 1, -1)
+    assert t.pruned(3) == (t, list(range(6)))
