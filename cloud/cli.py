@@ -13,11 +13,16 @@ import os
 import sys
 from pathlib import Path
 
+from cloud.auth import StartupError, check_exposure, load_token, server_credentials
 from cloud.config import WAIT_POLICIES, VerifierConfig
+from sim.daemon_config import ConfigFileError, add_config_args, effective_settings, mqtt_url, parse_args_with_config, to_toml
+from cloud.startup import bind_problem, startup_error_line
 from sim.latency import TARGETS
 
 EPILOG = """examples:
   cloud-verifier --listen 127.0.0.1:50051
+  TANDEM_TOKEN=$(cat /etc/tandem/token) cloud-verifier --listen 0.0.0.0:50051 \\
+      --tls-cert server.pem --tls-key server.key          # what a reachable verifier needs
   cloud-verifier --listen 127.0.0.1:50051 --max-sessions 16 --metrics 127.0.0.1:9100
   cloud-verifier --emulate-target qwen3-32b-a100     # real tokens, 32B-on-A100 timing
   cloud-verifier --no-batching                       # one session per pass, for comparison
@@ -27,10 +32,15 @@ llama.cpp's threads spinning between passes; next to another busy process
 (an edge on the same cores, in tests) spinning starves it. --threads 0
 measures 1 and 2 threads at start-up and keeps the faster.
 
+auth: off loopback the verifier refuses to start without a token (--token-file
+or $TANDEM_TOKEN) or mutual TLS (--tls-client-ca), unless --insecure. Every RPC
+needs 'authorization: Bearer TOKEN' except the gRPC health check, which load
+balancers probe without credentials. Sessions are bound to their opener.
+
 Emulated targets: """ + ", ".join(f"{n} ({p.source})" for n, p in TARGETS.items())
 
 
-def parse_args(argv) -> VerifierConfig:
+def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="cloud-verifier", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on (default: %(default)s)")
@@ -52,40 +62,74 @@ def parse_args(argv) -> VerifierConfig:
                     help="tokens in one batched pass over all sessions (default: %(default)s)")
     ap.add_argument("--no-batching", action="store_true", help="one session per pass (for comparison)")
     ap.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session expires")
-    ap.add_argument("--token", help="require 'authorization: Bearer TOKEN' metadata")
+    ap.add_argument("--token-file", type=Path, metavar="FILE",
+                    help="require 'authorization: Bearer TOKEN' metadata, TOKEN read from FILE "
+                         "(default: $TANDEM_TOKEN if set)")
+    ap.add_argument("--token", help="the same with TOKEN on the command line (visible in ps: prefer --token-file)")
     ap.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key) to serve TLS")
     ap.add_argument("--tls-key", type=Path, help="PEM private key")
+    ap.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                    help="mutual TLS: accept only clients with a certificate signed by this CA")
+    ap.add_argument("--insecure", action="store_true",
+                    help="serve on a non-loopback address without authentication (announced loudly)")
     ap.add_argument("--emulate-target", choices=sorted(TARGETS),
                     help="hold every pass to a bigger target's modelled time (outputs say 'emulated')")
     ap.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT")
     ap.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
-    a = ap.parse_args(argv)
+    # -- MQTT status and config files (issue 14) --
+    ap.add_argument("--mqtt", type=mqtt_url, metavar="mqtt://HOST:PORT",
+                    help="publish a retained status (sessions, queue, load) with a last will to "
+                         "tandem/cloud/ID/status; the verifier serves on when the broker is absent")
+    ap.add_argument("--id", "--mqtt-id", dest="id", default="verifier",
+                    help="this verifier's id in MQTT topics (default: %(default)s)")
+    ap.add_argument("--status-interval", type=float, default=2.0, metavar="SEC",
+                    help="seconds between MQTT status messages (default: %(default)s)")
+    add_config_args(ap)
+    a = parse_args_with_config(ap, argv)
+    if a.print_config:
+        print(to_toml(effective_settings(ap, a), "cloud-verifier: effective configuration"), end="")
+        raise SystemExit(0)
+    if a.status_interval <= 0:
+        raise ValueError("--status-interval must be > 0")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s cloud %(levelname)s %(message)s")
+    token = load_token(a.token_file, a.token, warn=lambda msg: print(f"cloud-verifier: warning: {msg}",
+                                                                      file=sys.stderr, flush=True))
+    exposure = check_exposure(a.listen, token, tls=a.tls_cert is not None, client_ca=a.tls_client_ca is not None,
+                              insecure=a.insecure)
+    for line in exposure.warnings:
+        print(f"cloud-verifier: {'!' * 8} {line} {'!' * 8}", file=sys.stderr, flush=True)
+    server_credentials(a.tls_cert, a.tls_key, a.tls_client_ca)         # unreadable files: refuse now
     return VerifierConfig(listen=a.listen, model=a.model, n_ctx=a.n_ctx, threads=a.threads,
                           wait_policy=a.wait_policy, max_sessions=a.max_sessions, max_draft=a.max_draft,
                           tree_seqs=a.tree_seqs,
                           max_batch_tokens=a.max_batch_tokens, batching=not a.no_batching,
-                          idle_timeout_s=a.idle_timeout, token=a.token, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                          emulate_target=a.emulate_target, metrics=a.metrics)
+                          idle_timeout_s=a.idle_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                          tls_client_ca=a.tls_client_ca, insecure=a.insecure,
+                          emulate_target=a.emulate_target, metrics=a.metrics), a
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_args(argv)
-    except ValueError as e:
-        print(f"cloud-verifier: {e}", file=sys.stderr)
+        cfg, args = parse_args(argv)
+    except (StartupError, ConfigFileError, ValueError) as e:
+        print(f"cloud-verifier: {startup_error_line(e)}", file=sys.stderr)
         return 2
+    problem = bind_problem(cfg.listen)       # port in use: say so before loading the model (build re-checks)
+    if problem:
+        print(f"cloud-verifier: cannot listen on {cfg.listen}: {problem}", file=sys.stderr)
+        return 1
     # OpenMP reads its wait policy once, when llama.cpp first runs: set it before the import.
     if cfg.wait_policy != "auto":
         os.environ["OMP_WAIT_POLICY"] = cfg.wait_policy.upper()
     from cloud.daemon import serve
     try:
-        return asyncio.run(serve(cfg, cfg.model or default_target()))
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"cloud-verifier: {e}", file=sys.stderr)
-        return 1
+        return asyncio.run(serve(cfg, cfg.model or default_target(), mqtt=(args.mqtt, args.id, args.status_interval)))
     except KeyboardInterrupt:
         return 0
+    except Exception as e:               # every start-up failure is one line, not a traceback
+        logging.getLogger("tandem.cloud").debug("start-up failed", exc_info=True)
+        print(f"cloud-verifier: {startup_error_line(e, cfg.listen)}", file=sys.stderr)
+        return 1
 
 
 def default_target() -> Path:

@@ -22,9 +22,11 @@ class VerifierConfig:
     idle_timeout_s: float = 300.0
     p_top_k: int = 16                   # codec P payload: top-K entries ...
     p_tail: int = 4                     # ... and pre-drawn tail samples
-    token: str | None = None            # bearer token required in metadata, if set
+    token: str | None = None            # bearer token required in metadata, if set (cloud/auth.py)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None   # mutual TLS: clients need a certificate from this CA
+    insecure: bool = False              # serve off loopback without authentication, on purpose
     emulate_target: str | None = None   # a sim.latency TARGETS profile
     metrics: str | None = None          # HOST:PORT for Prometheus metrics
     max_message_bytes: int = 1 << 20    # largest request accepted

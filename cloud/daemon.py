@@ -13,36 +13,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from cloud.auth import AuthInterceptor, server_credentials
 from cloud.config import VerifierConfig
 from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler
 from cloud.server import SERVICE, VerifierService
+from cloud.startup import StartupError, bind_problem
 from cloud.target import Target, measure_pass
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from sim.latency import TARGETS, LatencyProfile, lookup
 
 log = logging.getLogger("tandem.cloud")
-
-
-class BearerAuth(grpc.aio.ServerInterceptor):
-    """Every Verifier RPC needs 'authorization: Bearer TOKEN'."""
-
-    def __init__(self, token: str):
-        import hmac
-        expected = f"Bearer {token}".encode()
-        self._ok = lambda got: hmac.compare_digest(got.encode(), expected)
-
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith("/grpc.health") or details.method.startswith("/grpc.reflection"):
-            return await continuation(details)
-        if not self._ok(dict(details.invocation_metadata).get("authorization", "")):
-            return self._deny
-        return await continuation(details)
 
 
 @dataclass
@@ -80,6 +62,7 @@ def pass_model(target: Target, seq: int, emulate: LatencyProfile | None) -> tupl
 
 
 async def build(cfg: VerifierConfig, model: Path) -> Built:
+    creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)   # file problems: before any work
     emulate = lookup(TARGETS, cfg.emulate_target, "target") if cfg.emulate_target else None
     target = Target(model, n_ctx=cfg.n_ctx, n_seqs=cfg.max_sessions + cfg.tree_seqs, n_threads=max(cfg.threads, 1),
                     max_batch_tokens=cfg.max_batch_tokens)
@@ -91,7 +74,7 @@ async def build(cfg: VerifierConfig, model: Path) -> Built:
     scheduler.start()
     service = VerifierService(cfg, target, scheduler, emulate, model_ab, metrics)
     metrics.queue.set_function(lambda: scheduler.queued)
-    interceptors = [BearerAuth(cfg.token)] if cfg.token else []
+    interceptors = [AuthInterceptor(cfg.token)] if cfg.token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -105,23 +88,19 @@ async def build(cfg: VerifierConfig, model: Path) -> Built:
         (pb.DESCRIPTOR.services_by_name["Verifier"].full_name, "grpc.health.v1.Health", reflection.SERVICE_NAME),
         server)
     try:
-        if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
-            port = server.add_secure_port(cfg.listen, creds)
-        else:
-            port = server.add_insecure_port(cfg.listen)
+        port = server.add_secure_port(cfg.listen, creds) if creds else server.add_insecure_port(cfg.listen)
     except RuntimeError as e:
         port = 0
         log.debug("bind failed: %s", e)
     if port == 0:
         scheduler.stop()
-        raise OSError(f"cannot listen on {cfg.listen} (address in use or not available)")
+        raise StartupError(f"cannot listen on {cfg.listen}: {bind_problem(cfg.listen) or 'address not available'}")
     if cfg.metrics:
         metrics.serve(cfg.metrics)
     return Built(server, service, health, scheduler, target, port)
 
 
-async def serve(cfg: VerifierConfig, model: Path) -> int:
+async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):          # before the ready line: a SIGTERM right after it drains
@@ -133,9 +112,15 @@ async def serve(cfg: VerifierConfig, model: Path) -> int:
     log.info("serving %s on %s:%d (vocab %d, fingerprint %s, %.1f ms/token, %d threads, batching %s%s)",
              b.service.target_label, host, b.port, b.target.n_vocab, b.target.fingerprint,
              b.service.ar_token_s * 1e3, b.target.n_threads, "on" if cfg.batching else "off",
-             ", TLS" if cfg.tls_cert else "")
+             (", mutual TLS" if cfg.tls_client_ca else ", TLS") if cfg.tls_cert else "")
     print(f"cloud-verifier listening on {host}:{b.port}", flush=True)
+    status = None
+    if mqtt and mqtt[0]:                     # (url, id, interval): the retained MQTT status (cloud/status.py)
+        from cloud.status import start_status_publisher
+        status = start_status_publisher(mqtt[0], mqtt[1], b.service.status, mqtt[2])
     await stop.wait()
+    if status is not None:
+        await asyncio.to_thread(status.stop)
     log.info("draining: no new sessions, %.0f s for running ones", cfg.grace_s)
     t0 = time.monotonic()
     await b.health.enter_graceful_shutdown()

@@ -20,6 +20,7 @@ import uuid
 import grpc
 import numpy as np
 
+from cloud.auth import sanitize_log_field
 from cloud.config import VerifierConfig
 from cloud.inbox import END, LEAD, Inbox, StreamError
 from cloud.metrics import Metrics
@@ -31,12 +32,14 @@ from kernels.sampling import SamplingConfig
 from kernels.tree import DraftTree, main_length, merge_chained, unpack_parents
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
+from proto.prompt_zstd import decompress_prompt
 from sim.latency import LatencyProfile
 
 log = logging.getLogger("tandem.cloud")
 SERVICE = "tandem.v1.Verifier"
 SESSION_HEADER = "tandem-session"
 KEY_HEADER = "tandem-session-key"
+RELEASE_WAIT_S = 5.0
 
 
 def sampling_from_proto(s: pb.Sampling) -> SamplingConfig:
@@ -48,8 +51,8 @@ def sampling_from_proto(s: pb.Sampling) -> SamplingConfig:
 
 
 def printable(text: str, limit: int = 64) -> str:
-    """A client-supplied string made safe for one log line."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+    """A client-supplied string made safe for one log line (cloud/auth.py)."""
+    return sanitize_log_field(text, limit)
 
 
 class VerifierService(pb_grpc.VerifierServicer):
@@ -63,6 +66,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         # Draft trees' branches run in these, copied from the session's sequence in the pass
         # that needs them; the scheduler never puts two steps of one sequence in a pass.
         self.scratch = list(range(cfg.max_sessions, cfg.max_sessions + cfg.tree_seqs))
+        self.releasing = 0                 # sequences of ended sessions not yet cleared
+        self._freed = asyncio.Event()
         self.pass_a_s, self.pass_b_s = pass_model
         self.ar_token_s = self.pass_a_s + self.pass_b_s
 
@@ -71,8 +76,11 @@ class VerifierService(pb_grpc.VerifierServicer):
         return f"emulated:{self.emulate.name}" if self.emulate else self.info.name
 
     def status(self) -> dict:
-        return {"sessions": len(self.sessions), "max_sessions": self.cfg.max_sessions,
-                "queue": self.sched.queued, "target": self.target_label, "batching": self.cfg.batching}
+        """Load for the MQTT status topic (cloud/status.py) and logs."""
+        n = len(self.sessions)
+        return {"target": self.target_label, "emulated": self.emulate is not None, "sessions": n,
+                "max_sessions": self.cfg.max_sessions, "queue": self.sched.queued,
+                "load": round(n / self.cfg.max_sessions, 3), "batching": self.cfg.batching}
 
     # -- plumbing --------------------------------------------------------------
     async def _run(self, step: Step):
@@ -86,6 +94,14 @@ class VerifierService(pb_grpc.VerifierServicer):
         await context.abort(code, message)
 
     async def _admit(self, context, sid: str, sampling: SamplingConfig, codec: int, client: str) -> Session:
+        if not self.free_seqs and self.releasing:
+            # a session just ended (an edge switching from speculation to streaming
+            # re-opens at once): its sequence is free after the scheduler's next pass
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), RELEASE_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
         if not self.free_seqs:
             retry_ms = int(self.cfg.retry_after_s * 1000)
             context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
@@ -106,8 +122,14 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.sched.drop(sess.seq)
         loop = asyncio.get_running_loop()
         seq = sess.seq
+        self.releasing += 1
+
+        def freed() -> None:
+            self.releasing -= 1
+            self.free_seqs.append(seq)
+            self._freed.set()
         self.sched.run_now(lambda: self.info.clear(seq)).add_done_callback(
-            lambda _: loop.call_soon_threadsafe(self.free_seqs.append, seq))
+            lambda _: loop.call_soon_threadsafe(freed))
 
     async def _check_fingerprint(self, fp: str, context) -> None:
         if fp != self.info.fingerprint:
@@ -126,6 +148,18 @@ class VerifierService(pb_grpc.VerifierServicer):
                                f"session {printable(sid)} belongs to another client (missing or wrong {KEY_HEADER})")
         return sess
 
+    async def _prompt(self, request, context) -> list[int]:
+        """`prompt`, or `prompt_zstd` unpacked under a hard output limit (n_ctx
+        tokens), so a small message that would expand without end is refused."""
+        if not request.prompt_zstd:
+            return list(request.prompt)
+        if request.prompt:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "give prompt or prompt_zstd, not both")
+        try:
+            return decompress_prompt(request.prompt_zstd, self.width, self.cfg.n_ctx)
+        except ValueError as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
     # -- Open ------------------------------------------------------------------
     async def Open(self, request: pb.OpenRequest, context):
         t_open = time.monotonic()
@@ -134,8 +168,10 @@ class VerifierService(pb_grpc.VerifierServicer):
             sampling = sampling_from_proto(request.sampling)
         except BadDraft as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.codec not in (pb.CODEC_P, pb.CODEC_Q):        # proto3 enums are open: any int arrives
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {int(request.codec)}")
+        prompt = await self._prompt(request, context)
         sess = await self._admit(context, uuid.uuid4().hex[:12], sampling, int(request.codec), request.client)
-        prompt = list(request.prompt)
         ld = sess.lead
         ld.on = request.lead or request.lead_first > 0
         ld.until = len(prompt) + (request.max_tokens or self.cfg.n_ctx)
@@ -162,7 +198,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                             max_draft=self.cfg.max_draft, target=self.target_label, emulated=self.emulate is not None,
                             ar_token_s=self.ar_token_s, verify_a_s=self.pass_a_s, verify_b_s=self.pass_b_s,
                             p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail, tree_branches=len(self.scratch),
-                            server_s=time.monotonic() - t_open)
+                            server_s=time.monotonic() - t_open, accepts_prompt_zstd=True)
 
     # -- Speculate -------------------------------------------------------------
     async def Speculate(self, request_iterator, context):
@@ -252,7 +288,7 @@ class VerifierService(pb_grpc.VerifierServicer):
             sampling = sampling_from_proto(request.sampling)
         except BadDraft as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        prompt = list(request.prompt)
+        prompt = await self._prompt(request, context)
         if not prompt or any(not 0 <= t < self.info.n_vocab for t in prompt):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                "prompt is empty or has token ids outside the vocabulary")

@@ -1,9 +1,14 @@
 """One completion, whatever the mode: the orchestration around the loops.
 
 Speculation falls back to cloud-only streaming when the planner finds it does
-not pay, and to edge-only generation when the cloud is lost (marked in the
-stats); it reconnects and resumes by re-opening with the committed prefix. A
-token once handed to the user is never retracted.
+not pay, and to edge-only generation when the cloud is lost or unreachable,
+at start as well as mid-generation (marked in the stats' `segments`, warned
+on stderr; `require_cloud` makes it an error instead). A background probe
+with exponential backoff and jitter watches for the verifier; once it answers,
+the edge re-opens a session with the committed prefix (zstd-compressed when
+that is smaller) and resumes. A verifier that is full (RESOURCE_EXHAUSTED) is
+retried after the wait it asks for (`retry-after-ms`), jittered, before a
+clear error. A token once handed to the user is never retracted.
 """
 from __future__ import annotations
 
@@ -21,20 +26,24 @@ from edge.config import GenConfig
 from edge.drafter import Drafter
 from edge.picospec import Speculator, SwitchToCloudOnly, choose_codec, open_request
 from edge.planner import Planner
+from edge.reconnect import Backoff, Reconnector
 from edge.stats import GenStats
+from kernels import packing
+from proto.prompt_zstd import plain_size, prompt_fields
 from sim.latency import DEVICES, Hold, lookup
 
 log = logging.getLogger("tandem.edge")
 
 # Errors that say the request itself is wrong: falling back would hide them.
+# (NOT_FOUND is not among them: a session can vanish with its replica or by
+# idle expiry, and re-opening is the cure.)
 FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED,
-         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-         grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
-EDGE_ONLY_CHUNK = 16
-# A verifier that answers the channel probe but keeps failing the request is
+         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED}
+# A verifier that answers the health probe but keeps failing the request is
 # broken, not lost: give up after this many failures in a row with no progress.
 MAX_FAILURES_WITHOUT_PROGRESS = 3
 REPROBE_EVERY = 8
+BUSY_RETRIES = 5              # RESOURCE_EXHAUSTED: waits before the error reaches the user
 
 
 @dataclass
@@ -45,9 +54,11 @@ class Completion:
 
 class Agent:
     def __init__(self, client: VerifierClient | None, drafter: Drafter | None, fingerprint: str,
-                 n_vocab: int, eos: int):
+                 n_vocab: int, eos: int, backoff: Backoff | None = None, busy_retries: int = BUSY_RETRIES):
         self.client, self.drafter = client, drafter
         self.fingerprint, self.n_vocab, self.eos = fingerprint, n_vocab, eos
+        self.backoff = backoff or Backoff()          # policy; each completion uses a fresh copy
+        self.busy_retries = busy_retries
         # What the last session learned about this drafter/target pair: the next
         # one starts from it instead of a guess (an edge serves many requests).
         self.learned_accept: float | None = None
@@ -58,34 +69,49 @@ class Agent:
                  on_tokens: Callable[[list[int]], None] = lambda t: None) -> Completion:
         t0 = time.monotonic()
         stats = GenStats(mode=cfg.mode, emulated=cfg.emulate_device is not None)
+        self.current_stats = stats   # read by `edge-agent serve` when on_tokens cuts a generation short
         out: list[int] = []
         bytes0 = (self.client.bytes.up, self.client.bytes.down) if self.client else (0, 0)
 
-        def emit(tokens: list[int]) -> None:
-            out.extend(tokens)
-            on_tokens(tokens)
+        def emitter(mode: str):
+            def emit(tokens: list[int]) -> None:
+                out.extend(tokens)
+                stats.note_segment(mode, len(tokens))
+                on_tokens(tokens)
+            return emit
 
         mode = cfg.mode
         handover = ""         # a session the cloud-only stream may continue
         if mode in ("picospec", "sync", "edge-only") and self.drafter is None:
             raise ValueError(f"mode {mode} needs a draft model")
-        cloud_lost = False
+        if mode != "edge-only" and self.client is None:
+            raise ValueError(f"mode {mode} needs a verifier (no client given)")
+        reconnect = Reconnector(self.client.probe, self.backoff.fresh()) if self.client else None
+        busy = self.backoff.fresh()
+        cloud_lost, resume = False, False
         failures, progress_at = 0, -1
         while len(out) < cfg.max_tokens and not (out and out[-1] == self.eos and cfg.stop_at_eos):
             left = dataclasses.replace(cfg, max_tokens=cfg.max_tokens - len(out))
-            if cloud_lost and not self._reachable():
-                # keep the user served from the edge, in chunks, until the verifier answers again
-                chunk = dataclasses.replace(left, max_tokens=min(EDGE_ONLY_CHUNK, left.max_tokens))
-                edge_only(self.drafter, prompt + out, chunk, self.eos, emit, stats, t0)
+            if cloud_lost and not reconnect.ready():
+                # keep the user served from the edge until the probe finds the verifier again
+                edge_only(self.drafter, prompt + out, left, self.eos, emitter("edge-only"), stats, t0,
+                          stop=reconnect.ready)
                 continue
+            if cloud_lost:
+                log.warning("verifier back after %d edge-only tokens: re-opening with the %d-token prefix",
+                            stats.edge_only_tokens, len(prompt) + len(out))
+                stats.reconnects += 1
             cloud_lost = False
+            before = len(out)
             try:
                 if mode == "edge-only":
-                    edge_only(self.drafter, prompt + out, left, self.eos, emit, stats, t0)
+                    edge_only(self.drafter, prompt + out, left, self.eos, emitter("edge-only"), stats, t0)
                 elif mode == "cloud-only":
-                    cloud_only(self.client, self.fingerprint, prompt + out, left, emit, stats, t0, session=handover)
+                    fields = self._prefix_fields(prompt + out, stats) if resume and not handover else None
+                    cloud_only(self.client, self.fingerprint, prompt + out, left, emitter("cloud-only"), stats, t0,
+                               session=handover, prompt_fields=fields)
                 else:
-                    self._speculate(prompt + out, left, emit, stats, t0)
+                    self._speculate(prompt + out, left, emitter(mode), stats, t0, resume)
                 break
             except SwitchToCloudOnly as switch:
                 handover = switch.session
@@ -93,15 +119,24 @@ class Agent:
                 stats.fallback = "cloud-only"
                 mode = "cloud-only"
             except CloudError as e:
-                if e.code in FATAL or mode == "edge-only" or self.drafter is None:
+                handover = ""
+                if len(out) > before:
+                    reconnect.backoff.reset()        # the cloud served tokens: a fresh loss starts short
+                if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self._wait_busy(e, busy, stats)
+                    continue
+                if e.code in FATAL or mode == "edge-only" or self.drafter is None or cfg.require_cloud:
                     raise
                 failures = failures + 1 if progress_at == len(out) else 1
                 progress_at = len(out)
-                if failures >= MAX_FAILURES_WITHOUT_PROGRESS and self._reachable():
+                if failures >= MAX_FAILURES_WITHOUT_PROGRESS and self.client.probe():
                     raise CloudError(e.code, f"verifier failed {failures} times in a row without progress: {e}") from e
-                log.warning("cloud lost (%s): generating edge-only, will reconnect", e)
+                where = "at start" if not out else f"after {len(out)} tokens"
+                log.warning("verifier at %s unreachable %s (%s): generating edge-only with the draft model "
+                            "(marked in the output), reconnecting in the background", self.client.target, where, e)
                 stats.fallback = "edge-only"
-                cloud_lost = True
+                cloud_lost, resume = True, True
+                reconnect.lost()
         stats.wall_s = time.monotonic() - t0
         if self.client is not None:
             stats.bytes_up = self.client.bytes.up - bytes0[0]
@@ -110,14 +145,26 @@ class Agent:
             stats.drafter = self.drafter.stats()
         return Completion(out[:cfg.max_tokens], stats)
 
-    def _reachable(self) -> bool:
-        try:
-            grpc.channel_ready_future(self.client.channel).result(timeout=0.5)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
+    def _wait_busy(self, e: CloudError, busy: Backoff, stats: GenStats) -> None:
+        """The verifier is full: wait what it asked (jittered upwards, growing),
+        or give up with a clear error after `busy_retries` waits."""
+        if stats.busy_retries >= self.busy_retries:
+            raise CloudError(e.code, f"verifier still full after {stats.busy_retries} retries: {e}") from e
+        stats.busy_retries += 1
+        delay = busy.next_delay(e.retry_after_s or 0.0)
+        log.warning("verifier full (%s): retry %d/%d in %.1f s", e, stats.busy_retries, self.busy_retries, delay)
+        time.sleep(delay)
 
-    def _speculate(self, prompt: list[int], cfg: GenConfig, emit, stats: GenStats, t0: float) -> None:
+    def _prefix_fields(self, prefix: list[int], stats: GenStats) -> dict:
+        """How a re-open sends the committed prefix: zstd where smaller; bytes counted either way."""
+        fields = prompt_fields(prefix, packing.token_width(self.n_vocab), allow_zstd=self.client.accepts_zstd)
+        plain = plain_size(prefix)
+        stats.resume_bytes_plain += plain
+        stats.resume_bytes += len(fields["prompt_zstd"]) if "prompt_zstd" in fields else plain
+        return fields
+
+    def _speculate(self, prompt: list[int], cfg: GenConfig, emit, stats: GenStats, t0: float,
+                   resume: bool = False) -> None:
         device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
         last = self.last_planner
         if cfg.adaptive and last is not None and last.pipelined == cfg.pipelined and not last.plan().worth_starting:
@@ -128,7 +175,13 @@ class Agent:
         codec = choose_codec(cfg, self.n_vocab, last)
         stats.codec = codec
         t_open = time.monotonic()
-        fut = self.client.open_async(open_request(self.fingerprint, cfg, codec, prompt))
+        req = open_request(self.fingerprint, cfg, codec, prompt)
+        if resume:                    # the whole committed prefix goes up again: compress it where that pays
+            fields = self._prefix_fields(prompt, stats)
+            if "prompt_zstd" in fields:
+                del req.prompt[:]
+                req.prompt_zstd = fields["prompt_zstd"]
+        fut = self.client.open_async(req)
         with Hold(device, len(prompt)):
             logits = self.drafter.prefill(prompt)
         if last is not None:

@@ -22,14 +22,15 @@ def sampling_proto(cfg: GenConfig) -> pb.Sampling:
 
 def cloud_only(client: VerifierClient, fingerprint: str, prompt: list[int], cfg: GenConfig,
                on_tokens: OnTokens, stats: GenStats, t0: float, limit: int | None = None,
-               session: str = "") -> list[int]:
+               session: str = "", prompt_fields: dict | None = None) -> list[int]:
     """Stream `limit` (default max_tokens) tokens from the verifier's own decoding,
-    continuing `session`'s prefilled cache when given."""
+    continuing `session`'s prefilled cache when given. `prompt_fields`: how the
+    prompt travels (proto.prompt_zstd.prompt_fields), default plain."""
     out: list[int] = []
-    req = pb.GenerateRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), prompt=prompt,
+    req = pb.GenerateRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg),
                              max_tokens=limit or cfg.max_tokens, ignore_eos=not cfg.stop_at_eos,
-                             client="edge-agent", session=session)
-    for tok in client.generate(req):
+                             client="edge-agent", session=session, **(prompt_fields or {"prompt": prompt}))
+    for tok in client.generate(req, stall_timeout_s=cfg.stall_timeout_s):
         if not stats.ttft_s and not stats.tokens:
             stats.ttft_s = time.monotonic() - t0
         out.append(tok)
@@ -39,9 +40,11 @@ def cloud_only(client: VerifierClient, fingerprint: str, prompt: list[int], cfg:
 
 
 def edge_only(drafter: Drafter, prompt: list[int], cfg: GenConfig, eos: int, on_tokens: OnTokens,
-              stats: GenStats, t0: float, limit: int | None = None) -> list[int]:
+              stats: GenStats, t0: float, limit: int | None = None,
+              stop: Callable[[], bool] | None = None) -> list[int]:
     """The drafter alone: a different model from the target, so never a speed
-    choice, only what the edge can do when the cloud is gone."""
+    choice, only what the edge can do when the cloud is gone. `stop` is asked
+    after every token (the verifier is back: hand over to it)."""
     device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
     with Hold(device, len(prompt)):
         logits = drafter.prefill(prompt)
@@ -55,7 +58,7 @@ def edge_only(drafter: Drafter, prompt: list[int], cfg: GenConfig, eos: int, on_
         if stats.tokens == 1:
             stats.ttft_s = time.monotonic() - t0
         on_tokens([tok])
-        if tok == eos and cfg.stop_at_eos:
+        if (tok == eos and cfg.stop_at_eos) or (stop is not None and stop()):
             break
         with Hold(device, 1):
             logits = drafter.eval([tok])

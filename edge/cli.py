@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge.config import CODECS, MODES, TREES, GenConfig
 from kernels.sampling import SamplingConfig
+from sim.daemon_config import ConfigFileError, effective_settings, parse_args_with_config, to_toml
 from sim.latency import DEVICES
 
 GEN_EPILOG = """modes:
@@ -35,8 +36,6 @@ def device_profile(name: str) -> str:
 
 def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
-    ap.add_argument("--cloud", default="127.0.0.1:50051", help="verifier HOST:PORT (default: %(default)s)")
-    ap.add_argument("--mode", choices=MODES, default="picospec", help="see below (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -48,6 +47,14 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n", type=int, default=1, help="independent completions (default: %(default)s)")
     ap.add_argument("--raw", action="store_true", help="feed PROMPT as is, without the chat template")
     ap.add_argument("--json", action="store_true", help="one JSON object per completion per line")
+    ap.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    add_model_args(ap)
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The flags `generate` and `serve` share: verifier, mode, codec, drafter, link."""
+    ap.add_argument("--cloud", default="127.0.0.1:50051", help="verifier HOST:PORT (default: %(default)s)")
+    ap.add_argument("--mode", choices=MODES, default="picospec", help="see below (default: %(default)s)")
     ap.add_argument("--codec", choices=CODECS, default="auto",
                     help="residual codec at T>0: P = sparse p down once per rejection, Q = sparse q up per "
                          "token, auto = Q where the verifier leading through rejections is predicted to pay "
@@ -71,10 +78,12 @@ def add_generate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--emulate-device", type=device_profile, metavar="|".join(sorted(DEVICES)) + "|custom:A+B",
                     help="hold each draft step to a device's modelled time t(n) = A + B*n seconds "
                          "(outputs say 'emulated')")
+    ap.add_argument("--require-cloud", action="store_true",
+                    help="fail (exit 3) when the verifier is unreachable or lost, instead of going on edge-only "
+                         "with the draft model (marked in the output and warned on stderr) until it is back")
     ap.add_argument("--token", help="bearer token for the verifier")
     ap.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
     ap.add_argument("--threads", type=int, default=2, help="draft model threads (default: %(default)s)")
-    ap.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     try:
         from edge.moe.cli import add_drafter_args
         add_drafter_args(ap)
@@ -86,7 +95,8 @@ def build_config(a) -> GenConfig:
     return GenConfig(mode=a.mode, codec=a.codec, max_tokens=a.max_tokens,
                      sampling=SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed),
                      gamma=a.gamma, window=a.window, adaptive=not a.no_adaptive, cloud_lead=not a.no_cloud_lead,
-                     stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device, tree=a.tree)
+                     stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device, tree=a.tree,
+                     require_cloud=getattr(a, "require_cloud", False))
 
 
 def build_drafter(a):
@@ -115,7 +125,8 @@ def run_generate(a) -> int:
     client = None
     if cfg.mode != "edge-only":
         client = VerifierClient(a.cloud, token=a.token, tls_ca=a.tls_ca.read_bytes() if a.tls_ca else None)
-        client.wait_ready()
+        if drafter is None or cfg.require_cloud:
+            client.wait_ready()       # with a drafter the agent serves edge-only until the verifier answers
     agent = Agent(client, drafter, tok.fingerprint, tok.n_vocab, tok.eos)
     for i in range(a.n):
         run_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=cfg.sampling.seed + i))
@@ -142,7 +153,9 @@ def run_generate(a) -> int:
             print(f"\n[{cfg.mode}{' emulated' if s.emulated else ''}] {s.tokens} tokens, "
                   f"{s.tokens_per_s:.1f} tok/s, ttft {s.ttft_s * 1e3:.0f} ms, acceptance {s.acceptance_rate:.2f}, "
                   f"bytes up/down {s.bytes_up}/{s.bytes_down}"
-                  f"{', fallback: ' + s.fallback if s.fallback else ''}", file=sys.stderr, flush=True)
+                  f"{', fallback: ' + s.fallback if s.fallback else ''}"
+                  f"{f', {s.edge_only_tokens} edge-only tokens (draft model, not verified)' if s.edge_only_tokens else ''}",
+                  file=sys.stderr, flush=True)
     if client is not None:
         client.close()
     if drafter is not None:
@@ -158,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
                          epilog=GEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generate_args(gen)
     gen.set_defaults(func=run_generate)
+    from edge.serve.daemon import SERVE_EPILOG, add_serve_args, run_serve
+    serve = sub.add_parser("serve", help="run as a daemon: an OpenAI-compatible HTTP API over the models, kept loaded",
+                           description="Serve apps on this device through an OpenAI-compatible HTTP API: the drafter "
+                                       "stays loaded, the verifier channel and what the edge learned about the link "
+                                       "carry over between requests.",
+                           epilog=GEN_EPILOG.split("examples:")[0] + SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=run_serve)
     try:
         from edge.moe import cli as moe_cli
         m = sub.add_parser("moeify", help="build the local MoE draft model from the shipped SmolLM2")
@@ -169,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             c.set_defaults(func=moe_cli.run_calibrate)
     except ImportError:
         pass
-    a = ap.parse_args(argv)
+    try:
+        a = parse_args_with_config(ap, argv, target=serve)
+    except ConfigFileError as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 2
+    if getattr(a, "print_config", False):
+        print(to_toml(effective_settings(serve, a), f"edge-agent {a.command}: effective configuration"), end="")
+        return 0
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s edge %(levelname)s %(message)s")
     from edge.client import CloudError
     try:
@@ -177,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 1
     except CloudError as e:
         print(f"edge-agent: verifier error: {e}", file=sys.stderr)
         return 3

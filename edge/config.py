@@ -27,6 +27,7 @@ class GenConfig:
     stall_timeout_s: float = 30.0     # no verdict for this long: the cloud is considered lost
     uplink_share: float = 0.25        # codec auto: assumed uplink/downlink rate ratio
     tree: str = "auto"                # draft trees: off (chains), auto (where the planner predicts a gain), always
+    require_cloud: bool = False       # verifier unreachable or lost: fail instead of serving edge-only text
 
     def __post_init__(self):
         if self.mode not in MODES:

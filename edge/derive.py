@@ -81,7 +81,9 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, overrides: 
         writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
-def derive(src: Path, out: Path, recipe: DraftRecipe) -> Path:
+def derive(src: Path, out: Path, recipe: DraftRecipe, progress: bool = False) -> Path:
+    """Write `recipe` applied to `src` as `out`. `progress`: a bar per tensor on
+    stderr (requantising is the slow part: ~1 s per layer on 2 cores)."""
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     n_layers = int(reader.fields[f"{arch}.block_count"].contents())
@@ -96,7 +98,10 @@ def derive(src: Path, out: Path, recipe: DraftRecipe) -> Path:
     tmp = out.with_suffix(".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     _copy_metadata(reader, writer, overrides)
-    for t in reader.tensors:
+    from tqdm import tqdm
+    bar = tqdm(reader.tensors, desc=f"[models] {recipe.name}", unit="tensor", disable=not progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} tensors [{elapsed}<{remaining}{postfix}]")
+    for t in bar:
         name = t.name
         m = _BLOCK.match(name)
         layer = None
@@ -109,13 +114,16 @@ def derive(src: Path, out: Path, recipe: DraftRecipe) -> Path:
                       and t.tensor_type != qtype
                       and (recipe.requant_layers is None or layer in recipe.requant_layers))
         if requantise:
+            bar.set_postfix_str(f"requantising {name} to {recipe.requant}", refresh=False)
             data = gguf.quants.quantize(gguf.quants.dequantize(t.data, t.tensor_type), qtype)
             writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
             writer.add_tensor(name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    bar.set_postfix_str("written to memory; now to disk")
+    bar.close()
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_tensors_to_file(progress=progress)   # gguf's own tqdm bar: bytes written
     writer.close()
     tmp.replace(out)  # atomic: an interrupted run never leaves a half-written model behind
     return out
@@ -131,7 +139,7 @@ def ensure(name: str, out_dir: Path | None = None, src: Path | None = None, quie
     t0 = time.monotonic()
     if not quiet:
         print(f"[models] deriving {out} ({RECIPES[name].why}) ...", flush=True)
-    derive(src or shipped_gguf(), out, RECIPES[name])
+    derive(src or shipped_gguf(), out, RECIPES[name], progress=not quiet)
     if not quiet:
         print(f"[models] wrote {out} in {time.monotonic() - t0:.1f} s", flush=True)
     return out

@@ -29,6 +29,21 @@ class GenStats:
     codec: str = ""
     drafter: dict = field(default_factory=dict)
     tree: dict = field(default_factory=dict)   # draft trees: passes, siblings sent/taken, shapes (edge/picospec.py)
+    # Which model decided which tokens, in order: [{"mode": "picospec", "tokens": 40},
+    # {"mode": "edge-only", "tokens": 16}, ...]; only edge-only parts are not the target's.
+    segments: list = field(default_factory=list)
+    reconnects: int = 0           # sessions re-opened after the verifier was lost
+    resume_bytes: int = 0         # prefix bytes those re-opens sent (zstd where it was smaller) ...
+    resume_bytes_plain: int = 0   # ... and what the plain token ids would have taken
+    busy_retries: int = 0         # times the verifier was full (RESOURCE_EXHAUSTED) and the edge waited
+
+    def note_segment(self, mode: str, n: int) -> None:
+        if n <= 0:
+            return
+        if self.segments and self.segments[-1]["mode"] == mode:
+            self.segments[-1]["tokens"] += n
+        else:
+            self.segments.append({"mode": mode, "tokens": n})
 
     @property
     def acceptance_rate(self) -> float:
@@ -49,7 +64,9 @@ class GenStats:
              "blocks": self.blocks, "rejections": self.rejections, "tail_requests": self.tail_requests,
              "gamma": self.gamma, "window": self.window, "codec": self.codec,
              "emulated": self.emulated, "fallback": self.fallback, "edge_only_tokens": self.edge_only_tokens,
-             "wall_s": round(self.wall_s, 4)}
+             "wall_s": round(self.wall_s, 4), "segments": [dict(x) for x in self.segments],
+             "reconnects": self.reconnects, "resume_bytes": self.resume_bytes,
+             "resume_bytes_plain": self.resume_bytes_plain, "busy_retries": self.busy_retries}
         if self.drafter:
             d["drafter_stats"] = self.drafter
         return d

@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from sim.daemon_config import ConfigFileError, add_config_args, effective_settings, mqtt_address, parse_args_with_config, to_toml
 from sim.link.commands import SET_KEYS, Command, parse_command, updated_config
 from sim.link.config import JITTER_DISTS, OUTAGE_MODES, ConfigError, LinkConfig
 from sim.link.profiles import DEFAULT_PROFILE, DEFAULT_PROFILES, load_profiles, profile_sources
@@ -88,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report-interval", type=float, default=0.0, metavar="SEC",
                    help="emit a JSON report line every SEC seconds (default 0: only the final report)")
     c.add_argument("--report-file", metavar="PATH", help="append interval reports here instead of stdout")
-    c.add_argument("--mqtt", type=hostport, metavar="HOST:PORT",
-                   help="MQTT broker for live control; link-sim keeps running when it is absent")
+    c.add_argument("--mqtt", type=mqtt_address, metavar="mqtt://HOST:PORT",
+                   help="MQTT broker for live control (mqtt://HOST:PORT or HOST:PORT); link-sim keeps running when it is absent")
     c.add_argument("--name", default="default", help="link name in MQTT topics tandem/link/NAME/set|state (default 'default')")
+    add_config_args(p)
     return p
 
 
@@ -213,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: link-sim tbf RATE_MBIT", file=sys.stderr)
             return 2
         return netns.main(["measure", argv[1]])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parse_args_with_config(parser, argv)
+    except ConfigFileError as e:
+        print(f"link-sim: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_toml(effective_settings(parser, args), "link-sim: effective configuration"), end="")
+        return 0
     try:
         profiles = load_profiles(args.profiles)
         config = resolve_config(args, profiles)

@@ -1,0 +1,91 @@
+"""The scheduler's rules, with the real target: decodes never wait behind a long
+prompt, a pass stays within its token budget, --no-batching runs one step per
+pass, an emulated pass lasts at least its modelled time. Steps are queued
+before the loop starts (or all at once), so what shares a pass is decided by
+the rules, never by timing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud.scheduler import PassStats, Scheduler, Step
+from cloud.target import Target
+from edge.model_files import shipped_gguf
+from sim.latency import LatencyProfile
+
+
+@pytest.fixture(scope="module")
+def target():
+    t = Target(shipped_gguf(), n_ctx=512, n_seqs=4, n_threads=1, max_batch_tokens=64)
+    yield t
+    t.close()
+
+
+def tokens(n: int, seed: int = 0) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(100, 40000, size=n)]
+
+
+def run(target, steps, **kw) -> tuple[list[PassStats], list[str], dict]:
+    for s in range(target.n_seqs):
+        target.clear(s)
+    passes: list[PassStats] = []
+    order: list[str] = []
+    sched = Scheduler(target, on_pass=passes.append, **kw)
+    for name, step in steps:
+        step.finish = (lambda name: lambda rows: order.append(name) or len(passes))(name)
+    sched.submit_many([s for _, s in steps])
+    sched.start()
+    done_in = {name: s.future.result(timeout=120) for name, s in steps}
+    sched.stop()
+    return passes, order, done_in
+
+
+def test_decodes_are_not_held_behind_a_long_prompt(target):
+    prompt = Step(0, 0, tokens(200), 1, None, prefill=True)
+    decode = Step(1, 0, tokens(5, 1), 5, None)
+    passes, order, done_in = run(target, [("prompt", prompt), ("decode", decode)], prefill_chunk=32)
+    assert done_in["decode"] == 0, "the decode step ran in the first pass"
+    assert order == ["decode", "prompt"]
+    assert len(passes) >= 200 // 32, "the prompt was chunked"
+    assert all(p.tokens <= 64 for p in passes)
+
+
+def test_a_pass_keeps_to_the_token_budget(target):
+    steps = [(f"s{i}", Step(i, 0, tokens(30, i), 30, None)) for i in range(4)]   # 120 tokens, budget 64
+    passes, _, _ = run(target, steps)
+    assert [p.tokens for p in passes] == [60, 60], "two whole blocks per pass, never a split block"
+
+
+def test_no_batching_runs_one_step_per_pass(target):
+    steps = [(f"s{i}", Step(i, 0, tokens(3, i), 3, None)) for i in range(4)]
+    passes, order, _ = run(target, steps, batching=False)
+    assert [p.steps for p in passes] == [1, 1, 1, 1] and order == ["s0", "s1", "s2", "s3"]
+
+
+def test_batched_steps_share_one_pass_and_get_their_own_rows(target):
+    got = {}
+    steps = []
+    for i in range(4):
+        st = Step(i, 0, tokens(4 + i, i), 2, None)
+        steps.append(st)
+    for i, st in enumerate(steps):
+        st.finish = (lambda i: lambda rows: got.__setitem__(i, rows))(i)
+    passes: list[PassStats] = []
+    for s in range(4):
+        target.clear(s)
+    sched = Scheduler(target, on_pass=passes.append)
+    sched.submit_many(steps)
+    sched.start()
+    for st in steps:
+        st.future.result(timeout=120)
+    sched.stop()
+    assert [(p.steps, p.tokens) for p in passes] == [(4, 4 + 5 + 6 + 7)]
+    assert all(got[i].shape == (2, target.n_vocab) for i in range(4))
+    assert not np.array_equal(got[0], got[1]), "each step gets its own sequence's rows"
+
+
+def test_an_emulated_pass_lasts_its_modelled_time(target):
+    profile = LatencyProfile("test", 0.2, 0.01, "test")
+    steps = [(f"s{i}", Step(i, 0, tokens(5, i), 1, None)) for i in range(2)]
+    passes, _, _ = run(target, steps, emulate=profile)
+    assert len(passes) == 1 and passes[0].seconds >= profile.forward_s(10)
