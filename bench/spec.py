@@ -21,7 +21,9 @@ row names its dataset; speedups compare with cloud-only on the same dataset.
 Trees: picospec-Q runs once with chains (tree none) and once with --tree auto
 (tree: the shape most often sent, siblings per level along the chain, e.g.
 2-1-1-1; none if the planner kept chains). accepted_per_pass = drafted tokens
-accepted per verified block, a taken sibling included; acceptance_rate stays
+accepted per verified block (each block is verified in one pass, merged with
+the blocks queued beside it; it depends on the block length the planner
+chose), a taken sibling included; acceptance_rate stays
 the chain's own (a position whose sibling was taken counts as a rejection of
 the chain's token), so it compares with chain rows. Codec P carries no trees
 at T>0 (kernels/tree.py says why).
