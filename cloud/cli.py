@@ -55,6 +55,9 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                     help="concurrent sessions (Open'ed or streaming Generate) before RESOURCE_EXHAUSTED "
                          "(default: %(default)s)")
     ap.add_argument("--max-draft", type=int, default=32, help="longest accepted draft block (default: %(default)s)")
+    ap.add_argument("--tree-seqs", type=int, default=3,
+                    help="scratch sequences for draft trees: a tree's branches off its main chain are verified in "
+                         "them, this many per pass (0 = chains only) (default: %(default)s)")
     ap.add_argument("--max-batch-tokens", type=int, default=256,
                     help="tokens in one batched pass over all sessions (default: %(default)s)")
     ap.add_argument("--no-batching", action="store_true", help="one session per pass (for comparison)")
@@ -98,6 +101,7 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
     server_credentials(a.tls_cert, a.tls_key, a.tls_client_ca)         # unreadable files: refuse now
     return VerifierConfig(listen=a.listen, model=a.model, n_ctx=a.n_ctx, threads=a.threads,
                           wait_policy=a.wait_policy, max_sessions=a.max_sessions, max_draft=a.max_draft,
+                          tree_seqs=a.tree_seqs,
                           max_batch_tokens=a.max_batch_tokens, batching=not a.no_batching,
                           idle_timeout_s=a.idle_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
                           tls_client_ca=a.tls_client_ca, insecure=a.insecure,

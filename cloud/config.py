@@ -16,6 +16,7 @@ class VerifierConfig:
     wait_policy: str = "auto"           # OpenMP idle threads: spin (active) or sleep (passive); auto: see cli
     max_sessions: int = 8               # every RPC that holds a sequence counts (Open'ed sessions, Generate)
     max_draft: int = 32
+    tree_seqs: int = 3                  # scratch sequences for draft trees' branches (0: chains only)
     max_batch_tokens: int = 256         # tokens in one scheduler pass
     batching: bool = True               # False: one session per pass (for comparison)
     idle_timeout_s: float = 300.0
@@ -35,6 +36,8 @@ class VerifierConfig:
     def __post_init__(self):
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        if not 0 <= self.tree_seqs <= 64:
+            raise ValueError("tree_seqs must be in 0..64")
         if not 1 <= self.max_draft <= 256:
             raise ValueError("max_draft must be in 1..256")
         if self.max_batch_tokens < self.max_draft + 2:

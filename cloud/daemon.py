@@ -64,7 +64,7 @@ def pass_model(target: Target, seq: int, emulate: LatencyProfile | None) -> tupl
 async def build(cfg: VerifierConfig, model: Path) -> Built:
     creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)   # file problems: before any work
     emulate = lookup(TARGETS, cfg.emulate_target, "target") if cfg.emulate_target else None
-    target = Target(model, n_ctx=cfg.n_ctx, n_seqs=cfg.max_sessions, n_threads=max(cfg.threads, 1),
+    target = Target(model, n_ctx=cfg.n_ctx, n_seqs=cfg.max_sessions + cfg.tree_seqs, n_threads=max(cfg.threads, 1),
                     max_batch_tokens=cfg.max_batch_tokens)
     if cfg.threads == 0:
         target.set_threads(pick_threads(target, 0))

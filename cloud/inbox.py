@@ -12,6 +12,8 @@ import asyncio
 import collections
 import time
 
+from kernels.tree import main_length, unpack_parents
+
 END = object()     # the edge closed its side
 LEAD = object()    # decode on alone: nothing worth waiting for is queued
 
@@ -103,6 +105,19 @@ class Inbox:
             return await self._take(wait if wait > 0 else 0)
 
 
+def levels(d, width: int) -> int:
+    """Positions a block drafts: its tokens, or a tree's main chain (the next block
+    continues below the main chain's leaf). A malformed tree counts as its tokens: the
+    verifier refuses it when it gets there."""
+    n = len(d.tokens) // width - d.fixed
+    if not d.parents:
+        return n
+    try:
+        return main_length(unpack_parents(d.parents, n))
+    except ValueError:
+        return n
+
+
 def continues(group: list, d, width: int, max_draft: int) -> bool:
     """May block `d` join `group` in one verify pass? Only a plain block that
     starts where the group ends, of the same epoch, within the draft limit."""
@@ -111,7 +126,7 @@ def continues(group: list, d, width: int, max_draft: int) -> bool:
     last = group[-1]
     if last.more_tail or last.want_bonus or d.epoch != last.epoch:
         return False
-    if d.start != last.start + len(last.tokens) // width:
+    if d.start != last.start + last.fixed + levels(last, width):
         return False
     drafted = sum(len(g.tokens) // width - g.fixed for g in group) + len(d.tokens) // width
     return drafted <= max_draft

@@ -46,6 +46,8 @@ class Step:
     prefill: bool = False
     future: Future = field(default_factory=Future)
     done: int = 0                               # tokens evaluated so far (chunked prefill)
+    copy_from: int | None = None                # tree branch: start from a copy of that sequence (cloud/target.py)
+    charged: int | None = None                  # tokens an emulated target charges (None: all of them)
     rows: list = field(default_factory=list)    # logits gathered so far
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -163,12 +165,16 @@ class Scheduler:
     def _run(self, batch: list[tuple[Step, int]]) -> None:
         t0 = time.monotonic()
         n_tokens = sum(n for _, n in batch)
+        # A tree branch re-evaluates its shared path only because llama.cpp's per-sequence KV
+        # streams cannot share it; a target verifying trees with a tree attention mask pays
+        # for the branch's own nodes alone, so that is what an emulated pass is held to.
+        n_charged = sum(n if s.charged is None else s.charged for s, n in batch)
         chunks = []
         for s, n in batch:
             first_row = len(s.tokens) - s.n_logits          # tokens from here on need their logits
             chunks.append(Chunk(s.seq, s.start + s.done, s.tokens[s.done:s.done + n],
-                                max(0, min(n, s.done + n - first_row))))
-        with Hold(self.emulate if n_tokens else None, n_tokens):
+                                max(0, min(n, s.done + n - first_row)), copy_from=s.copy_from))
+        with Hold(self.emulate if n_tokens else None, n_charged):
             try:
                 live = [c for c, (s, _) in zip(chunks, batch) if s.seq >= 0 and c.tokens]
                 rows = iter(self.target.decode(live) if live else [])

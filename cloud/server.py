@@ -25,10 +25,11 @@ from cloud.config import VerifierConfig
 from cloud.inbox import END, LEAD, Inbox, StreamError
 from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler, Step
-from cloud.session import BadDraft, ContextFull, Limits, Session
+from cloud.session import BadDraft, ContextFull, Limits, Session, TreeWork
 from cloud.target import TargetError
 from kernels import packing
 from kernels.sampling import SamplingConfig
+from kernels.tree import DraftTree, main_length, merge_chained, unpack_parents
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from proto.prompt_zstd import decompress_prompt
@@ -62,6 +63,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.limits = Limits(target_info.n_vocab, cfg.n_ctx, cfg.max_draft, self.width, cfg.p_top_k, cfg.p_tail)
         self.sessions: dict[str, Session] = {}
         self.free_seqs = list(range(cfg.max_sessions))[::-1]
+        # Draft trees' branches run in these, copied from the session's sequence in the pass
+        # that needs them; the scheduler never puts two steps of one sequence in a pass.
+        self.scratch = list(range(cfg.max_sessions, cfg.max_sessions + cfg.tree_seqs))
         self.releasing = 0                 # sequences of ended sessions not yet cleared
         self._freed = asyncio.Event()
         self.pass_a_s, self.pass_b_s = pass_model
@@ -193,8 +197,8 @@ class VerifierService(pb_grpc.VerifierServicer):
                             n_vocab=self.info.n_vocab, token_width=self.width, n_ctx=self.cfg.n_ctx,
                             max_draft=self.cfg.max_draft, target=self.target_label, emulated=self.emulate is not None,
                             ar_token_s=self.ar_token_s, verify_a_s=self.pass_a_s, verify_b_s=self.pass_b_s,
-                            p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail, server_s=time.monotonic() - t_open,
-                            accepts_prompt_zstd=True)
+                            p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail, tree_branches=len(self.scratch),
+                            server_s=time.monotonic() - t_open, accepts_prompt_zstd=True)
 
     # -- Speculate -------------------------------------------------------------
     async def Speculate(self, request_iterator, context):
@@ -242,6 +246,8 @@ class VerifierService(pb_grpc.VerifierServicer):
             v = sess.more_tail(d0.epoch)
             return [pb.Verdict(epoch=v.epoch, start=v.start, tail=v.tail)]
         blocks = [packing.unpack_tokens(d.tokens, self.width) for d in group]
+        if any(d.parents for d in group):
+            return await self._verify_tree(sess, group, blocks)
         q_u8 = [x for d in group for x in (packing.unpack_u8(d.q) if d.q else [])]
         q_sparse = [packing.unpack_sparse(b, self.width, 8) for d in group for b in d.q_sparse]
         step = sess.verify_step(d0.epoch, d0.start, [t for b in blocks for t in b], d0.fixed, q_u8, q_sparse,
@@ -251,7 +257,29 @@ class VerifierService(pb_grpc.VerifierServicer):
         v = await self._run(step)
         self.metrics.drafted.inc(sum(len(b) - d.fixed for d, b in zip(group, blocks)) - v.overlap)
         self.metrics.accepted.inc(v.accepted - v.overlap)
-        return split_verdict(v, group, blocks)
+        return split_verdict(v, group, [len(b) - d.fixed for d, b in zip(group, blocks)])
+
+    async def _verify_tree(self, sess: Session, group: list[pb.Draft], blocks: list[list[int]]) -> list[pb.Verdict]:
+        """Blocks of which at least one is a tree: merged into one tree (each block below the
+        previous block's main-chain leaf), verified in one pass with its branches."""
+        d0 = group[0]
+        if any(d.fixed for d in group):
+            raise BadDraft("a draft tree cannot carry a fixed token (codec P at T>0 takes no trees)")
+        trees = [DraftTree(b, unpack_parents(d.parents, len(b))) for d, b in zip(group, blocks)]
+        tree, origin = merge_chained(trees)
+        q_sparse = []
+        if not sess.sampling.greedy and sess.codec == pb.CODEC_Q:
+            per_block = [[packing.unpack_sparse(q, self.width, 8) if q else None for q in d.q_sparse] for d in group]
+            if any(len(qs) != len(t) for qs, t in zip(per_block, trees)):
+                raise BadDraft("codec Q needs one entry of q_sparse per tree node (empty for later siblings)")
+            q_sparse = [per_block[k][i] for k, i in origin]
+        work = sess.verify_tree_step(d0.epoch, d0.start, tree, q_sparse, group[-1].want_bonus, self.scratch)
+        if work is None:
+            return []
+        v = work.finish(list(await asyncio.gather(*(self._run(s) for s in work.steps))))
+        self.metrics.drafted.inc(len(tree) - v.overlap)
+        self.metrics.accepted.inc(v.accepted - v.overlap)
+        return split_verdict(v, group, [main_length(t.parents) for t in trees])
 
     # -- Generate --------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -328,18 +356,22 @@ class VerifierService(pb_grpc.VerifierServicer):
                     self._close(sess, quiet=True)
 
 
-def split_verdict(v, group: list[pb.Draft], blocks: list[list[int]]) -> list[pb.Verdict]:
+def split_verdict(v, group: list[pb.Draft], levels: list[int]) -> list[pb.Verdict]:
     """One merged pass's result as one verdict per block: every block up to the
-    first rejection, which carries the correction (or codec P's payload)."""
+    first rejection, which carries the correction (or codec P's payload).
+    levels: per block, the positions it drafts (a tree's: its main chain's)."""
     out, first = [], 0                   # first: offset of the block's drafts among all drafts
-    for i, (d, b) in enumerate(zip(group, blocks)):
-        end = first + len(b) - d.fixed
+    for i, (d, n) in enumerate(zip(group, levels)):
+        end = first + n
         if end == first or end <= v.overlap:
             first = end
             continue                     # nothing drafted, or all decided by lead tokens: no answer expected
         verdict = pb.Verdict(epoch=d.epoch, start=d.start, accepted=min(v.accepted, end) - first,
                              verify_us=int(v.verify_s * 1e6))
-        if v.accepted < end or i == len(group) - 1:
+        ranks = v.path[first:min(v.accepted, end)]
+        if any(ranks):
+            verdict.path = bytes(ranks)  # the path left the main chain in this block: it is the last answered
+        if v.accepted < end or any(ranks) or i == len(group) - 1:
             verdict.p_payload = v.p_payload
             if v.token is not None:
                 verdict.token = v.token

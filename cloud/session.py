@@ -29,12 +29,22 @@ the logits rows into the answer) that the scheduler runs inside a batched
 pass. The session's sequence in the target's cache (`n_past` tokens) may hold
 rejected drafts past `tokens`; the next step simply starts where the valid
 prefix ends and the target cuts the rest.
+
+Draft trees (kernels/tree.py) become `TreeWork`: the session's own step
+evaluates the lag and the main chain, and each branch off the main chain is
+evaluated from a copy of the session's sequence in a scratch sequence (one
+chain each, so every node's logits are those of its path decoded alone). The
+accepted path is the longest the target takes (greedy: argmax at every node;
+sampled: recursive rejection sampling over siblings); the main-chain part of
+it stays in the session's sequence, an accepted branch node is re-evaluated
+as lag by the next pass, and the scratch copies are simply overwritten.
 """
 from __future__ import annotations
 
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -45,6 +55,7 @@ from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, samp
                                snap_p, verify_greedy)
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
                               SamplingConfig, logits_to_probs, race_sample_at, rng_for, sample)
+from kernels.tree import ROOT, DraftTree, accept_greedy, accept_sampled
 
 CODEC_P, CODEC_Q = 0, 1
 
@@ -68,6 +79,15 @@ class VerdictData:
     verify_s: float = 0.0
     lead: bool = False
     overlap: int = 0                      # leading drafts that were already decided (lead tokens)
+    path: list[int] = field(default_factory=list)   # trees: rank among its siblings of each accepted level
+
+
+@dataclass
+class TreeWork:
+    """A draft tree's verification: `steps` (the session's own, then one per branch off the
+    main chain) may share one pass; `finish` takes their rows in the same order."""
+    steps: list[Step]
+    finish: Callable[[list[np.ndarray]], VerdictData]
 
 
 @dataclass
@@ -235,6 +255,120 @@ class Session:
             return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0,
                                overlap=overlap)
         return self._step(lag + drafted, len(drafted) + (1 if lag else 0), finish, chunkable=False)
+
+    # -- trees ---------------------------------------------------------------
+    def verify_tree_step(self, epoch: int, start: int, tree: DraftTree, q_sparse: list, want_bonus: bool,
+                         scratch: list[int]) -> TreeWork | None:
+        """The passes that verify a draft tree (blocks merged into one tree included);
+        None when it needs none. q_sparse: per node the q it was drawn from (sampled;
+        None for later siblings, drawn from their first sibling's q without it)."""
+        self.last_used = time.monotonic()
+        lim = self.limits
+        if epoch < self.epoch:
+            return None
+        if epoch > self.epoch:
+            raise BadDraft(f"epoch {epoch} is ahead of the session's epoch {self.epoch}")
+        self._check_ids(tree.tokens)
+        if len(tree) > lim.max_draft:
+            raise BadDraft(f"draft of {len(tree)} tokens exceeds the limit of {lim.max_draft}")
+        if not scratch:
+            raise BadDraft("this verifier takes no draft trees (started with --tree-seqs 0)")
+        sampled = not self.sampling.greedy
+        if sampled and self.codec == CODEC_P:
+            raise BadDraft("codec P cannot carry draft trees at T>0 (a sibling's test needs q's whole support): "
+                           "use codec Q")
+        if self.rejection is not None:
+            raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
+        if sampled and len(q_sparse) != len(tree):
+            raise BadDraft(f"codec Q needs one entry of q_sparse per tree node: got {len(q_sparse)} for {len(tree)}")
+        overlap = len(self.tokens) - start
+        if overlap < 0 or (overlap > 0 and not self.lead.on):
+            raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
+        main = [tree.tokens[i] for i in tree.main_chain()]
+        if overlap:                                       # positions decided while the block travelled
+            seen = self.tokens[start:start + len(main)]
+            if main[:len(seen)] != seen:
+                wrong = start + next(i for i, (a, b) in enumerate(zip(main, seen)) if a != b)
+                self._break(self.lead.sent.get(wrong))
+                return None
+            if len(main) <= overlap:
+                self.lead.awaiting = False
+                return None
+            tree, kept = tree.subtree(overlap - 1)        # main-chain node overlap-1 is index overlap-1
+            q_sparse = [q_sparse[i] for i in kept] if sampled else q_sparse
+        if len(self.tokens) + tree.height + 1 > lim.n_ctx:
+            raise ContextFull(f"context full: {len(self.tokens)} + {tree.height} tokens exceed n_ctx={lim.n_ctx}")
+        if len(tree.leaves_off_main()) > len(scratch):
+            # merged blocks may bring more branches than one pass can verify: drop the deepest
+            tree, kept = tree.pruned(len(scratch))
+            q_sparse = [q_sparse[i] for i in kept] if sampled else q_sparse
+        qs = self._tree_qs(tree, q_sparse) if sampled else []
+        main_idx = tree.main_chain()
+        branches = [tree.path_to(leaf) for leaf in tree.leaves_off_main()]
+        lag = self.tokens[self.n_past:]
+        p0, t0 = len(self.tokens), time.monotonic()
+        keep = lambda rows: rows                          # noqa: E731 - rows go to finish() below
+        own = self._step(lag + [tree.tokens[i] for i in main_idx], len(main_idx) + (1 if lag else 0), keep,
+                         chunkable=False)
+        off_main = set(range(len(tree))) - set(main_idx)
+        steps = [own]
+        for k, path in enumerate(branches):
+            new = [i for i in path if i in off_main]        # each off-main node is charged once
+            off_main -= set(new)
+            steps.append(Step(scratch[k % len(scratch)], self.n_past, lag + [tree.tokens[i] for i in path],
+                              len(path), keep, copy_from=self.seq, charged=len(new)))
+
+        def finish(rows_list: list[np.ndarray]) -> VerdictData:
+            own_rows = rows_list[0]
+            root = own_rows[0] if lag else self.pending
+            row = dict(zip(main_idx, own_rows[1:] if lag else own_rows))
+            for path, rows in zip(branches, rows_list[1:]):
+                for i, r in zip(path, rows):
+                    row.setdefault(i, r)
+            rows = [root] + [row[i] for i in range(len(tree))]
+            if not sampled:
+                path, token = accept_greedy(tree, [int(np.argmax(r)) for r in rows])
+            else:
+                probs = [snap_p(logits_to_probs(r, self.sampling)) for r in rows]
+                seed = self.sampling.seed
+                path, token = accept_sampled(tree, probs, qs, lambda d, s: rng_for(seed, p0 + d, s))
+            on_main = next((j for j, i in enumerate(path) if j >= len(main_idx) or i != main_idx[j]), len(path))
+            full = on_main == len(main_idx) == len(path)
+            if full and not want_bonus:
+                token = None                              # the next block takes that position
+            self.tokens += [tree.tokens[i] for i in path]
+            self.n_past = p0 + on_main                    # the main chain's accepted part is in the cache
+            self.pending = (own_rows[on_main] if lag else ([root] + list(own_rows))[on_main]) \
+                if on_main == len(path) else None
+            if token is not None:
+                self.tokens.append(token)
+                self.pending = None
+            self.lead.awaiting = False
+            if not full:
+                self._break()
+            c = self.count
+            c.blocks, c.drafted, c.accepted = c.blocks + 1, c.drafted + len(tree), c.accepted + len(path)
+            ranks = [tree.children(tree.parents[i]).index(i) for i in path]
+            return VerdictData(epoch, start, overlap + len(path), token, verify_s=time.monotonic() - t0,
+                               overlap=overlap, path=[0] * overlap + ranks)
+        return TreeWork(steps, finish)
+
+    def _tree_qs(self, tree: DraftTree, q_sparse: list) -> list:
+        """Per node its q (first children) or None, each node's token checked against the q
+        its sibling set was drawn from."""
+        qs: list = [None] * len(tree)
+        first_q: dict[int, object] = {}
+        for i, (x, q) in enumerate(zip(tree.tokens, q_sparse)):
+            parent = tree.parents[i]
+            if parent not in first_q:
+                if q is None:
+                    raise BadDraft(f"tree node {i} is a first child: it needs the q it was drawn from")
+                first_q[parent] = qs[i] = q
+            elif q is not None:
+                raise BadDraft(f"tree node {i} is a later sibling: its q is its first sibling's (send none)")
+            if first_q[parent].prob(x) <= 0.0:
+                raise BadDraft(f"tree node {i}: token {x} has q = 0 where it was drawn")
+        return qs
 
     # -- leading and streaming ----------------------------------------------
     def can_lead(self) -> bool:

@@ -21,6 +21,14 @@ refilled only by the same sequence's next positions, in order; batched passes
 over several streams stay bit-identical to one-sequence decoding. `Chunk.start`
 says where a chunk's tokens go; anything the sequence held from there on is
 removed first, so a rollback is simply the next chunk starting earlier.
+
+Draft trees. A sequence's stream holds one path, so a tree's branches off its
+main chain are evaluated in scratch sequences: `Chunk.copy_from` first makes
+the scratch sequence a copy of the session's (llama.cpp copies the whole
+stream buffer, cells in the same order, at the start of the pass), then the
+chunk evaluates the branch's path from the session's valid prefix on. Each
+branch is thus a chain evaluation, bit-identical to decoding it alone
+(tests/test_tree_verify.py measures it).
 """
 from __future__ import annotations
 
@@ -69,6 +77,7 @@ class Chunk:
     start: int
     tokens: Sequence[int]
     n_logits: int = 0
+    copy_from: int | None = None          # first make this sequence a copy of that one (tree branches)
 
 
 class TargetError(RuntimeError):
@@ -128,11 +137,22 @@ class Target:
         self._ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
         self._seq_len[seq] = 0
 
+    def copy(self, src: int, dst: int) -> None:
+        """Make `dst` hold what `src` holds (the buffer copy runs at the next pass's start)."""
+        if src == dst:
+            return
+        self._ll.llama_memory_seq_rm(self.mem, dst, 0, -1)
+        self._ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+        self._seq_len[dst] = self._seq_len[src]
+
     def decode(self, chunks: Sequence[Chunk]) -> list[np.ndarray]:
         """Evaluate every chunk in one pass; per chunk, its (n_logits, V) rows."""
         total = sum(len(c.tokens) for c in chunks)
         if total > self.max_batch_tokens:
             raise ValueError(f"pass of {total} tokens exceeds the batch of {self.max_batch_tokens}")
+        for c in chunks:
+            if c.copy_from is not None:
+                self.copy(c.copy_from, c.seq)
         for c in chunks:
             if not 0 <= c.start <= self._seq_len[c.seq]:
                 raise ValueError(f"sequence {c.seq}: chunk starts at {c.start}, cache holds {self._seq_len[c.seq]}")

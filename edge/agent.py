@@ -200,12 +200,14 @@ class Agent:
                           prior_accept=self.learned_accept if self.learned_accept is not None else 0.8,
                           gamma=cfg.gamma, window=cfg.window, lead=cfg.pipelined and cfg.cloud_lead,
                           lead_after_rtt=codec == "P" and not cfg.sampling.greedy)
+        if last is not None:   # what siblings yield and cost on this pair and link (edge/planner.py)
+            planner.sibling_gain, planner.sibling_s = last.sibling_gain, last.sibling_s
         self.last_planner = planner
         if cfg.adaptive and not planner.plan().worth_starting:
             raise SwitchToCloudOnly(reply.session)  # the stream continues from the prefilled cache
         stream = self.client.speculate(reply.session)
         spec = Speculator(stream, self.drafter, prompt, cfg, codec, reply.token_width, self.eos, planner,
-                          device, emit, stats, t0, logits)
+                          device, emit, stats, t0, logits, tree_branches=reply.tree_branches, max_draft=reply.max_draft)
         try:
             spec.run()
         finally:

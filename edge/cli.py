@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from edge.config import CODECS, MODES, GenConfig
+from edge.config import CODECS, MODES, TREES, GenConfig
 from kernels.sampling import SamplingConfig
 from sim.daemon_config import ConfigFileError, effective_settings, parse_args_with_config, to_toml
 from sim.latency import DEVICES
@@ -59,6 +59,11 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="residual codec at T>0: P = sparse p down once per rejection, Q = sparse q up per "
                          "token, auto = Q where the verifier leading through rejections is predicted to pay "
                          "(measured by the last session), else by expected link cost (default: %(default)s)")
+    ap.add_argument("--tree", choices=TREES, default="auto",
+                    help="draft trees: siblings beside the drafted chain where the drafter is unsure, verified in "
+                         "the same pass. auto = where the planner predicts more tokens per second than the chain "
+                         "(measured as it goes), always = every block (tests, measurement), off = chains. At T>0 "
+                         "trees need codec Q (codec P never sees q's whole support) (default: %(default)s)")
     ap.add_argument("--drafter", choices=("dense", "moe"), default="dense",
                     help="dense: a llama.cpp GGUF (--draft-model); moe: the DyMoE runtime (default: %(default)s)")
     ap.add_argument("--draft-model", type=Path,
@@ -90,7 +95,7 @@ def build_config(a) -> GenConfig:
     return GenConfig(mode=a.mode, codec=a.codec, max_tokens=a.max_tokens,
                      sampling=SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed),
                      gamma=a.gamma, window=a.window, adaptive=not a.no_adaptive, cloud_lead=not a.no_cloud_lead,
-                     stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device,
+                     stop_at_eos=not a.ignore_eos, emulate_device=a.emulate_device, tree=a.tree,
                      require_cloud=getattr(a, "require_cloud", False))
 
 

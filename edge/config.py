@@ -7,6 +7,7 @@ from kernels.sampling import SamplingConfig
 
 MODES = ("picospec", "sync", "cloud-only", "edge-only")
 CODECS = ("P", "Q", "auto")
+TREES = ("off", "auto", "always")
 
 
 @dataclass
@@ -25,6 +26,7 @@ class GenConfig:
     emulate_device: str | None = None
     stall_timeout_s: float = 30.0     # no verdict for this long: the cloud is considered lost
     uplink_share: float = 0.25        # codec auto: assumed uplink/downlink rate ratio
+    tree: str = "auto"                # draft trees: off (chains), auto (where the planner predicts a gain), always
     require_cloud: bool = False       # verifier unreachable or lost: fail instead of serving edge-only text
 
     def __post_init__(self):
@@ -32,6 +34,11 @@ class GenConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.codec not in CODECS:
             raise ValueError(f"unknown codec {self.codec!r}; choose from {', '.join(CODECS)}")
+        if self.tree not in TREES:
+            raise ValueError(f"unknown tree setting {self.tree!r}; choose from {', '.join(TREES)}")
+        if self.tree == "always" and self.codec == "P" and not self.sampling.greedy:
+            raise ValueError("--tree always needs codec Q (or auto) at T>0: codec P cannot carry draft trees "
+                             "(the verifier would need q's whole support)")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if self.gamma is not None and not 1 <= self.gamma <= 64:

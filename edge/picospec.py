@@ -17,6 +17,18 @@ it (the verifier drops the branch's blocks when they arrive, so both sides
 bump the epoch). Drafts race on the verifier's keys (race_sample) to make the
 first case common. Blocks then have a length fixed before their tokens are
 drawn, so whether a position is led or verified never depends on its own draw.
+
+Trees (`tree` auto/always, a verifier that takes them): when a block is
+complete the edge adds siblings beside its chain at the positions where the
+drafter was least sure, within the planner's budget: at T=0 the drafter's
+runner-up token, at T>0 the runner-up of the position's race (a draw from q
+without the chain's token, kernels.tree.race_draws). Siblings are leaves: they
+cost the edge no draft step, the verifier one more token in the pass. Whether a
+position gets a sibling depends on the chain's tokens and q's only, never on
+the sibling's own draw (that would bias it). A verdict whose path ends in a
+sibling commits the chain up to it, the sibling, and the target's token after
+it, where a chain would have yielded only the correction; the branch drafted
+ahead is dropped as after any rejection.
 """
 from __future__ import annotations
 
@@ -30,12 +42,13 @@ from edge.baselines import OnTokens, sampling_proto
 from edge.client import CloudError, DraftStream
 from edge.config import GenConfig
 from edge.drafter import Drafter
-from edge.planner import Planner
+from edge.planner import PROBE_EVERY, Planner
 from edge.stats import GenStats
 from kernels import packing
 from kernels.rejection import PPayload, sample_residual_p
-from kernels.sampling import STREAM_RESIDUAL, logits_to_probs, race_sample_at, rng_for
+from kernels.sampling import STREAM_RESIDUAL, logits_to_probs, race_keys, race_sample_at, rng_for
 from kernels.sparse import SparseDist, quantize_dist
+from kernels.tree import pack_parents, race_draws
 from proto import tandem_pb2 as pb
 from sim.latency import Hold, LatencyProfile
 
@@ -48,6 +61,9 @@ FIRST_BLOCK = 3
 # drafts only cost the edge compute and uplink: stream cloud-only instead.
 LEAD_SHARE_SWITCH = 0.9
 LEAD_SWITCH_AFTER = 24
+# A sibling is worth its verify token only where the chain is likely to reach its
+# position and the drafter's own token there is unsure.
+MIN_SIBLING_GAIN = 0.03
 
 
 @dataclass
@@ -57,6 +73,9 @@ class Block:
     fixed: int | None                      # codec P correction carried up front
     drafted: list[int] = field(default_factory=list)
     qs: list[SparseDist | None] = field(default_factory=list)
+    runner_up: list[tuple[int, float] | None] = field(default_factory=list)  # T=0: (token, drafter prob)
+    confidence: list[float] = field(default_factory=list)  # the drafter's probability of its own token
+    siblings: list[tuple[int, int]] = field(default_factory=list)  # (level, token): leaves beside the chain
     sent_at: float = 0.0
 
     @property
@@ -81,7 +100,8 @@ class SwitchToCloudOnly(Exception):
 class Speculator:
     def __init__(self, stream: DraftStream, drafter: Drafter, prompt: list[int], cfg: GenConfig,
                  codec: str, width: int, eos: int, planner: Planner, device: LatencyProfile | None,
-                 on_tokens: OnTokens, stats: GenStats, t0: float, first_logits: np.ndarray):
+                 on_tokens: OnTokens, stats: GenStats, t0: float, first_logits: np.ndarray,
+                 tree_branches: int = 0, max_draft: int = 64):
         self.stream, self.drafter, self.cfg, self.codec, self.width = stream, drafter, cfg, codec, width
         self.eos, self.planner, self.device, self.on_tokens, self.stats, self.t0 = (
             eos, planner, device, on_tokens, stats, t0)
@@ -97,6 +117,14 @@ class Speculator:
         self.done = False
         self.lead = cfg.pipelined and cfg.cloud_lead
         self.restart = True                   # the next block is the first after a break
+        # Trees need a verifier that takes them, and at T>0 codec Q (kernels/tree.py says why).
+        self.trees = tree_branches > 0 and cfg.tree != "off" and (cfg.sampling.greedy or codec == "Q")
+        self.tree_branches = tree_branches
+        planner.tree = cfg.tree if self.trees else "off"
+        self.plan = planner.plan()
+        self.max_draft = max_draft
+        self.tree_stats = {"passes": 0, "siblings": 0, "sibling_hits": 0, "tree_blocks": 0, "shapes": {}}
+        stats.tree = self.tree_stats
 
     # -- the loop, on one screen -------------------------------------------
     def run(self) -> list[int]:
@@ -140,21 +168,62 @@ class Speculator:
         with Hold(self.device if todo else None, len(todo)):   # a draft step samples inside its time
             if todo:
                 self.logits = self.drafter.eval(todo)
-            x, q = self._draw(len(self.seq))
+            x, q, alt = self._draw(len(self.seq))
         self.planner.observe_draft(time.monotonic() - t)
         self.seq.append(x)
         self.cur.drafted.append(x)
         self.cur.qs.append(q)
+        self.cur.runner_up.append(alt[0])
+        self.cur.confidence.append(alt[1])
 
-    def _draw(self, pos: int) -> tuple[int, SparseDist | None]:
+    def _draw(self, pos: int) -> tuple[int, SparseDist | None, tuple]:
+        """(token, the q it was drawn from, (T=0 runner-up, confidence in the token))."""
         s = self.cfg.sampling
         if s.greedy:
-            return int(np.argmax(self.logits)), None
+            x = int(np.argmax(self.logits))
+            if not self.trees:
+                return x, None, (None, 1.0)
+            top2 = np.argpartition(self.logits, -2)[-2:]
+            y = int(top2[0] if top2[0] != x else top2[1])
+            e = np.exp(self.logits[[x, y]] - self.logits[x])
+            z = float(np.exp(self.logits - self.logits[x]).sum())
+            return x, None, ((y, float(e[1]) / z), float(e[0]) / z)
         probs = logits_to_probs(self.logits, s)
         # Codec P sends q(x) up as one byte, so the draft samples from an 8-bit q
         # (any q is exact as long as the verifier tests with the one sampled from).
         q = quantize_dist(probs, bits=8, top_k=None if self.codec == "P" else self.cfg.q_top_k)
-        return race_sample_at(q.weights, s.seed, pos, q.ids), q
+        x = race_sample_at(q.weights, s.seed, pos, q.ids)
+        return x, q, (None, q.prob(x))
+
+    def _pick_siblings(self, b: Block) -> list[tuple[int, int]]:
+        """(level, token) of the siblings worth sending: the budget's best by expected
+        gain = P(the chain reaches the level) x P(the drafter's token there is wrong)."""
+        budget = self.plan.tree_budget
+        if not budget and self.cfg.tree == "auto" and self.stats.blocks % PROBE_EVERY == PROBE_EVERY - 1:
+            budget = 1                                # keep measuring what siblings yield
+        # Each sibling is a branch the verifier evaluates in a scratch sequence; it has
+        # tree_branches of them per pass.
+        budget = min(budget, self.tree_branches, self.max_draft - len(b.drafted) - (b.fixed is not None))
+        if budget <= 0:
+            return []
+        reach, cands = 1.0, []
+        for d, (x, q) in enumerate(zip(b.drafted, b.qs)):
+            conf = b.confidence[d]
+            if q is None:                             # T=0: the drafter's runner-up
+                y, p_y = b.runner_up[d]
+                gain = reach * p_y
+            elif q.ids.size > 1:                      # T>0: the race's runner-up; its own q is not looked at
+                y = race_draws(q, race_keys(self.cfg.sampling.seed, b.first + d, q.ids), 2)[1]
+                gain = reach * (1.0 - conf)
+            else:
+                y, gain = None, 0.0
+            if y is not None:
+                cands.append((gain, d, y))
+            reach *= conf
+        best = sorted(cands, reverse=True)[:budget]
+        # `always` sends its best sibling whatever it is worth (tests, measurement)
+        keep = [c for i, c in enumerate(best) if c[0] >= MIN_SIBLING_GAIN or (i == 0 and self.cfg.tree == "always")]
+        return sorted((d, y) for _, d, y in keep)
 
     def _block_complete(self) -> bool:
         b = self.cur
@@ -164,14 +233,26 @@ class Speculator:
                 or len(self.out) + self._spec_len() >= self.cfg.max_tokens)
 
     def _send(self, b: Block) -> None:
-        ids = ([b.fixed] if b.fixed is not None else []) + b.drafted
+        if self.trees:
+            b.siblings = self._pick_siblings(b)
+        # Depth-first with the chain first: the siblings follow it, deepest level first,
+        # each a leaf whose parent is the chain's node one level up (-1: the root).
+        sibs = sorted(b.siblings, reverse=True)
+        ids = ([b.fixed] if b.fixed is not None else []) + b.drafted + [y for _, y in sibs]
         d = pb.Draft(epoch=b.epoch, start=b.start, tokens=packing.pack_tokens(ids, self.width),
                      fixed=1 if b.fixed is not None else 0)
+        if sibs:
+            d.parents = pack_parents(list(range(-1, len(b.drafted) - 1)) + [lvl - 1 for lvl, _ in sibs])
+            self.tree_stats["tree_blocks"] += 1
+            self.tree_stats["siblings"] += len(sibs)
+            shape = "-".join("2" if any(l == lvl for l, _ in sibs) else "1" for lvl in range(len(b.drafted)))
+            self.tree_stats["shapes"][shape] = self.tree_stats["shapes"].get(shape, 0) + 1
         if not self.cfg.sampling.greedy:
             if self.codec == "P":
                 d.q = packing.pack_u8([q.weights[np.searchsorted(q.ids, x)] for x, q in zip(b.drafted, b.qs)])
             else:
                 d.q_sparse.extend(packing.pack_sparse(q, self.width) for q in b.qs)
+                d.q_sparse.extend(b"" for _ in sibs)    # drawn from their level's q, without the chain's token
         reaches_end = len(self.out) + self._spec_len() >= self.cfg.max_tokens or b.drafted[-1] == self.eos
         # With no follow-up block coming, the position after the block needs the cloud's bonus token.
         d.want_bonus = not reaches_end and not self.lead and (not self.cfg.pipelined or self.plan.window == 1)
@@ -215,12 +296,19 @@ class Speculator:
         led = max(0, self._committed() - b.first)    # drafts already decided by lead tokens
         if v.start != b.start or v.accepted > len(b.drafted) or v.accepted < led:
             raise CloudError(None, f"verdict for position {v.start} does not match block at {b.start}")
-        self.planner.observe_block(len(b.drafted) - led, v.accepted - led, time.monotonic() - b.sent_at,
-                                   v.verify_us / 1e6)
-        self.stats.accepted += v.accepted - led
-        self.stats.verified += v.accepted - led + (v.accepted < len(b.drafted))
-        self._commit(b.drafted[led:v.accepted])
-        if v.accepted == len(b.drafted):
+        sibling = self._taken_sibling(b, v)
+        n_chain = v.accepted - (sibling is not None)  # chain tokens accepted
+        self.planner.observe_block(len(b.drafted) - led, n_chain - led, time.monotonic() - b.sent_at,
+                                   v.verify_us / 1e6, siblings=len(b.siblings))
+        self.planner.observe_siblings(sibling is not None, len(b.siblings))
+        self.tree_stats["passes"] += 1
+        self.tree_stats["sibling_hits"] += sibling is not None
+        # acceptance stays the chain's own (comparable with chains); a taken sibling is
+        # counted in tree_stats["sibling_hits"]
+        self.stats.accepted += n_chain - led
+        self.stats.verified += n_chain - led + (n_chain < len(b.drafted))
+        self._commit(b.drafted[led:n_chain])
+        if v.accepted == len(b.drafted) and sibling is None:
             if v.HasField("token"):                  # bonus: nothing speculative follows it
                 self.seq.append(v.token)
                 self._commit([v.token])
@@ -231,18 +319,38 @@ class Speculator:
             self.restart = True
             self.cur = None
             self.seq = self.seq[:self.n_prompt + len(self.out)]
+            self.drafter.truncate(min(self.drafter.n_past, len(self.seq)))
+            if sibling is not None:
+                self.seq.append(sibling)
+                self._commit([sibling])
             if v.HasField("token"):
                 y = v.token
+            elif sibling is not None:
+                raise CloudError(None, f"verdict took the sibling at position {v.start + v.accepted - 1} "
+                                       "but sent no token after it")
             else:
                 y = self._residual_p(v, b.qs[v.accepted])
                 self.fixed_next = y                  # travels up with the next block: no message of its own
-            self.drafter.truncate(min(self.drafter.n_past, len(self.seq)))
             self.seq.append(y)
             self._commit([y])
         if not self.done and self.cfg.adaptive:
             self.plan = self.planner.plan()
             if not self.plan.speculate and self.planner.blocks >= 4:
                 raise SwitchToCloudOnly()
+
+    def _taken_sibling(self, b: Block, v: pb.Verdict) -> int | None:
+        """The sibling token the verdict's path ends in, or None (it follows the chain)."""
+        ranks = list(v.path)
+        if not any(ranks):
+            return None
+        level = v.accepted - 1
+        wrong = CloudError(None, f"verdict path {ranks} does not match the tree sent at {b.start}")
+        if len(ranks) != v.accepted or any(ranks[:-1]) or ranks[-1] != 1:
+            raise wrong                               # siblings are leaves, one per level
+        token = next((y for lvl, y in b.siblings if lvl == level), None)
+        if token is None:
+            raise wrong
+        return token
 
     def _residual_p(self, v: pb.Verdict, q: SparseDist) -> int:
         payload = packing.unpack_payload(v.p_payload, self.width)
@@ -295,6 +403,8 @@ def choose_codec(cfg: GenConfig, n_vocab: int, measured: Planner | None = None, 
         return cfg.codec
     if cfg.sampling.greedy:
         return "P"
+    if cfg.tree == "always":
+        return "Q"        # the codec that carries trees at T>0
     if measured is not None and cfg.pipelined and cfg.cloud_lead and measured.pipelined:
         p_rate = measured.plan(lead_after_rtt=True).spec_rate
         q_rate = measured.plan(lead_after_rtt=False).spec_rate

@@ -19,6 +19,17 @@ then costs at most the extra verify time per pass (t_v(g) vs t_ar).
 The cloud-only rate is the verifier's autoregressive rate, which streaming
 preserves over any link. Speculation is abandoned for cloud-only streaming
 when its best predicted rate falls below that.
+
+Trees: a block may carry up to B siblings beside its chain (kernels/tree.py).
+Each costs verify time (one token's b on a tree-attention target; on a CPU
+verifier, which copies and re-evaluates each branch, far more: measured from
+the verdicts' verify time, `sibling_s`) and a few uplink bytes, and yields one
+more token when the verifier takes it (the sibling, then the target's token
+after it, where the chain would have yielded the correction alone); the yield
+per sibling sent is measured too (`SiblingGain`). The plan takes the B, 0 included,
+of the highest predicted rate, so a tree is chosen only where it is predicted
+faster than the chain; a session on chains still sends a sibling every
+PROBE_EVERY blocks, so the yield keeps being measured.
 """
 from __future__ import annotations
 
@@ -61,6 +72,31 @@ class AcceptRate:
         return self.accepted / self.tested
 
 
+class SiblingGain:
+    """Tokens gained per sibling sent (a sibling taken by the verifier gains one),
+    decayed like AcceptRate; the prior is what a sibling at an uncertain
+    position typically yields, before this pair and link have been measured."""
+
+    def __init__(self, prior: float = 0.15, decay: float = 0.95, prior_weight: float = 8.0):
+        self.hits, self.sent, self.decay = prior * prior_weight, prior_weight, decay
+
+    def add(self, hits: int, sent: int) -> None:
+        if sent:
+            self.hits = self.decay * self.hits + hits
+            self.sent = self.decay * self.sent + sent
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.sent
+
+
+# A session on chains sends a one-sibling tree every this many blocks, to keep
+# measuring what siblings yield (a sibling costs ~b of verify time).
+PROBE_EVERY = 8
+# A tree must be predicted this much faster than the chain (the model is
+# rough, and the chain is the known quantity).
+TREE_MARGIN = 1.02
+
 SWITCH_MARGIN = 0.9
 # Starting a session is held to a higher bar than keeping one going: a session
 # that starts and then falls back has paid its blocks for nothing (measured:
@@ -76,6 +112,8 @@ class Plan:
     window: int
     spec_rate: float
     cloud_rate: float
+    tree_budget: int = 0     # siblings per block beside the chain (0: a chain)
+    chain_rate: float = 0.0  # the best chain's predicted rate, for comparison
 
     @property
     def speculate(self) -> bool:
@@ -93,7 +131,8 @@ class Planner:
     def __init__(self, pipelined: bool, t_draft_s: float, rtt_s: float, verify_a_s: float,
                  verify_b_s: float, ar_token_s: float, prior_accept: float = 0.7,
                  gamma: int | None = None, window: int | None = None, max_gamma: int = 16,
-                 max_window: int = 8, lead: bool = False, lead_after_rtt: bool = False):
+                 max_window: int = 8, lead: bool = False, lead_after_rtt: bool = False,
+                 tree: str = "off"):
         # lead_after_rtt: codec P, where the verifier cannot lead past a rejection
         # before the edge's correction arrives, a round trip later
         self.pipelined, self.lead, self.lead_after_rtt = pipelined, lead, lead_after_rtt
@@ -108,15 +147,27 @@ class Planner:
         self.fixed_gamma, self.fixed_window = gamma, window
         self.max_gamma, self.max_window = max_gamma, max_window
         self.blocks = 0
+        self.tree = tree                 # off | auto | always (see edge.config)
+        self.sibling_gain = SiblingGain()
+        self.sibling_s = Ema(verify_b_s, weight=0.3)   # verify time per sibling, measured
 
-    def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float) -> None:
+    def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
+                      siblings: int = 0) -> None:
         self.blocks += 1
         if drafted:
             self.accept.add(accepted, accepted + (accepted < drafted))
         self.rtt_samples.append(max(0.0, round_trip_s - verify_s))
-        if verify_s > 0 and drafted:
+        if verify_s > 0 and drafted and not siblings:
             # keep the cloud's advertised fixed cost, learn only the level
             self.verify_a = 0.8 * self.verify_a + 0.2 * max(0.0, verify_s - self.verify_b * drafted)
+        elif verify_s > 0 and drafted:
+            # what a sibling really costs the verifier, beyond the chain it sits beside (on a
+            # CPU its branch is copied and re-evaluated: far more than one token's b)
+            extra = max(0.0, verify_s - self.verify_a - self.verify_b * drafted) / siblings
+            self.sibling_s.add(extra)
+
+    def observe_siblings(self, hits: int, sent: int) -> None:
+        self.sibling_gain.add(hits, sent)
 
     def observe_draft(self, seconds: float) -> None:
         self.t_draft.add(seconds)
@@ -134,20 +185,23 @@ class Planner:
     def rtt(self) -> float:
         return min(self.rtt_samples)
 
-    def rate(self, g: int, w: int) -> float:
+    def rate(self, g: int, w: int, siblings: int = 0) -> float:
         """Predicted tokens/s for block length g and window w; w == 1 is
-        stop-and-wait, where the cloud adds a bonus token after a full accept."""
+        stop-and-wait, where the cloud adds a bonus token after a full accept.
+        `siblings`: tree nodes beside the chain, each a verify token more and
+        `sibling_gain` tokens more per block."""
         a, td, rtt = self.accept.value, self.t_draft.value, self.rtt
-        tv = self.verify_a + self.verify_b * (g + 1)
+        tv = self.verify_a + self.verify_b * (g + 1) + self.sibling_s.value * siblings
+        extra = siblings * self.sibling_gain.value
         cycle = g * td + rtt + tv
         if w == 1:
-            return expected_tokens(a, g, bonus=True) / cycle
+            return (expected_tokens(a, g, bonus=True) + extra) / cycle
         a = min(max(a, 0.0), 0.999)
         c = max(g * td, tv, cycle / w)
         refill = (1 - a ** g) * (cycle - c)
         lead_s = (1 - a ** g) * max(0.0, cycle - c - (rtt if self.lead_after_rtt else 0.0))
         led = lead_s / self.cloud_token_s if self.lead else 0.0
-        return (expected_tokens(a, g, bonus=False) + led) / (c + refill)
+        return (expected_tokens(a, g, bonus=False) + extra + led) / (c + refill)
 
     def plan(self, lead_after_rtt: bool | None = None) -> Plan:
         """The best (g, w); pipelined sessions also weigh stop-and-wait, which
@@ -165,6 +219,16 @@ class Planner:
                 r = self.rate(g, w)
                 if best is None or r > best.spec_rate:
                     best = Plan(g, w, r, cloud)
+        best.chain_rate = best.spec_rate
+        if self.tree == "off":
+            return best
+        # The chain's (g, w), with the sibling budget of the highest rate;
+        # `always` takes at least one sibling.
+        budgets = range(1 if self.tree == "always" else 0, best.gamma + 1)
+        b = max(budgets, key=lambda k: (self.rate(best.gamma, best.window, k), -k))
+        r = self.rate(best.gamma, best.window, b)
+        if self.tree == "always" or r >= TREE_MARGIN * best.chain_rate:
+            best.tree_budget, best.spec_rate = b, r
         return best
 
     def _windows(self, g: int) -> list[int]:

@@ -28,6 +28,7 @@ class GenStats:
     window: int = 0
     codec: str = ""
     drafter: dict = field(default_factory=dict)
+    tree: dict = field(default_factory=dict)   # draft trees: passes, siblings sent/taken, shapes (edge/picospec.py)
     # Which model decided which tokens, in order: [{"mode": "picospec", "tokens": 40},
     # {"mode": "edge-only", "tokens": 16}, ...]; only edge-only parts are not the target's.
     segments: list = field(default_factory=list)

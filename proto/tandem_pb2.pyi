@@ -51,7 +51,7 @@ class OpenRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., lead_first: _Optional[int] = ..., prompt_zstd: _Optional[bytes] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s", "session_key", "accepts_prompt_zstd")
+    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s", "session_key", "tree_branches", "accepts_prompt_zstd")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class OpenReply(_message.Message):
     P_TAIL_FIELD_NUMBER: _ClassVar[int]
     SERVER_S_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    TREE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PROMPT_ZSTD_FIELD_NUMBER: _ClassVar[int]
     session: str
     fingerprint: str
@@ -83,11 +84,12 @@ class OpenReply(_message.Message):
     p_tail: int
     server_s: float
     session_key: str
+    tree_branches: int
     accepts_prompt_zstd: bool
-    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ..., session_key: _Optional[str] = ..., accepts_prompt_zstd: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ..., session_key: _Optional[str] = ..., tree_branches: _Optional[int] = ..., accepts_prompt_zstd: _Optional[bool] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("epoch", "start", "tokens", "fixed", "q", "q_sparse", "want_bonus", "more_tail")
+    __slots__ = ("epoch", "start", "tokens", "fixed", "q", "q_sparse", "want_bonus", "more_tail", "parents")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class Draft(_message.Message):
     Q_SPARSE_FIELD_NUMBER: _ClassVar[int]
     WANT_BONUS_FIELD_NUMBER: _ClassVar[int]
     MORE_TAIL_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start: int
     tokens: bytes
@@ -104,10 +107,11 @@ class Draft(_message.Message):
     q_sparse: _containers.RepeatedScalarFieldContainer[bytes]
     want_bonus: bool
     more_tail: bool
-    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[bytes] = ..., fixed: _Optional[int] = ..., q: _Optional[bytes] = ..., q_sparse: _Optional[_Iterable[bytes]] = ..., want_bonus: _Optional[bool] = ..., more_tail: _Optional[bool] = ...) -> None: ...
+    parents: bytes
+    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[bytes] = ..., fixed: _Optional[int] = ..., q: _Optional[bytes] = ..., q_sparse: _Optional[_Iterable[bytes]] = ..., want_bonus: _Optional[bool] = ..., more_tail: _Optional[bool] = ..., parents: _Optional[bytes] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("epoch", "start", "accepted", "token", "p_payload", "verify_us", "tail", "lead")
+    __slots__ = ("epoch", "start", "accepted", "token", "p_payload", "verify_us", "tail", "lead", "path")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +120,7 @@ class Verdict(_message.Message):
     VERIFY_US_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
     LEAD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start: int
     accepted: int
@@ -124,7 +129,8 @@ class Verdict(_message.Message):
     verify_us: int
     tail: bytes
     lead: bool
-    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ..., lead: _Optional[bool] = ...) -> None: ...
+    path: bytes
+    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ..., lead: _Optional[bool] = ..., path: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("fingerprint", "sampling", "prompt", "max_tokens", "ignore_eos", "client", "session", "prompt_zstd")

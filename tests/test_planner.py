@@ -90,3 +90,40 @@ def test_a_loaded_verifier_slows_streaming_as_much_as_verification():
     loaded = p.plan()
     assert abs(loaded.cloud_rate - alone.cloud_rate / 3) < 0.05 * alone.cloud_rate
     assert loaded.speculate and loaded.spec_rate / loaded.cloud_rate > 0.9 * alone.spec_rate / alone.cloud_rate
+
+
+def test_trees_only_where_the_measured_yield_beats_the_chain():
+    p = planner(lead=True, tree="auto")
+    p.sibling_gain.hits, p.sibling_gain.sent = 0.0, 100.0          # siblings never taken
+    plan = p.plan()
+    assert plan.tree_budget == 0 and plan.spec_rate == plan.chain_rate
+    p.sibling_gain.hits = 40.0                                      # 0.4 tokens per sibling
+    plan = p.plan()
+    assert plan.tree_budget > 0 and plan.spec_rate > plan.chain_rate
+    assert planner(lead=True, tree="off").plan().tree_budget == 0
+
+
+def test_tree_always_sends_at_least_one_sibling_even_when_it_does_not_pay():
+    p = planner(lead=True, tree="always")
+    p.sibling_gain.hits, p.sibling_gain.sent = 0.0, 100.0
+    plan = p.plan()
+    assert plan.tree_budget >= 1 and plan.spec_rate <= plan.chain_rate
+
+
+def test_sibling_gain_is_measured_per_sibling_sent():
+    p = planner(tree="auto")
+    for _ in range(200):
+        p.observe_siblings(1, 4)
+    assert abs(p.sibling_gain.value - 0.25) < 0.01
+
+
+def test_siblings_that_slow_the_verifier_down_are_priced_out():
+    """A verifier whose tree passes cost 40 ms more per sibling (a CPU copying branches)
+    makes auto go back to chains, however often siblings are taken."""
+    p = planner(lead=True, tree="auto")
+    p.sibling_gain.hits, p.sibling_gain.sent = 30.0, 100.0
+    assert p.plan().tree_budget > 0                                 # priced at one token's b
+    for _ in range(20):
+        p.observe_block(4, 3, 0.2, 0.070 + 0.0019 * 4 + 0.040 * 2, siblings=2)
+    assert abs(p.sibling_s.value - 0.040) < 0.002
+    assert p.plan().tree_budget == 0

@@ -1,0 +1,180 @@
+"""Draft trees end to end: exact logits, the target's own greedy output, the target's distribution.
+
+- Tree nodes' logits, evaluated by the verifier's scheduler (the main chain in the session's
+  sequence, each branch in a scratch sequence copied from it in the same pass), are bit-identical
+  to the same positions decoded as a chain, one token at a time.
+- Greedy picospec with a tree on every block (`--tree always`) equals the target's greedy output
+  on the foundation's prompts, with siblings really taken by the verifier.
+- At T=0.8 the first three tokens follow the target's exact marginals (chi-square, 400 samples)
+  with trees on every block, codec Q.
+Everything is real: cloud-verifier and link-sim on loopback, llama.cpp models.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud.scheduler import Scheduler, Step
+from cloud.target import Chunk, Target
+from edge.agent import Agent
+from edge.client import VerifierClient
+from edge.config import GenConfig
+from edge.model_files import shipped_gguf
+from kernels.sampling import SamplingConfig
+from kernels.tree import DraftTree
+from tests.conftest import PROMPTS
+from tests.test_speculative_greedy import assert_equal_to_reference
+from tests.test_speculative_sampled import N_SAMPLES, SAMPLING, exact, pvalue  # noqa: F401 - fixture
+
+N_NEW = 32
+
+
+def test_tree_nodes_logits_are_bit_identical_to_chain_decoding():
+    rng = np.random.default_rng(3)
+    target = Target(shipped_gguf(), n_ctx=256, n_seqs=4, n_threads=1)
+    ref = Target(shipped_gguf(), n_ctx=256, n_seqs=1, n_threads=1)
+
+    def chain(seq):
+        ref.clear(0)
+        return np.concatenate([ref.decode([Chunk(0, i, [t], 1)])[0] for i, t in enumerate(seq)])
+
+    sched = Scheduler(target)
+    sched.start()
+    try:
+        prompt = [int(x) for x in rng.integers(100, 40000, size=37)]
+        sched.submit(Step(0, 0, prompt, 1, lambda r: r, prefill=True)).result()
+        # rejected drafts left in the session's cache, as after a real rejection
+        sched.submit(Step(0, len(prompt), [11, 12, 13], 3, lambda r: r)).result()
+        n = len(prompt)
+        # main chain a-b-c-d; siblings at levels 0 and 2, one with a child of its own
+        tree = DraftTree((501, 502, 503, 504, 777, 888, 999), (-1, 0, 1, 2, 1, -1, 5))
+        main = [tree.tokens[i] for i in tree.main_chain()]
+        paths = [tree.path_to(leaf) for leaf in tree.leaves_off_main()]
+        futs = [sched.submit(Step(0, n, main, len(main), lambda r: r))]
+        futs += [sched.submit(Step(1 + k, n, [tree.tokens[i] for i in p], len(p), lambda r: r, copy_from=0))
+                 for k, p in enumerate(paths)]
+        rows = [f.result() for f in futs]
+        assert sched.passes >= 3 and len(paths) == 2
+        assert np.array_equal(rows[0], chain(prompt + main)[n:])
+        for p, r in zip(paths, rows[1:]):
+            assert np.array_equal(r, chain(prompt + [tree.tokens[i] for i in p])[n:]), f"branch {p}"
+    finally:
+        sched.stop()
+        target.close()
+        ref.close()
+
+
+def generate(address, drafter, tokenizer, prompt, **cfg):
+    client = VerifierClient(address)
+    client.wait_ready()
+    try:
+        agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos)
+        return agent.generate(prompt, GenConfig(**cfg))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("codec, prompts", [
+    pytest.param("P", PROMPTS, marks=pytest.mark.slow, id="P-20-prompts"),   # ~2 min
+    pytest.param("Q", PROMPTS[:4], id="Q-4-prompts"),
+])
+def test_greedy_with_trees_equals_target(wan, drafter, tokenizer, reference, codec, prompts):
+    """Every block a tree; no cloud lead, so every position is verified (on one CPU the
+    real target would otherwise lead nearly all of them)."""
+    hits = sent = 0
+    for k, text in enumerate(prompts):
+        prompt = tokenizer.encode(text)
+        ref, gaps = reference.greedy(prompt, N_NEW)
+        c = generate(wan.address, drafter, tokenizer, prompt, mode="picospec", codec=codec, gamma=4, window=2,
+                     adaptive=False, cloud_lead=False, tree="always", max_tokens=N_NEW, stop_at_eos=False)
+        assert len(c.tokens) == N_NEW and c.stats.fallback is None
+        assert_equal_to_reference(c.tokens, ref, gaps, f"tree, codec {codec}, prompt {k}")
+        hits += c.stats.tree["sibling_hits"]
+        sent += c.stats.tree["siblings"]
+    print(f"greedy trees, codec {codec}: {sent} siblings sent, {hits} taken")
+    assert sent > 0 and (hits > 0 or len(prompts) < 8), "the tree path must have been exercised"
+
+
+@pytest.mark.slow   # ~2.5 min
+def test_first_three_tokens_follow_the_target_with_trees(cloud, drafter, tokenizer, exact):  # noqa: F811
+    prompt, dists = exact
+    client = VerifierClient(cloud.address)
+    client.wait_ready()
+    agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos)
+    rows, hits, sent = [], 0, 0
+    try:
+        for seed in range(N_SAMPLES):
+            cfg = GenConfig(mode="picospec", codec="Q", gamma=3, window=1, adaptive=False, max_tokens=3,
+                            stop_at_eos=False, cloud_lead=False, tree="always",
+                            sampling=SamplingConfig(seed=seed, **SAMPLING))
+            c = agent.generate(prompt, cfg)
+            rows.append(c.tokens)
+            hits += c.stats.tree["sibling_hits"]
+            sent += c.stats.tree["siblings"]
+    finally:
+        client.close()
+    samples = np.array(rows)
+    print(f"sampled trees: {sent} siblings sent, {hits} taken")
+    assert hits > 0, "siblings must have been taken, or the check proves nothing about trees"
+    for pos in range(3):
+        p = pvalue(samples[:, pos], dists[pos])
+        print(f"trees, token {pos + 1}: chi-square p = {p:.3f}")
+        assert p > 0.01, f"trees: token {pos + 1} does not follow the target (p={p:.2g})"
+
+
+@pytest.mark.parametrize("case, why", [
+    ("not-depth-first", "not depth-first"),
+    ("repeated-sibling", "repeats a sibling"),
+    ("codec-p-sampled", "codec P cannot carry draft trees"),
+    ("later-sibling-with-q", "later sibling"),
+])
+def test_bad_trees_are_refused_and_the_verifier_keeps_serving(cloud, tokenizer, case, why):
+    import grpc
+
+    from kernels import packing
+    from kernels.sparse import SparseDist
+    from kernels.tree import pack_parents
+    from proto import tandem_pb2 as pb
+    from proto import tandem_pb2_grpc as pb_grpc
+    from tests.test_verifier_errors import assert_serving, expect, open_session, speculate
+    ch = grpc.insecure_channel(cloud.address)
+    s = pb_grpc.VerifierStub(ch)
+    try:
+        sampled = case in ("codec-p-sampled", "later-sibling-with-q")
+        r = s.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=tokenizer.encode("Hello there"),
+                                  codec=pb.CODEC_P if case == "codec-p-sampled" else pb.CODEC_Q,
+                                  sampling=pb.Sampling(temperature=0.8, seed=1) if sampled else None))
+        assert r.tree_branches > 0
+        n = len(tokenizer.encode("Hello there"))
+        tokens, parents = [28, 29, 30], [-1, 0, -1]
+        if case == "not-depth-first":
+            tokens, parents = [28, 29, 30, 31, 32], [-1, 0, 1, 0, 2]   # node 4 goes back below node 2
+        if case == "repeated-sibling":
+            tokens = [28, 29, 28]
+        d = pb.Draft(epoch=0, start=n, tokens=packing.pack_tokens(tokens, r.token_width),
+                     parents=pack_parents(parents))
+        q = SparseDist([28, 29, 30], [100, 100, 55], 255)
+        if case == "codec-p-sampled":
+            d.q = packing.pack_u8([100, 100, 100])
+        if case == "later-sibling-with-q":
+            d.q_sparse.extend([packing.pack_sparse(q, r.token_width)] * 3)
+        msg = expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: speculate(s, r, [d]))
+        assert why in msg, msg
+        assert_serving(ch, s, tokenizer)
+    finally:
+        ch.close()
+
+
+def test_a_path_leaving_the_main_chain_at_a_block_end_answers_that_block_with_the_token():
+    """Merged blocks [tree A of 4 levels, chain B]: the sibling at A's last level was taken.
+    A's verdict must carry the path and the token after the sibling; B gets no verdict."""
+    from cloud.server import split_verdict
+    from cloud.session import VerdictData
+    from proto import tandem_pb2 as pb
+    group = [pb.Draft(epoch=2, start=10, tokens=b"\0" * 10, parents=b"\x04\x02"), pb.Draft(epoch=2, start=14,
+                                                                                            tokens=b"\0" * 6)]
+    v = VerdictData(2, 10, 4, token=77, path=[0, 0, 0, 1])
+    out = split_verdict(v, group, [4, 3])
+    assert len(out) == 1 and out[0].accepted == 4 and out[0].token == 77 and list(out[0].path) == [0, 0, 0, 1]
+    full = split_verdict(VerdictData(2, 10, 7, token=None, path=[0] * 7), group, [4, 3])
+    assert [o.accepted for o in full] == [4, 3] and not full[0].path and not full[1].HasField("token")
