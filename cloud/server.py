@@ -25,7 +25,7 @@ from cloud.config import VerifierConfig
 from cloud.inbox import END, LEAD, Inbox, StreamError
 from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler, Step
-from cloud.session import BadDraft, ContextFull, Limits, Session, TreeWork
+from cloud.session import BadDraft, ContextFull, Limits, Session
 from cloud.target import TargetError
 from kernels import packing
 from kernels.sampling import SamplingConfig

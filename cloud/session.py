@@ -55,7 +55,7 @@ from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, samp
                                snap_p, verify_greedy)
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
                               SamplingConfig, logits_to_probs, race_sample_at, rng_for, sample)
-from kernels.tree import ROOT, DraftTree, accept_greedy, accept_sampled
+from kernels.tree import DraftTree, accept_greedy, accept_sampled
 
 CODEC_P, CODEC_Q = 0, 1
 
@@ -202,19 +202,9 @@ class Session:
             raise BadDraft(f"fixed={fixed} is invalid for a block of {len(block)} tokens (at most 1)")
         if len(block) - fixed > lim.max_draft:
             raise BadDraft(f"draft of {len(block) - fixed} tokens exceeds the limit of {lim.max_draft}")
-        overlap = len(self.tokens) - start
-        if overlap < 0 or (overlap > 0 and (not self.lead.on or fixed)):
-            raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
-        if overlap:                                       # positions decided while the block travelled
-            seen = self.tokens[start:start + len(block)]
-            if block[:len(seen)] != seen:
-                # the edge's branch died at a lead token, and the edge saw it when the token went down
-                wrong = start + next(i for i, (a, b) in enumerate(zip(block, seen)) if a != b)
-                self._break(self.lead.sent.get(wrong))
-                return None
-            if len(block) <= overlap:
-                self.lead.awaiting = False                # the branch lives: its next block is coming
-                return None                               # every position already decided
+        overlap = self._overlap(start, block, may_overlap=not fixed)
+        if overlap is None:
+            return None
         drafted = block[fixed + overlap:]
         q_u8, q_sparse = q_u8[overlap:], q_sparse[overlap:]
         if not drafted and not want_bonus:
@@ -281,19 +271,10 @@ class Session:
             raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
         if sampled and len(q_sparse) != len(tree):
             raise BadDraft(f"codec Q needs one entry of q_sparse per tree node: got {len(q_sparse)} for {len(tree)}")
-        overlap = len(self.tokens) - start
-        if overlap < 0 or (overlap > 0 and not self.lead.on):
-            raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
-        main = [tree.tokens[i] for i in tree.main_chain()]
-        if overlap:                                       # positions decided while the block travelled
-            seen = self.tokens[start:start + len(main)]
-            if main[:len(seen)] != seen:
-                wrong = start + next(i for i, (a, b) in enumerate(zip(main, seen)) if a != b)
-                self._break(self.lead.sent.get(wrong))
-                return None
-            if len(main) <= overlap:
-                self.lead.awaiting = False
-                return None
+        overlap = self._overlap(start, [tree.tokens[i] for i in tree.main_chain()], may_overlap=True)
+        if overlap is None:
+            return None
+        if overlap:
             tree, kept = tree.subtree(overlap - 1)        # main-chain node overlap-1 is index overlap-1
             q_sparse = [q_sparse[i] for i in kept] if sampled else q_sparse
         if len(self.tokens) + tree.height + 1 > lim.n_ctx:
@@ -369,6 +350,25 @@ class Session:
             if first_q[parent].prob(x) <= 0.0:
                 raise BadDraft(f"tree node {i}: token {x} has q = 0 where it was drawn")
         return qs
+
+    def _overlap(self, start: int, chain: list[int], may_overlap: bool) -> int | None:
+        """How many of `chain`'s leading positions lead tokens already decided
+        while the block travelled; None when the block needs no pass (its branch
+        died at a lead token, or every position is decided)."""
+        overlap = len(self.tokens) - start
+        if overlap < 0 or (overlap > 0 and (not self.lead.on or not may_overlap)):
+            raise BadDraft(f"block starts at position {start}, expected {len(self.tokens)}")
+        if overlap:
+            seen = self.tokens[start:start + len(chain)]
+            if chain[:len(seen)] != seen:
+                # the edge's branch died at a lead token, and the edge saw it when the token went down
+                wrong = start + next(i for i, (a, b) in enumerate(zip(chain, seen)) if a != b)
+                self._break(self.lead.sent.get(wrong))
+                return None
+            if len(chain) <= overlap:
+                self.lead.awaiting = False                # the branch lives: its next block is coming
+                return None                               # every position already decided
+        return overlap
 
     # -- leading and streaming ----------------------------------------------
     def can_lead(self) -> bool:
