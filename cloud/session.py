@@ -191,12 +191,9 @@ class Session:
                     q_sparse: list, want_bonus: bool) -> Step | None:
         """The pass that verifies one block (or several merged); None when the
         block needs no pass (stale epoch, or every position already led)."""
-        self.last_used = time.monotonic()
         lim = self.limits
-        if epoch < self.epoch:
+        if self._stale(epoch):
             return None
-        if epoch > self.epoch:
-            raise BadDraft(f"epoch {epoch} is ahead of the session's epoch {self.epoch}")
         self._check_ids(block)
         if fixed > len(block) or fixed > 1:
             raise BadDraft(f"fixed={fixed} is invalid for a block of {len(block)} tokens (at most 1)")
@@ -252,12 +249,9 @@ class Session:
         """The passes that verify a draft tree (blocks merged into one tree included);
         None when it needs none. q_sparse: per node the q it was drawn from (sampled;
         None for later siblings, drawn from their first sibling's q without it)."""
-        self.last_used = time.monotonic()
         lim = self.limits
-        if epoch < self.epoch:
+        if self._stale(epoch):
             return None
-        if epoch > self.epoch:
-            raise BadDraft(f"epoch {epoch} is ahead of the session's epoch {self.epoch}")
         self._check_ids(tree.tokens)
         if len(tree) > lim.max_draft:
             raise BadDraft(f"draft of {len(tree)} tokens exceeds the limit of {lim.max_draft}")
@@ -350,6 +344,13 @@ class Session:
             if first_q[parent].prob(x) <= 0.0:
                 raise BadDraft(f"tree node {i}: token {x} has q = 0 where it was drawn")
         return qs
+
+    def _stale(self, epoch: int) -> bool:
+        """A block of an older epoch is dropped unanswered; one from the future is an error."""
+        self.last_used = time.monotonic()
+        if epoch > self.epoch:
+            raise BadDraft(f"epoch {epoch} is ahead of the session's epoch {self.epoch}")
+        return epoch < self.epoch
 
     def _overlap(self, start: int, chain: list[int], may_overlap: bool) -> int | None:
         """How many of `chain`'s leading positions lead tokens already decided

@@ -23,7 +23,7 @@ from edge.model_files import shipped_gguf
 from kernels.sampling import SamplingConfig
 from kernels.tree import DraftTree
 from tests.conftest import PROMPTS
-from tests.test_speculative_greedy import assert_equal_to_reference
+from tests.test_speculative_greedy import assert_equal_to_reference, generate
 from tests.test_speculative_sampled import N_SAMPLES, SAMPLING, exact, pvalue  # noqa: F401 - fixture
 
 N_NEW = 32
@@ -63,15 +63,6 @@ def test_tree_nodes_logits_are_bit_identical_to_chain_decoding():
         target.close()
         ref.close()
 
-
-def generate(address, drafter, tokenizer, prompt, **cfg):
-    client = VerifierClient(address)
-    client.wait_ready()
-    try:
-        agent = Agent(client, drafter, tokenizer.fingerprint, tokenizer.n_vocab, tokenizer.eos)
-        return agent.generate(prompt, GenConfig(**cfg))
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("codec, prompts", [
