@@ -45,8 +45,34 @@ def test_resident_fp_equals_reference_model(tiny, ref):
     gm = GGUFModel(tiny)
     torch.manual_seed(0)
     toks = torch.randint(0, 49152, (12,))
-    want = MoETransformer(gm, max_ctx=64).forward(toks)[3:].numpy()
+    want = MoETransformer(gm, max_ctx=64, dtype=MoEDrafterConfig(model=tiny).dtype).forward(toks)[3:].numpy()
     np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_half_weights_are_exact_and_track_float32(tiny, tmp_path):
+    """Half keeps every weight of an F16 file bit-exact; only activations are
+    rounded at single-token products, so logits stay close to float32's."""
+    path = write_moe(tmp_path / "tiny-f16.gguf", SPEC, random_moe(SPEC, 49152, seed=3), shipped_gguf(),
+                     dtype=np.float16)
+    gm = GGUFModel(path)
+    full = MoETransformer(gm, max_ctx=64)
+    half = MoETransformer(gm, max_ctx=64, dtype=torch.float16)
+    for a, b in zip(full.layers, half.layers):
+        assert b.wqkv.dtype == torch.float16 and torch.equal(b.wqkv.float(), a.wqkv)
+    for layer in gm.cfg.moe_layers:
+        assert half.experts.gate_up[layer].dtype == torch.float16
+        assert torch.equal(half.experts.gate_up[layer].float(), full.experts.gate_up[layer])
+    # A float32 file's weights are not all float16 values: they stay float32.
+    assert MoETransformer(GGUFModel(tiny), max_ctx=8, dtype=torch.float16).layers[0].wo.dtype == torch.float32
+    torch.manual_seed(1)
+    toks = torch.randint(0, 49152, (16,))
+    ref = full.forward(toks)
+    prompt = half.forward(toks[:8])                      # rows > HALF_MAX_ROWS: float32 products
+    steps = torch.cat([half.forward(toks[i:i + 1]) for i in range(8, 16)])
+    got = torch.cat([prompt, steps])
+    rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    assert rel < 2e-2, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 def test_lru_fp_under_small_budget_is_exact_but_misses(tiny, ref):
@@ -84,13 +110,22 @@ def test_budget_below_one_token_is_a_clear_error(tiny):
         PolicyConfig.from_name("magic")
 
 
-def test_drafter_rollback_reproduces_logits(tiny):
-    d = MoEDrafter(MoEDrafterConfig(model=tiny, policy="dymoe", budget_pct=50, max_ctx=64))
+@pytest.mark.parametrize("half", [False, True])
+def test_drafter_rollback_reproduces_logits(tiny, tmp_path, half):
+    # Half rounds activations in few-row products only, so a position's
+    # logits depend on how it was chunked: compare like with like there.
+    model = tiny if not half else write_moe(tmp_path / "f16.gguf", SPEC, random_moe(SPEC, 49152, seed=3),
+                                             shipped_gguf(), dtype=np.float16)
+    d = MoEDrafter(MoEDrafterConfig(model=model, policy="dymoe", budget_pct=50, max_ctx=64, half=half))
     a = d.eval([1, 2, 3, 4, 5])
-    d.eval([6, 7])
+    b0 = d.eval([6, 7])
     d.truncate(5)
     assert d.n_past == 5
     b = d.eval([6, 7])
+    if half:
+        np.testing.assert_allclose(b, b0, atol=1e-5)
+        d.close()
+        return
     d.truncate(4)
     c = d.eval([5])
     np.testing.assert_allclose(a, c, atol=1e-5)

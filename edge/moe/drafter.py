@@ -30,7 +30,16 @@ class MoEDrafterConfig:
     # OpenMP workers of 2 threads wait on preempted peers; measured 10x
     # slower per token than 1 thread under load.
     threads: int = 1
-    working_copies: dict | None = None   # shared float32 copies (benchmark cells), see StoreConfig
+    working_copies: dict | None = None   # shared working copies (benchmark cells), see StoreConfig
+    # Weights computed in float16: exact for this file format, activations
+    # rounded at each product; resident-fp TPOT 40 -> see bench/moe.py.
+    # False: float32 throughout, as the calibration and the tests against
+    # llama.cpp run.
+    half: bool = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.half else torch.float32
 
 
 def floors_path(model: Path) -> Path:
@@ -55,7 +64,7 @@ def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExper
     gm = GGUFModel(cfg.model)
     policy = PolicyConfig.from_name(cfg.policy, load_floors(cfg.model, gm))
     store = ExpertStore(gm, StoreConfig(StorageProfile.from_name(cfg.storage), native=policy.native,
-                                        working_copies=cfg.working_copies))
+                                        working_copies=cfg.working_copies, dtype=cfg.dtype))
     total = store.total_fp_nbytes()
     if cfg.budget_mb is not None:
         if cfg.budget_mb <= 0:
@@ -68,7 +77,7 @@ def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExper
     else:
         budget = total
     experts = OffloadedExperts(gm, store, policy, budget)
-    return MoETransformer(gm, experts, max_ctx=cfg.max_ctx), experts
+    return MoETransformer(gm, experts, max_ctx=cfg.max_ctx, dtype=cfg.dtype), experts
 
 
 class MoEDrafter(Drafter):

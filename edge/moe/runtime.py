@@ -5,8 +5,8 @@ expert the layer needs it decides the precision (policy), uses a resident
 copy if good enough (hit), otherwise issues a demand read and waits (stall).
 Resident experts are computed while the missing ones are still loading.
 
-Working copies are kept dequantised to float32 for CPU matmuls (a stand-in
-for a fused low-bit kernel); the budget, the bytes read and the modelled I/O
+Working copies are kept dequantised (float16 in the drafter, float32 for
+reference checks) for CPU matmuls (a stand-in for a fused low-bit kernel); the budget, the bytes read and the modelled I/O
 time all use the packed low-bit size.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from edge.moe.cache import CacheConfig, ExpertCache
 from edge.moe.gguf_loader import GGUFModel
-from edge.moe.model import Experts, add_expert_one, add_expert_rows
+from edge.moe.model import Experts, add_in_order, expert_part, token_gates
 from edge.moe.policy import PolicyConfig, expert_requirements
 from edge.moe.prefetch import DEMAND, PREFETCH, IOQueue
 from edge.moe.store import FP, ExpertStore, ExpertWeights
@@ -179,30 +179,28 @@ class OffloadedExperts(Experts):
             self.cache.touch((layer, e))
         futs = self.io.submit_many(layer, missing, DEMAND, self.step)
         waiting = {e: (bits, f) for (e, bits), f in zip(missing, futs)}
-        out = torch.zeros_like(x)
-        # One token: its gate weight per expert, read once from the tensor.
-        gate_w = dict(zip(sel[0].tolist(), w[0].tolist())) if x.shape[0] == 1 else None
-        for e, ew in ready.items():
-            self._accumulate(out, layer, e, ew, x, sel, w, gate_w)
+        # Resident experts are computed while the missing ones still load;
+        # the parts are summed in the reference's order at the end.
+        gw = token_gates(sel, w)
+        parts = {e: self._part(layer, e, ew, x, sel, w, gw) for e, ew in ready.items()}
         for e, (bits, fut) in waiting.items():
             t0 = time.perf_counter()
             ew = fut.result()
             while ew is None or ew.bits < bits:      # a dropped or too-coarse prefetch
                 ew = self.io.submit(layer, e, bits, DEMAND, self.step).result()
             st.stall_s += time.perf_counter() - t0
-            self._accumulate(out, layer, e, ew, x, sel, w, gate_w)
+            parts[e] = self._part(layer, e, ew, x, sel, w, gw)
+        out = torch.zeros_like(x)
+        add_in_order(out, sel, parts)
         self.cache.pinned = set()
         if layer == self.gm.cfg.moe_layers[-1]:
             self.step += 1
         return out
 
-    def _accumulate(self, out, layer, e, ew: ExpertWeights, x, sel, w, gate_w) -> None:
-        if gate_w is not None:
-            add_expert_one(out, x, ew.gate_up, ew.down, gate_w[e])
-        else:
-            add_expert_rows(out, x, sel, w, e, ew.gate_up, ew.down)
+    def _part(self, layer, e, ew: ExpertWeights, x, sel, w, gw):
         bu = self.stats[layer].bits_used
         bu[ew.bits] = bu.get(ew.bits, 0) + 1
+        return expert_part(x, sel, w, e, ew.gate_up, ew.down, gw)
 
     # ---- reporting --------------------------------------------------------
     def summary(self) -> dict:

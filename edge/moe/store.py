@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from edge.moe.gguf_loader import GGUFModel, expert_to_f32
-from edge.moe.model import fuse_gate_up
+from edge.moe.model import compute_copy, fuse_gate_up
 from kernels import grid, quant
 
 FP = 16          # "full precision": whatever the file holds (F16/F32)
@@ -143,6 +143,10 @@ class StoreConfig:
     # they are), and on a loaded box it overran the modelled read time.
     # The modelled device time is charged either way. None: none kept.
     working_copies: dict | None = None
+    # Working copies' dtype, where it holds a record exactly (model.compute_copy):
+    # low-bit records are rounded through float16 (`working_copy`) and an
+    # F16 file's own values are float16, so half streams half the bytes.
+    dtype: torch.dtype = torch.float32
 
 
 class ExpertStore:
@@ -319,12 +323,12 @@ class ExpertStore:
                 yield ExpertWeights.fused(bits, nbytes, *ws), busy
 
     def _weights(self, layer: int, e: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down) float32 working copies of one expert at `bits`."""
+        """(gate_up, down) working copies of one expert at `bits` (`StoreConfig.dtype`)."""
         memo = self.cfg.working_copies
         if memo is None:
             return self._make_weights(layer, e, bits)
         key = (str(self.gm.path), self.cfg.group, layer, e,
-               tuple(self.matrix_bits(layer, k, bits) for k in KINDS))
+               tuple(self.matrix_bits(layer, k, bits) for k in KINDS), self.cfg.dtype)
         if key not in memo:
             memo[key] = self._make_weights(layer, e, bits)
         return memo[key]
@@ -335,7 +339,8 @@ class ExpertStore:
             b = self.matrix_bits(layer, kind, bits)
             out.append(torch.from_numpy(expert_to_f32(*self.gm.expert_raw(layer, kind, e)).copy())
                        if b == FP else working_copy(self._quantised(layer, e, b)[i]))
-        return fuse_gate_up(out[0], out[1]), out[2]
+        return (compute_copy(fuse_gate_up(out[0], out[1]), self.cfg.dtype),
+                compute_copy(out[2].contiguous(), self.cfg.dtype))
 
     def resident_copy(self, layer: int, e: int, bits: int) -> ExpertWeights:
         """Weights without any device charge (for warm starts and references)."""
