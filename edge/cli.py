@@ -81,7 +81,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--require-cloud", action="store_true",
                     help="fail (exit 3) when the verifier is unreachable or lost, instead of going on edge-only "
                          "with the draft model (marked in the output and warned on stderr) until it is back")
-    ap.add_argument("--token", help="bearer token for the verifier")
+    ap.add_argument("--token-file", type=Path, metavar="FILE",
+                    help="file holding the verifier's bearer token (default: $TANDEM_TOKEN if set)")
+    ap.add_argument("--token", help="the same with TOKEN on the command line (visible in ps: prefer --token-file "
+                                    "or $TANDEM_TOKEN)")
     ap.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
     ap.add_argument("--threads", type=int, default=2, help="draft model threads (default: %(default)s)")
     try:
@@ -89,6 +92,19 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         add_drafter_args(ap)
     except ImportError:
         pass
+
+
+def verifier_client(a):
+    """The verifier's client from --cloud, the token (--token-file, --token or
+    $TANDEM_TOKEN, as the verifier reads its own) and --tls-ca."""
+    from cloud.auth import StartupError, load_token
+    from edge.client import VerifierClient
+    try:
+        token = load_token(a.token_file, a.token,
+                           warn=lambda msg: print(f"edge-agent: warning: {msg}", file=sys.stderr))
+    except StartupError as e:
+        raise ValueError(str(e)) from None
+    return VerifierClient(a.cloud, token=token, tls_ca=a.tls_ca.read_bytes() if a.tls_ca else None)
 
 
 def build_config(a) -> GenConfig:
@@ -116,7 +132,7 @@ def build_drafter(a):
 
 def run_generate(a) -> int:
     from edge.agent import Agent
-    from edge.client import CloudError, VerifierClient
+    from edge.client import CloudError
     from edge.llama_model import Tokenizer
     cfg = build_config(a)
     drafter, vocab_path = build_drafter(a)
@@ -124,7 +140,7 @@ def run_generate(a) -> int:
     prompt = tok.encode(a.prompt, raw=a.raw)
     client = None
     if cfg.mode != "edge-only":
-        client = VerifierClient(a.cloud, token=a.token, tls_ca=a.tls_ca.read_bytes() if a.tls_ca else None)
+        client = verifier_client(a)
         if drafter is None or cfg.require_cloud:
             client.wait_ready()       # with a drafter the agent serves edge-only until the verifier answers
     agent = Agent(client, drafter, tok.fingerprint, tok.n_vocab, tok.eos)

@@ -7,6 +7,7 @@ them), and the end-to-end refusals against the real cloud-verifier process.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import grpc
@@ -314,3 +315,32 @@ def test_mutual_tls_refuses_clients_without_a_certificate(pki, tokenizer):
         ok.close()
     finally:
         d.stop()
+
+
+def edge_generate(*args: str, env=None) -> subprocess.CompletedProcess:
+    import os
+    environ = {k: v for k, v in os.environ.items() if k != "TANDEM_TOKEN"}
+    return subprocess.run([sys.executable, "-m", "edge.cli", "generate", "--mode", "cloud-only", "--raw",
+                           "--max-tokens", "4", "--ignore-eos", "--json", *args, "Hello"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180, env={**environ, **(env or {})})
+
+
+def test_edge_reads_its_token_from_a_file_or_the_environment(token_verifier, tmp_path):
+    """The edge takes the token as the verifier does, so it never has to sit in `ps`."""
+    f = tmp_path / "token"
+    f.write_text(TOKEN + "\n")
+    cloud = ("--cloud", token_verifier.address)
+    by_file = edge_generate(*cloud, "--token-file", str(f))
+    assert by_file.returncode == 0, by_file.stderr
+    assert "visible" not in by_file.stderr
+    by_env = edge_generate(*cloud, env={"TANDEM_TOKEN": TOKEN})
+    assert by_env.returncode == 0, by_env.stderr
+    tokens = [json.loads(r.stdout)["tokens"] for r in (by_file, by_env)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 4          # greedy (T=0): the same tokens either way
+    none = edge_generate(*cloud)
+    assert none.returncode == 3 and "UNAUTHENTICATED" in none.stderr.upper(), none.stderr
+    assert TOKEN not in none.stderr
+    missing = edge_generate(*cloud, "--token-file", str(tmp_path / "absent"))
+    assert missing.returncode == 2 and "cannot read --token-file" in missing.stderr, missing.stderr
+    both = edge_generate(*cloud, "--token-file", str(f), "--token", TOKEN)
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr

@@ -131,7 +131,7 @@ class VerifierLink:
 
 def run_serve(a) -> int:
     from edge.agent import Agent
-    from edge.client import VerifierClient
+    from edge.cli import verifier_client
     from edge.llama_model import Tokenizer
     from edge.serve.engine import Engine
     from edge.serve.metrics import Metrics
@@ -142,7 +142,7 @@ def run_serve(a) -> int:
     tok = Tokenizer(vocab_path)
     client = link = None
     if base.mode != "edge-only":
-        client = VerifierClient(a.cloud, token=a.token, tls_ca=a.tls_ca.read_bytes() if a.tls_ca else None)
+        client = verifier_client(a)
         link = VerifierLink(client, tok)
         if link.learn_target():
             log.info("verifier %s serves %s", a.cloud, link.target["target"])
