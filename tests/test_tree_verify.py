@@ -127,7 +127,7 @@ def test_bad_trees_are_refused_and_the_verifier_keeps_serving(cloud, tokenizer, 
     from kernels.tree import pack_parents
     from proto import tandem_pb2 as pb
     from proto import tandem_pb2_grpc as pb_grpc
-    from tests.test_verifier_errors import assert_serving, expect, open_session, speculate
+    from tests.test_verifier_errors import assert_serving, expect, speculate
     ch = grpc.insecure_channel(cloud.address)
     s = pb_grpc.VerifierStub(ch)
     try:

@@ -51,7 +51,6 @@ def chatml(prompt: str) -> str:
 
 
 def _generate(llm, prompt: str, n: int, temperature: float, seed: int) -> list[int]:
-    import llama_cpp  # noqa: F401  (sampler lives on the Llama object)
     toks = llm.tokenize(chatml(prompt).encode(), add_bos=False, special=True)
     llm.reset()
     out = list(toks)

@@ -142,7 +142,6 @@ def balanced_kmeans(feat: torch.Tensor, k: int, iters: int, gen: torch.Generator
 def train_router(x: torch.Tensor, gain: torch.Tensor, k: int, steps: int) -> torch.Tensor:
     """Linear router (E, D) whose top-k matches the k experts with the largest
     error reduction `gain` (N, E) for each token."""
-    E = gain.shape[1]
     target = torch.zeros_like(gain).scatter_(1, gain.topk(k, dim=1).indices, 1.0)
     # Start from the least-squares fit of the gains, then sharpen with BCE on the labels.
     xs = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
