@@ -2,11 +2,13 @@
 
 Every (policy, budget, storage) cell runs the same teacher-forced decode on
 held-out target text: prefill a prompt (TTFT: the median of 3 runs, each
-from a fresh runtime's warm start), then one token at a time (TPOT). Agreement is top-1 against `resident-fp` (the same MoE, all experts
-in memory at full precision) on every scored position, prompt and decode,
-of every held-out text (8 texts, ~490 positions; `top1_agreement_timed_text`
+from a fresh runtime's warm start), then one token at a time (TPOT).
+Agreement is top-1 against `resident-fp` (the same MoE, all experts in
+memory at full precision) on every scored position, prompt and decode, of
+every held-out text (8 texts, ~490 positions; `top1_agreement_timed_text`
 and `top1_agreement_decode`: the timed text's positions, and its decode
-positions only); perplexity on the timed text's answer tokens. Storage latency is modelled (see edge/moe/store.py); the
+positions only); perplexity on the timed text's answer tokens. Storage
+latency is modelled (see edge/moe/store.py); the
 low-bit expert images are built once beforehand (`edge-agent moe-calibrate`
 or the first run), not inside a timed cell.
 """

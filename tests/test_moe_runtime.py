@@ -73,6 +73,37 @@ def test_half_weights_are_exact_and_track_float32(tiny, tmp_path):
     rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     assert rel < 2e-2, rel
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    # The store's copies follow the same rule (decided by the file's type, not compared).
+    for tensors, f32 in ((path, False), (tiny, True)):
+        store = ExpertStore(GGUFModel(tensors), StoreConfig(StorageProfile.from_name("none"), dtype=torch.float16))
+        gate_up, down = store.resident_copy(0, 1, 16).gate_up, store.resident_copy(0, 1, 4).down
+        assert gate_up.dtype == (torch.float32 if f32 else torch.float16) and down.dtype == torch.float16
+    ours = MoETransformer(gm, max_ctx=8, dtype=torch.float16).experts.gate_up[0][1]
+    assert torch.equal(ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), dtype=torch.float16))
+                       .resident_copy(0, 1, 16).gate_up, ours)
+
+
+def test_half_offloaded_lossless_policy_is_bit_identical_to_resident(tmp_path):
+    """Experts are summed in the reference's order whichever arrived first, so an
+    on-demand policy reading the same weights gives the very same logits."""
+    # Four and eight experts a token: with two, either order gives the same sum.
+    spec = MoESpec("llama", 3, 64, 4, 2, 16, 8, 64, [8, 4, 4])
+    path = write_moe(tmp_path / "f16.gguf", spec, random_moe(spec, 49152, seed=3), shipped_gguf(),
+                     dtype=np.float16)
+    torch.manual_seed(2)
+    toks = torch.randint(0, 49152, (24,)).tolist()
+
+    def logits(policy, pct):
+        d = MoEDrafter(MoEDrafterConfig(model=path, policy=policy, budget_pct=pct, max_ctx=64))
+        out = [d.eval(toks[:16])] + [d.eval([t]) for t in toks[16:]]     # a prompt, then single tokens
+        stats = d.stats()
+        d.close()
+        return np.stack(out), stats
+
+    resident, _ = logits("resident-fp", 100)
+    lru, st = logits("lru-fp", 50)
+    assert st["total"]["misses"] > 0
+    assert np.array_equal(lru, resident)
 
 
 def test_lru_fp_under_small_budget_is_exact_but_misses(tiny, ref):

@@ -108,7 +108,7 @@ def add_experts(out: torch.Tensor, x: torch.Tensor, sel: torch.Tensor, w: torch.
     (gate_up, down). One token: a plain loop over its chosen experts. A
     batch: each expert runs once on its tokens."""
     gw = token_gates(sel, w)
-    experts = sel[0].tolist() if gw else sel.unique().tolist()
+    experts = sel[0].tolist() if gw is not None else sel.unique().tolist()
     add_in_order(out, sel, {e: expert_part(x, sel, w, e, *weights_of(e), gw) for e in experts})
 
 

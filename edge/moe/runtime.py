@@ -6,8 +6,9 @@ copy if good enough (hit), otherwise issues a demand read and waits (stall).
 Resident experts are computed while the missing ones are still loading.
 
 Working copies are kept dequantised (float16 in the drafter, float32 for
-reference checks) for CPU matmuls (a stand-in for a fused low-bit kernel); the budget, the bytes read and the modelled I/O
-time all use the packed low-bit size.
+reference checks) for CPU matmuls (a stand-in for a fused low-bit kernel);
+the budget, the bytes read and the modelled I/O time all use the packed
+low-bit size.
 """
 from __future__ import annotations
 

@@ -44,11 +44,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
 from edge.moe.gguf_loader import GGUFModel, expert_to_f32
-from edge.moe.model import compute_copy, fuse_gate_up
+from edge.moe.model import fuse_gate_up
 from kernels import grid, quant
 
 FP = 16          # "full precision": whatever the file holds (F16/F32)
@@ -143,7 +144,7 @@ class StoreConfig:
     # they are), and on a loaded box it overran the modelled read time.
     # The modelled device time is charged either way. None: none kept.
     working_copies: dict | None = None
-    # Working copies' dtype, where it holds a record exactly (model.compute_copy):
+    # Working copies' dtype, where it holds a record exactly (see `_make_weights`):
     # low-bit records are rounded through float16 (`working_copy`) and an
     # F16 file's own values are float16, so half streams half the bytes.
     dtype: torch.dtype = torch.float32
@@ -334,13 +335,21 @@ class ExpertStore:
         return memo[key]
 
     def _make_weights(self, layer: int, e: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every read makes these when no copies are shared (the drafter), so
+        # whether `dtype` holds a matrix exactly is known from its kind, not
+        # compared: low-bit records are rounded through float16 by
+        # `working_copy`, and an F16 file's values are float16 values; other
+        # full-precision types stay float32.
         out = []
         for i, kind in enumerate(KINDS):
             b = self.matrix_bits(layer, kind, bits)
-            out.append(torch.from_numpy(expert_to_f32(*self.gm.expert_raw(layer, kind, e)).copy())
-                       if b == FP else working_copy(self._quantised(layer, e, b)[i]))
-        return (compute_copy(fuse_gate_up(out[0], out[1]), self.cfg.dtype),
-                compute_copy(out[2].contiguous(), self.cfg.dtype))
+            if b == FP:
+                raw, ttype = self.gm.expert_raw(layer, kind, e)
+                w = torch.from_numpy(expert_to_f32(raw, ttype).copy())
+                out.append(w.to(self.cfg.dtype) if ttype == gguf.GGMLQuantizationType.F16 else w)
+            else:
+                out.append(working_copy(self._quantised(layer, e, b)[i]).to(self.cfg.dtype))
+        return fuse_gate_up(out[0], out[1]), out[2].contiguous()
 
     def resident_copy(self, layer: int, e: int, bits: int) -> ExpertWeights:
         """Weights without any device charge (for warm starts and references)."""
