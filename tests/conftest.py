@@ -1,6 +1,8 @@
 """Shared fixtures: the real verifier, the real link simulator, the real models."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,29 @@ PROMPTS = [
     "What should I pack for a weekend camping trip?",
     "Compose a short thank-you note to a teacher.",
 ]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """A real mosquitto on a loopback port, one per test module (tests may kill and
+    restart it); skipped where mosquitto is not installed."""
+    from bench.procs import Mosquitto
+    try:
+        b = Mosquitto(tmp_path_factory.mktemp("mqtt"))
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    yield b
+    b.stop()
+
+
+def wait_for(cond, what: str = "", timeout_s: float = 120.0) -> None:
+    """Poll `cond` until it holds. The deadline only bounds how long a failure
+    takes to report, so it is generous: a slow, loaded machine still passes."""
+    end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.02)
 
 
 @pytest.fixture(autouse=True, scope="session")

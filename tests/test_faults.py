@@ -25,7 +25,7 @@ from edge.client import VerifierClient
 from edge.config import GenConfig
 from edge.reconnect import Backoff
 from sim.link.control import send_command
-from tests.conftest import PROMPTS, first_divergence
+from tests.conftest import PROMPTS, first_divergence, wait_for
 
 TIE = 1e-3
 FAST = Backoff(base_s=0.05, max_s=0.2)       # the edge re-probes at least every 0.2 s in these tests
@@ -39,14 +39,6 @@ def free_port() -> int:
 
 def cloud_on(port: int) -> Daemon:
     return Daemon("cloud.cli", ["--listen", f"127.0.0.1:{port}", "--threads", "1"], "cloud-verifier listening on")
-
-
-def wait_for(cond, what: str, timeout_s: float = 120.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def check_completion(c, log: list[int], prompt: list[int], reference, n: int) -> list[dict]:

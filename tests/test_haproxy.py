@@ -12,8 +12,8 @@ import pytest
 from deploy.replicas import ReplicaSet, haproxy_missing
 from edge.agent import Agent
 from edge.client import VerifierClient
-from tests.conftest import PROMPTS
-from tests.test_faults import FAST, check_completion, free_port, spec_config, wait_for
+from tests.conftest import PROMPTS, wait_for
+from tests.test_faults import FAST, check_completion, free_port, spec_config
 
 pytestmark = pytest.mark.slow
 

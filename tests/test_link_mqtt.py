@@ -2,10 +2,7 @@
 
 import asyncio
 import json
-import os
-import shutil
 import socket
-import subprocess
 import time
 
 import pytest
@@ -61,35 +58,15 @@ def test_runs_on_without_a_broker():
     assert json.loads(out.strip().splitlines()[-1])["final"] is True
 
 
-@pytest.fixture
-def broker(tmp_path):
-    exe = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
-    if exe is None:
-        pytest.skip("mosquitto not installed (apt-get install mosquitto)")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=5)
-
-
 def test_conditions_change_over_mqtt(broker):
     import aiomqtt
 
     with socket.create_server(("127.0.0.1", 0)) as up:
-        link = LinkSimProcess(up.getsockname(), "--profile", "lan", "--mqtt", f"127.0.0.1:{broker}", "--name", "t1")
+        link = LinkSimProcess(up.getsockname(), "--profile", "lan", "--mqtt", f"127.0.0.1:{broker.port}", "--name", "t1")
         set_topic, state_topic = topics("t1")
 
         async def main():
-            async with aiomqtt.Client("127.0.0.1", broker) as client:
+            async with aiomqtt.Client("127.0.0.1", broker.port) as client:
                 await client.subscribe(state_topic)
                 replies = []
 

@@ -1,19 +1,7 @@
 """The verifier's retained MQTT status and its last will, on a real mosquitto."""
-import pytest
-
-from bench.procs import Mosquitto, start_cloud
+from bench.procs import start_cloud
 from cloud.status import status_topic
 from tests.test_mqtt_telemetry import Subscriber
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    try:
-        b = Mosquitto(tmp_path_factory.mktemp("mqtt"))
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield b
-    b.stop()
 
 
 def test_status_is_retained_and_the_last_will_fires_on_sigkill(broker):

@@ -7,20 +7,9 @@ import socket
 import time
 import urllib.request
 
-import pytest
-
-from bench.procs import Mosquitto, start_serve
+from bench.procs import start_serve
 from edge.telemetry import FIELDS, telemetry_topic
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    try:
-        b = Mosquitto(tmp_path_factory.mktemp("mqtt"))
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield b
-    b.stop()
+from tests.conftest import wait_for
 
 
 class Subscriber:
@@ -66,15 +55,6 @@ def metric(address: str, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[-1])
     raise KeyError(name)
-
-
-def wait_for(cond, timeout_s: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_telemetry_has_the_documented_schema(broker, wan):

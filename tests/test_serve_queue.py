@@ -10,11 +10,11 @@ import http.client
 import json
 import socket
 import threading
-import time
 
 import pytest
 
 from bench.procs import start_serve
+from tests.conftest import wait_for
 
 LONG = 1500            # tokens of the request that is cut short: >= 19 s at the emulated device's pace
 
@@ -40,15 +40,6 @@ def post(address: str, path: str, body: dict, timeout: float = 120):
     conn = http.client.HTTPConnection(*address.split(":"), timeout=timeout)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     return conn, conn.getresponse()
-
-
-def wait_for(cond, timeout_s: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
