@@ -112,6 +112,19 @@ def test_quantize_dist_matches_reference_on_random_inputs():
         assert dict(zip(d.ids.tolist(), d.weights.tolist())) == want, (bits, top_k)
 
 
+def test_quantize_dist_matches_reference_on_a_vocabulary_mostly_zero():
+    # What top-p leaves: a few non-zero entries in a 49k vocabulary, with ties at the top-k
+    # boundary and fewer non-zero entries than top_k.
+    rng = np.random.default_rng(5)
+    for n_nz, top_k in [(40, 16), (16, 16), (9, 16), (200, 16), (40, 1)]:
+        p = np.zeros(49152)
+        ids = rng.choice(p.size, n_nz, replace=False)
+        p[ids] = rng.choice([1.0, 2.0, 3.0, 0.5], n_nz)       # few distinct values: many ties
+        p /= p.sum()
+        d = quantize_dist(p, bits=8, top_k=top_k)
+        assert dict(zip(d.ids.tolist(), d.weights.tolist())) == ref_quantize(p, 8, top_k), (n_nz, top_k)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 8, 12, 16, 24])
 @pytest.mark.parametrize("top_k", [None, 1, 4, 40])
 def test_quantize_dist_invariants(bits, top_k):
