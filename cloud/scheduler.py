@@ -47,6 +47,7 @@ class Step:
     future: Future = field(default_factory=Future)
     done: int = 0                               # tokens evaluated so far (chunked prefill)
     copy_from: int | None = None                # tree branch: start from a copy of that sequence (cloud/target.py)
+    after: "Step | None" = None                 # ... taken once that step's tokens are in (its pass or before)
     charged: int | None = None                  # tokens an emulated target charges (None: all of them)
     rows: list = field(default_factory=list)    # logits gathered so far
     queued_at: float = field(default_factory=time.monotonic)
@@ -134,6 +135,7 @@ class Scheduler:
                 q.popleft()
             return [(s, n)]
         taken: list[tuple[Step, int]] = []
+        taken_ids: set[int] = set()
         left = self.budget
         seqs: set[int] = set()
         waiting_prefill = any(s.prefill for s in q)
@@ -145,10 +147,13 @@ class Scheduler:
                     break                           # nothing overtakes housekeeping
                 if s.prefill != want_prefill or s.seq in seqs:
                     continue
+                if s.after is not None and s.after.done < len(s.after.tokens) and id(s.after) not in taken_ids:
+                    continue                        # its copy's source is not written yet
                 n = self._chunk(s, room)
                 if n <= 0 and len(s.tokens) > 0:
                     continue
                 taken.append((s, n))
+                taken_ids.add(id(s))
                 seqs.add(s.seq)
                 room -= n
                 left -= n
@@ -176,13 +181,21 @@ class Scheduler:
                                 max(0, min(n, s.done + n - first_row)), copy_from=s.copy_from))
         with Hold(self.emulate if n_tokens else None, n_charged):
             try:
-                live = [c for c, (s, _) in zip(chunks, batch) if s.seq >= 0 and c.tokens]
-                rows = iter(self.target.decode(live) if live else [])
+                # Branches copied from a sequence this pass writes go in a second decode, after
+                # it: they then evaluate their own nodes only, not the path they share with it.
+                # One pass to the emulated target either way (a tree mask would do it in one).
+                live = [(c, s.after is not None) for c, (s, _) in zip(chunks, batch) if s.seq >= 0 and c.tokens]
+                out = {}
+                for second in (False, True):
+                    part = [c for c, late in live if late == second]
+                    out.update(zip(map(id, part), self.target.decode(part) if part else []))
+                rows = iter([out[id(c)] for c, _ in live])
             except Exception as e:  # noqa: BLE001 - a failed pass fails its steps, not the loop
                 log.warning("pass of %d tokens failed: %s", n_tokens, e)
                 for s, _ in batch:
                     _resolve(s.future, e)
                 return
+            self.passes += 1                        # before any step resolves: a caller then sees it
             for (s, n), c in zip(batch, chunks):
                 if s.seq >= 0 and c.tokens:
                     s.rows.append(next(rows))
@@ -199,7 +212,6 @@ class Scheduler:
                     _resolve(s.future, e)
                 else:
                     _resolve(s.future, result, ok=True)
-        self.passes += 1
         if n_tokens:
             self.on_pass(PassStats(n_tokens, len(batch), time.monotonic() - t0))
 

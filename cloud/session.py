@@ -32,8 +32,10 @@ prefix ends and the target cuts the rest.
 
 Draft trees (kernels/tree.py) become `TreeWork`: the session's own step
 evaluates the lag and the main chain, and each branch off the main chain is
-evaluated from a copy of the session's sequence in a scratch sequence (one
-chain each, so every node's logits are those of its path decoded alone). The
+evaluated in a scratch sequence copied from the session's once the main chain
+is in it (later in the same pass), from the depth where the branch forks: its
+own nodes only, each a chain evaluation, so every node's logits are those of
+its path decoded alone. The
 accepted path is the longest the target takes (greedy: argmax at every node;
 sampled: recursive rejection sampling over siblings); the main-chain part of
 it stays in the session's sequence, an accepted branch node is re-evaluated
@@ -285,20 +287,26 @@ class Session:
         keep = lambda rows: rows                          # noqa: E731 - rows go to finish() below
         own = self._step(lag + [tree.tokens[i] for i in main_idx], len(main_idx) + (1 if lag else 0), keep,
                          chunkable=False)
-        off_main = set(range(len(tree))) - set(main_idx)
+        on_main = set(main_idx)
+        off_main = set(range(len(tree))) - on_main
         steps = [own]
+        forks = []                                        # per branch: the depth where it leaves the main chain
         for k, path in enumerate(branches):
+            f = next(d for d, i in enumerate(path) if i not in on_main)
+            forks.append(f)
             new = [i for i in path if i in off_main]        # each off-main node is charged once
             off_main -= set(new)
-            steps.append(Step(scratch[k % len(scratch)], self.n_past, lag + [tree.tokens[i] for i in path],
-                              len(path), keep, copy_from=self.seq, charged=len(new)))
+            # copied from the session's sequence once the main chain is in it, so the branch
+            # evaluates only its own nodes, from the depth where it forks
+            steps.append(Step(scratch[k % len(scratch)], p0 + f, [tree.tokens[i] for i in path[f:]],
+                              len(path) - f, keep, copy_from=self.seq, charged=len(new), after=own))
 
         def finish(rows_list: list[np.ndarray]) -> VerdictData:
             own_rows = rows_list[0]
             root = own_rows[0] if lag else self.pending
             row = dict(zip(main_idx, own_rows[1:] if lag else own_rows))
-            for path, rows in zip(branches, rows_list[1:]):
-                for i, r in zip(path, rows):
+            for path, f, rows in zip(branches, forks, rows_list[1:]):
+                for i, r in zip(path[f:], rows):
                     row.setdefault(i, r)
             rows = [root] + [row[i] for i in range(len(tree))]
             if not sampled:

@@ -1,7 +1,8 @@
 """Draft trees end to end: exact logits, the target's own greedy output, the target's distribution.
 
 - Tree nodes' logits, evaluated by the verifier's scheduler (the main chain in the session's
-  sequence, each branch in a scratch sequence copied from it in the same pass), are bit-identical
+  sequence, each branch in a scratch sequence copied from it once the main chain is in, evaluating
+  its own nodes from its fork), are bit-identical
   to the same positions decoded as a chain, one token at a time.
 - Greedy picospec with a tree on every block (`--tree always`) equals the target's greedy output
   on the foundation's prompts, with siblings really taken by the verifier.
@@ -50,14 +51,31 @@ def test_tree_nodes_logits_are_bit_identical_to_chain_decoding():
         tree = DraftTree((501, 502, 503, 504, 777, 888, 999), (-1, 0, 1, 2, 1, -1, 5))
         main = [tree.tokens[i] for i in tree.main_chain()]
         paths = [tree.path_to(leaf) for leaf in tree.leaves_off_main()]
-        futs = [sched.submit(Step(0, n, main, len(main), lambda r: r))]
-        futs += [sched.submit(Step(1 + k, n, [tree.tokens[i] for i in p], len(p), lambda r: r, copy_from=0))
-                 for k, p in enumerate(paths)]
-        rows = [f.result() for f in futs]
-        assert sched.passes >= 3 and len(paths) == 2
-        assert np.array_equal(rows[0], chain(prompt + main)[n:])
-        for p, r in zip(paths, rows[1:]):
-            assert np.array_equal(r, chain(prompt + [tree.tokens[i] for i in p])[n:]), f"branch {p}"
+        forks = [next(d for d, i in enumerate(p) if i not in tree.main_chain()) for p in paths]
+        assert len(paths) == 2 and forks == [2, 0]
+
+        def check(branches_first: bool) -> int:
+            """As the verifier does it: each branch copies the session's sequence once the main
+            chain is in it and evaluates its own nodes from its fork. Returns the passes taken."""
+            own = Step(0, n, main, len(main), lambda r: r)
+            branches = [Step(1 + k, n + f, [tree.tokens[i] for i in p[f:]], len(p) - f, lambda r: r,
+                             copy_from=0, after=own) for k, (p, f) in enumerate(zip(paths, forks))]
+            before = sched.passes
+            sched.submit_many(branches + [own] if branches_first else [own] + branches)
+            assert np.array_equal(own.future.result(), chain(prompt + main)[n:])
+            for p, f, b in zip(paths, forks, branches):
+                assert np.array_equal(b.future.result(), chain(prompt + [tree.tokens[i] for i in p])[n + f:]), \
+                    f"branch {p}"
+            return sched.passes - before
+
+        # In one pass: the branches' copies must wait for a second decode, after the main chain.
+        assert check(branches_first=False) == 1
+        # Queued before their source: held back to the next pass.
+        assert check(branches_first=True) == 2
+        # A branch copied at the start of a pass evaluates its whole path.
+        whole = sched.submit(Step(3, n, [tree.tokens[i] for i in paths[0]], len(paths[0]), lambda r: r,
+                                  copy_from=0))
+        assert np.array_equal(whole.result(), chain(prompt + [tree.tokens[i] for i in paths[0]])[n:])
     finally:
         sched.stop()
         target.close()
