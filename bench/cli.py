@@ -5,7 +5,8 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"spec": "bench.spec", "moe": "bench.moe", "link": "bench.link", "load": "bench.load", "serve": "bench.serve"}
+SUITES = {"spec": "bench.spec", "accept": "bench.accept", "moe": "bench.moe", "link": "bench.link",
+          "load": "bench.load", "serve": "bench.serve"}
 # `tandem-bench report` gathers what the suites wrote; `all` runs it last.
 REPORT = "bench.report"
 

@@ -44,6 +44,7 @@ from kernels.sparse import SparseDist
 
 __all__ = [
     "DraftTree",
+    "accept_probability",
     "accept_greedy",
     "main_length",
     "merge_chained",
@@ -321,3 +322,36 @@ def race_draws(q: SparseDist, keys: np.ndarray, k: int) -> list[int]:
         raise ValueError(f"need one key per entry: {np.shape(keys)} keys for {q.ids.size} entries")
     order = np.argsort(-(q.weights / np.asarray(keys, dtype=np.float64)), kind="stable")
     return [int(q.ids[i]) for i in order[:k]]
+
+
+def accept_probability(p: np.ndarray, q: SparseDist, k: int) -> float:
+    """P(a node with k children, drawn without replacement from q, passes one of them on to the
+    target) under `accept_sampled`'s scheme: the per-position acceptance a node of width k has
+    (k = 1: the chain's sum(min(p, q))). What trees can gain at all, measured without a tree.
+
+    Exact: the residual after a rejection, norm(max(0, p_i - q_i)), does not depend on which
+    child was rejected, so one residual per depth serves every order of draws."""
+    p = np.asarray(p, dtype=np.float64)
+    ids, w = q.ids, q.weights.astype(np.float64)
+
+    def node(p_i: np.ndarray, live: np.ndarray, depth: int) -> float:
+        mass = w[live].sum()
+        if depth == 0 or not mass > 0.0:
+            return 0.0
+        q_i = w[live] / mass
+        take = np.minimum(1.0, p_i[ids[live]] / q_i)
+        out = float(np.dot(q_i, take))
+        if depth > 1:
+            r = p_i.copy()
+            r[ids[live]] = np.maximum(r[ids[live]] - q_i, 0.0)
+            z = r.sum()
+            if z > 0.0:
+                for j in np.flatnonzero(take < 1.0):
+                    rest = live.copy()
+                    rest[np.flatnonzero(live)[j]] = False
+                    out += q_i[j] * (1.0 - take[j]) * node(r / z, rest, depth - 1)
+        return out
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k!r}")
+    return node(p, np.ones(ids.size, dtype=bool), k)

@@ -12,8 +12,8 @@ from kernels.rejection import residual_probs, sample_residual
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TARGET, race_keys, race_sample_at,
                               rng_for, sample)
 from kernels.sparse import SparseDist, quantize_dist
-from kernels.tree import (DraftTree, accept_greedy, accept_sampled, main_length, merge_chained, pack_parents,
-                          race_draws, unpack_parents)
+from kernels.tree import (DraftTree, accept_greedy, accept_probability, accept_sampled, main_length,
+                          merge_chained, pack_parents, race_draws, unpack_parents)
 from tests.test_kernels_sampling import assert_samples_match, chi2_pvalue, random_probs
 
 # A tree of 7 nodes below the root (depth-first, first children first):
@@ -139,6 +139,44 @@ def test_recursive_rejection_outputs_p_exactly(seed, v, k):
     p = random_probs(rng, v, zeros=1)
     q = random_probs(rng, v, skew=0.5)
     np.testing.assert_allclose(exact_node_output(p, q, k), p, atol=1e-12)
+
+
+def exact_accept(p: np.ndarray, q: np.ndarray, k: int) -> float:
+    """Slow reference for accept_probability: the mass of every ordered draw of k distinct
+    children from q that ends with one of them accepted, by plain enumeration."""
+    total = 0.0
+    support = [t for t in range(p.size) if q[t] > 0]
+    for kids in itertools.permutations(support, min(k, len(support))):
+        w, left = 1.0, 1.0
+        for x in kids:
+            w *= q[x] / left
+            left -= q[x]
+        pi, qi, reach = p.copy(), q.copy(), 1.0
+        for x in kids:
+            a = min(1.0, pi[x] / qi[x])
+            total += w * reach * a
+            reach *= 1.0 - a
+            pi = residual_probs(pi, qi)
+            qi = qi.copy()
+            qi[x] = 0.0
+            if qi.sum() == 0:
+                break
+            qi /= qi.sum()
+    return total
+
+
+@pytest.mark.parametrize("seed, v, k", [(0, 4, 1), (1, 5, 2), (2, 6, 3), (3, 4, 4), (4, 7, 2), (5, 3, 3)])
+def test_accept_probability_matches_enumeration(seed, v, k):
+    rng = np.random.default_rng(seed)
+    p = random_probs(rng, v, zeros=1)
+    q = quantize_dist(random_probs(rng, v, skew=0.5), bits=16)
+    dense = q.dense(v)
+    want = exact_accept(p, dense, k)
+    assert accept_probability(p, q, k) == pytest.approx(want, abs=1e-12)
+    if k == 1:
+        assert want == pytest.approx(np.minimum(p, dense).sum(), abs=1e-12)
+    # a wider node never accepts less
+    assert accept_probability(p, q, k + 1) >= accept_probability(p, q, k) - 1e-12
 
 
 def test_enumeration_catches_a_scheme_that_keeps_testing_against_p():
