@@ -179,8 +179,12 @@ class VerifierService(pb_grpc.VerifierServicer):
         if request.ignore_eos:
             sess.eos = None
         sess.streams += 1                  # nothing may free it while it prefills
+        lead = {}
         try:
             await self._run(sess.prefill_step(prompt))
+            if request.lead_in_reply and sess.can_lead():
+                # the prefill's last row already holds its distribution: no pass
+                lead["lead_token"] = (await self._run(sess.lead_step())).token
         except BadDraft as e:
             self._release(sess)
             await self._refuse(context, grpc.StatusCode.OUT_OF_RANGE if isinstance(e, ContextFull)
@@ -198,7 +202,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                             max_draft=self.cfg.max_draft, target=self.target_label, emulated=self.emulate is not None,
                             ar_token_s=self.ar_token_s, verify_a_s=self.pass_a_s, verify_b_s=self.pass_b_s,
                             p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail, tree_branches=len(self.scratch),
-                            server_s=time.monotonic() - t_open, accepts_prompt_zstd=True)
+                            server_s=time.monotonic() - t_open, accepts_prompt_zstd=True, **lead)
 
     # -- Speculate -------------------------------------------------------------
     async def Speculate(self, request_iterator, context):

@@ -209,6 +209,8 @@ class Agent:
         spec = Speculator(stream, self.drafter, prompt, cfg, codec, reply.token_width, self.eos, planner,
                           device, emit, stats, t0, logits, tree_branches=reply.tree_branches, max_draft=reply.max_draft)
         try:
+            if reply.HasField("lead_token"):
+                spec.take_first_lead(reply.lead_token)
             spec.run()
         finally:
             stats.gamma, stats.window = spec.plan.gamma, spec.plan.window

@@ -289,6 +289,11 @@ class Speculator:
                 and self.stats.leads >= LEAD_SHARE_SWITCH * self.stats.tokens):
             raise SwitchToCloudOnly()
 
+    def take_first_lead(self, token: int) -> None:
+        """The verifier's token for the first position, decided at Open (`lead_token`): a lead
+        that came with the reply instead of a stream round trip later."""
+        self._on_lead(pb.Verdict(epoch=self.epoch, start=self._committed(), token=token, lead=True))
+
     def _on_verdict(self, v: pb.Verdict) -> None:
         if v.epoch != self.epoch or not self.in_flight:
             return                                   # answer to a block we already gave up
@@ -423,4 +428,5 @@ def open_request(fingerprint: str, cfg: GenConfig, codec: str, prompt: list[int]
     return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=CODEC_ID[codec],
                           prompt=prompt, client="edge-agent", lead=cfg.pipelined and cfg.cloud_lead,
                           max_tokens=cfg.max_tokens, ignore_eos=not cfg.stop_at_eos,
-                          lead_first=cfg.lead_first if cfg.pipelined and cfg.cloud_lead else 0)
+                          lead_first=cfg.lead_first if cfg.pipelined and cfg.cloud_lead else 0,
+                          lead_in_reply=cfg.pipelined and cfg.cloud_lead)

@@ -27,7 +27,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client", "lead", "max_tokens", "ignore_eos", "lead_first", "prompt_zstd")
+    __slots__ = ("fingerprint", "sampling", "codec", "prompt", "client", "lead", "max_tokens", "ignore_eos", "lead_first", "lead_in_reply", "prompt_zstd")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class OpenRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     LEAD_FIRST_FIELD_NUMBER: _ClassVar[int]
+    LEAD_IN_REPLY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ZSTD_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     sampling: Sampling
@@ -47,11 +48,12 @@ class OpenRequest(_message.Message):
     max_tokens: int
     ignore_eos: bool
     lead_first: int
+    lead_in_reply: bool
     prompt_zstd: bytes
-    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., lead_first: _Optional[int] = ..., prompt_zstd: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, fingerprint: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., codec: _Optional[_Union[Codec, str]] = ..., prompt: _Optional[_Iterable[int]] = ..., client: _Optional[str] = ..., lead: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., lead_first: _Optional[int] = ..., lead_in_reply: _Optional[bool] = ..., prompt_zstd: _Optional[bytes] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s", "session_key", "tree_branches", "accepts_prompt_zstd")
+    __slots__ = ("session", "fingerprint", "n_vocab", "token_width", "n_ctx", "max_draft", "target", "emulated", "ar_token_s", "verify_a_s", "verify_b_s", "p_top_k", "p_tail", "server_s", "session_key", "tree_branches", "lead_token", "accepts_prompt_zstd")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,7 @@ class OpenReply(_message.Message):
     SERVER_S_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     TREE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    LEAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PROMPT_ZSTD_FIELD_NUMBER: _ClassVar[int]
     session: str
     fingerprint: str
@@ -85,8 +88,9 @@ class OpenReply(_message.Message):
     server_s: float
     session_key: str
     tree_branches: int
+    lead_token: int
     accepts_prompt_zstd: bool
-    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ..., session_key: _Optional[str] = ..., tree_branches: _Optional[int] = ..., accepts_prompt_zstd: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ..., session_key: _Optional[str] = ..., tree_branches: _Optional[int] = ..., lead_token: _Optional[int] = ..., accepts_prompt_zstd: _Optional[bool] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("epoch", "start", "tokens", "fixed", "q", "q_sparse", "want_bonus", "more_tail", "parents")

@@ -42,13 +42,25 @@ def opened(cloud, tokenizer, reference):
     prompt = tokenizer.encode(PROMPT)
     ref, _ = reference.greedy(prompt, 8)
 
-    def open_lead(max_tokens):
+    def open_lead(max_tokens, in_reply=False):
         r = stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=prompt, lead=True,
-                                     max_tokens=max_tokens, ignore_eos=True))
-        return Stream(stub, r)
+                                     max_tokens=max_tokens, ignore_eos=True, lead_in_reply=in_reply))
+        assert r.HasField("lead_token") == in_reply
+        s = Stream(stub, r)
+        s.reply = r
+        return s
 
     yield open_lead, len(prompt), ref
     ch.close()
+
+
+def test_first_lead_comes_with_the_open_reply_and_the_stream_goes_on_after_it(opened):
+    open_lead, n, ref = opened
+    s = open_lead(3, in_reply=True)
+    assert s.reply.lead_token == ref[0]
+    leads = [s.recv() for _ in range(2)]
+    assert [(v.start, v.token) for v in leads] == [(n + 1, ref[1]), (n + 2, ref[2])]
+    assert s.close() == [], "no lead past max_tokens"
 
 
 def test_leads_are_the_targets_own_tokens_and_stop_at_max_tokens(opened):
