@@ -106,14 +106,15 @@ def test_accept_greedy_rejects_wrong_row_count():
 # ---------------------------------------------------------------------------------------------
 
 
-def exact_node_output(p: np.ndarray, q: np.ndarray, k: int, update_p: bool = True) -> np.ndarray:
-    """Slow reference: the distribution of the token a node with k children outputs, by
-    enumerating every ordered draw of k distinct children from q and every accept/reject
-    outcome, written from the scheme's definition with plain loops."""
+def enumerate_node(p: np.ndarray, q: np.ndarray, k: int, update_p: bool = True) -> tuple[np.ndarray, float]:
+    """Slow reference: the distribution of the token a node with k children outputs, and the
+    mass of the outcomes where one of the children was accepted, by enumerating every ordered
+    draw of k distinct children from q and every accept/reject outcome, written from the
+    scheme's definition with plain loops."""
     v = p.size
-    out = np.zeros(v)
+    out, accepted = np.zeros(v), 0.0
     support = [t for t in range(v) if q[t] > 0]
-    for kids in itertools.permutations(support, k):
+    for kids in itertools.permutations(support, min(k, len(support))):
         # probability of drawing these children in this order, without replacement
         w, left = 1.0, 1.0
         for x in kids:
@@ -123,14 +124,20 @@ def exact_node_output(p: np.ndarray, q: np.ndarray, k: int, update_p: bool = Tru
         for x in kids:
             a = min(1.0, pi[x] / qi[x])
             out[x] += w * reach * a
+            accepted += w * reach * a
             reach *= 1.0 - a
             if update_p:
                 pi = residual_probs(pi, qi)
             qi = qi.copy()
             qi[x] = 0.0
-            qi /= qi.sum()
+            if qi.sum() > 0:
+                qi /= qi.sum()
         out += w * reach * pi
-    return out
+    return out, accepted
+
+
+def exact_node_output(p: np.ndarray, q: np.ndarray, k: int, update_p: bool = True) -> np.ndarray:
+    return enumerate_node(p, q, k, update_p)[0]
 
 
 @pytest.mark.parametrize("seed, v, k", [(0, 4, 1), (1, 4, 2), (2, 5, 3), (3, 6, 2), (4, 5, 4)])
@@ -141,37 +148,13 @@ def test_recursive_rejection_outputs_p_exactly(seed, v, k):
     np.testing.assert_allclose(exact_node_output(p, q, k), p, atol=1e-12)
 
 
-def exact_accept(p: np.ndarray, q: np.ndarray, k: int) -> float:
-    """Slow reference for accept_probability: the mass of every ordered draw of k distinct
-    children from q that ends with one of them accepted, by plain enumeration."""
-    total = 0.0
-    support = [t for t in range(p.size) if q[t] > 0]
-    for kids in itertools.permutations(support, min(k, len(support))):
-        w, left = 1.0, 1.0
-        for x in kids:
-            w *= q[x] / left
-            left -= q[x]
-        pi, qi, reach = p.copy(), q.copy(), 1.0
-        for x in kids:
-            a = min(1.0, pi[x] / qi[x])
-            total += w * reach * a
-            reach *= 1.0 - a
-            pi = residual_probs(pi, qi)
-            qi = qi.copy()
-            qi[x] = 0.0
-            if qi.sum() == 0:
-                break
-            qi /= qi.sum()
-    return total
-
-
 @pytest.mark.parametrize("seed, v, k", [(0, 4, 1), (1, 5, 2), (2, 6, 3), (3, 4, 4), (4, 7, 2), (5, 3, 3)])
 def test_accept_probability_matches_enumeration(seed, v, k):
     rng = np.random.default_rng(seed)
     p = random_probs(rng, v, zeros=1)
     q = quantize_dist(random_probs(rng, v, skew=0.5), bits=16)
     dense = q.dense(v)
-    want = exact_accept(p, dense, k)
+    want = enumerate_node(p, dense, k)[1]
     assert accept_probability(p, q, k) == pytest.approx(want, abs=1e-12)
     if k == 1:
         assert want == pytest.approx(np.minimum(p, dense).sum(), abs=1e-12)
