@@ -379,6 +379,8 @@ def split_verdict(v, group: list[pb.Draft], levels: list[int]) -> list[pb.Verdic
             verdict.p_payload = v.p_payload
             if v.token is not None:
                 verdict.token = v.token
+            if v.sibling_accept is not None and v.accepted < end:
+                verdict.sibling_accept = v.sibling_accept
             out.append(verdict)
             break
         out.append(verdict)

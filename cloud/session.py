@@ -56,8 +56,8 @@ from kernels import packing
 from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, sample_residual,
                                snap_p, verify_greedy)
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
-                              SamplingConfig, logits_to_probs, race_sample_at, rng_for, sample)
-from kernels.tree import DraftTree, accept_greedy, accept_sampled
+                              SamplingConfig, logits_to_probs, race_keys, race_sample_at, rng_for, sample)
+from kernels.tree import DraftTree, accept_greedy, accept_sampled, runner_up_accept
 
 CODEC_P, CODEC_Q = 0, 1
 
@@ -82,6 +82,7 @@ class VerdictData:
     lead: bool = False
     overlap: int = 0                      # leading drafts that were already decided (lead tokens)
     path: list[int] = field(default_factory=list)   # trees: rank among its siblings of each accepted level
+    sibling_accept: float | None = None   # codec Q chains: what a sibling at the rejected level would have done
 
 
 @dataclass
@@ -229,7 +230,7 @@ class Session:
                 token = nxt if (n_acc < len(drafted) or want_bonus) else None
                 payload = b""
             else:
-                n_acc, token, payload = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
+                n_acc, token, payload, sibling = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
             self.tokens += drafted[:n_acc]
             self.n_past = min(kv_end, len(self.tokens))
             self.pending = rows[n_acc]
@@ -242,7 +243,7 @@ class Session:
             c = self.count
             c.blocks, c.drafted, c.accepted = c.blocks + 1, c.drafted + len(drafted), c.accepted + n_acc
             return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0,
-                               overlap=overlap)
+                               overlap=overlap, sibling_accept=None if not sampled else sibling)
         return self._step(lag + drafted, len(drafted) + (1 if lag else 0), finish, chunkable=False)
 
     # -- trees ---------------------------------------------------------------
@@ -477,16 +478,18 @@ class Session:
             if accept_token(p[x], qx, u):
                 continue
             if self.codec == CODEC_Q:
-                y = sample_residual(p, q_sparse[i], rng_for(seed, p0 + i, STREAM_RESIDUAL))
-                return i, y, b""
+                q = q_sparse[i]
+                y = sample_residual(p, q, rng_for(seed, p0 + i, STREAM_RESIDUAL))
+                sibling = runner_up_accept(p, q, x, race_keys(seed, p0 + i, q.ids))
+                return i, y, b"", None if sibling is None else sibling[1]
             payload = encode_p(p, self.limits.p_top_k, self.limits.p_tail, rng_for(seed, p0 + i, STREAM_TAIL))
             self.rejection = PendingRejection(p0 + i, p, payload.top_ids, 0)
-            return i, None, packing.pack_payload(payload, self.limits.width)
+            return i, None, packing.pack_payload(payload, self.limits.width), None
         token = None
         if want_bonus:
             p = logits_to_probs(rows[len(drafted)], self.sampling)
             token = sample(p, rng_for(seed, p0 + len(drafted), STREAM_TARGET))
-        return len(drafted), token, b""
+        return len(drafted), token, b"", None
 
     def _take_correction(self, token: int) -> None:
         rej = self.rejection

@@ -42,7 +42,7 @@ from edge.baselines import OnTokens, sampling_proto
 from edge.client import CloudError, DraftStream
 from edge.config import GenConfig
 from edge.drafter import Drafter
-from edge.planner import PROBE_EVERY, Planner
+from edge.planner import Planner
 from edge.stats import GenStats
 from kernels import packing
 from kernels.rejection import PPayload, sample_residual_p
@@ -195,17 +195,9 @@ class Speculator:
         x = race_sample_at(q.weights, s.seed, pos, q.ids)
         return x, q, (None, q.prob(x))
 
-    def _pick_siblings(self, b: Block) -> list[tuple[int, int]]:
-        """(level, token) of the siblings worth sending: the budget's best by expected
-        gain = P(the chain reaches the level) x P(the drafter's token there is wrong)."""
-        budget = self.plan.tree_budget
-        if not budget and self.cfg.tree == "auto" and self.stats.blocks % PROBE_EVERY == PROBE_EVERY - 1:
-            budget = 1                                # keep measuring what siblings yield
-        # Each sibling is a branch the verifier evaluates in a scratch sequence; it has
-        # tree_branches of them per pass.
-        budget = min(budget, self.tree_branches, self.max_draft - len(b.drafted) - (b.fixed is not None))
-        if budget <= 0:
-            return []
+    def _sibling_candidates(self, b: Block) -> list[tuple[float, int, int]]:
+        """(expected gain, level, token) of a sibling at each level, best first: gain =
+        P(the chain reaches the level) x P(the drafter's token there is wrong)."""
         reach, cands = 1.0, []
         for d, (x, q) in enumerate(zip(b.drafted, b.qs)):
             conf = b.confidence[d]
@@ -220,10 +212,39 @@ class Speculator:
             if y is not None:
                 cands.append((gain, d, y))
             reach *= conf
-        best = sorted(cands, reverse=True)[:budget]
+        return sorted(cands, reverse=True)
+
+    def _pick_siblings(self, b: Block) -> list[tuple[int, int]]:
+        """(level, token) of the siblings worth sending: the budget's best candidates."""
+        # Each sibling is a branch the verifier evaluates in a scratch sequence; it has
+        # tree_branches of them per pass.
+        budget = min(self.plan.tree_budget, self.tree_branches,
+                     self.max_draft - len(b.drafted) - (b.fixed is not None))
+        if budget <= 0:
+            return []
+        best = self._sibling_candidates(b)[:budget]
         # `always` sends its best sibling whatever it is worth (tests, measurement)
         keep = [c for i, c in enumerate(best) if c[0] >= MIN_SIBLING_GAIN or (i == 0 and self.cfg.tree == "always")]
         return sorted((d, y) for _, d, y in keep)
+
+    def _observe_unsent_sibling(self, b: Block, v: pb.Verdict, n_chain: int, led: int) -> None:
+        """What the best sibling would have yielded beside a chain sent without one, so the
+        planner measures trees' yield without paying for probes: nothing unless the chain's
+        first rejection fell on its level; there, at T=0 whether it is the target's token,
+        at T>0 the verifier's probability of accepting it (`sibling_accept`)."""
+        cands = [c for c in self._sibling_candidates(b) if c[1] >= led]
+        if not cands or cands[0][0] < MIN_SIBLING_GAIN:
+            return                                    # no sibling would have been sent
+        _, level, y = cands[0]
+        if level != n_chain:
+            hit = 0.0
+        elif self.cfg.sampling.greedy:
+            hit = float(v.HasField("token") and v.token == y)
+        elif v.HasField("sibling_accept"):
+            hit = v.sibling_accept
+        else:
+            return                                    # a verifier that does not say
+        self.planner.observe_siblings(hit, 1)
 
     def _block_complete(self) -> bool:
         b = self.cur
@@ -305,7 +326,10 @@ class Speculator:
         n_chain = v.accepted - (sibling is not None)  # chain tokens accepted
         self.planner.observe_block(len(b.drafted) - led, n_chain - led, time.monotonic() - b.sent_at,
                                    v.verify_us / 1e6, siblings=len(b.siblings))
-        self.planner.observe_siblings(sibling is not None, len(b.siblings))
+        if b.siblings:
+            self.planner.observe_siblings(sibling is not None, len(b.siblings))
+        elif self.trees:
+            self._observe_unsent_sibling(b, v, n_chain, led)
         self.tree_stats["passes"] += 1
         self.tree_stats["sibling_hits"] += sibling is not None
         # acceptance stays the chain's own (comparable with chains); a taken sibling is

@@ -28,8 +28,9 @@ more token when the verifier takes it (the sibling, then the target's token
 after it, where the chain would have yielded the correction alone); the yield
 per sibling sent is measured too (`SiblingGain`). The plan takes the B, 0 included,
 of the highest predicted rate, so a tree is chosen only where it is predicted
-faster than the chain; a session on chains still sends a sibling every
-PROBE_EVERY blocks, so the yield keeps being measured.
+faster than the chain. A session on chains keeps measuring the yield without
+sending siblings: after each verdict the edge works out what its best sibling
+would have done (edge/picospec.py: _observe_unsent_sibling).
 """
 from __future__ import annotations
 
@@ -90,9 +91,6 @@ class SiblingGain:
         return self.hits / self.sent
 
 
-# A session on chains sends a one-sibling tree every this many blocks, to keep
-# measuring what siblings yield (a sibling costs ~b of verify time).
-PROBE_EVERY = 8
 # A tree must be predicted this much faster than the chain (the model is
 # rough, and the chain is the known quantity).
 TREE_MARGIN = 1.02

@@ -50,6 +50,7 @@ __all__ = [
     "merge_chained",
     "accept_sampled",
     "race_draws",
+    "runner_up_accept",
     "pack_parents",
     "unpack_parents",
 ]
@@ -355,3 +356,16 @@ def accept_probability(p: np.ndarray, q: SparseDist, k: int) -> float:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")
     return node(p, np.ones(ids.size, dtype=bool), k)
+
+
+def runner_up_accept(p: np.ndarray, q: SparseDist, rejected: int, keys: np.ndarray) -> tuple[int, float] | None:
+    """(y, P(y accepted)): the sibling a tree would have carried beside the rejected draft, the
+    runner-up of the position's race (keys as in `race_draws`), and the probability that
+    `accept_sampled` takes it once `rejected` was rejected: min(1, p_2(y) / q_2(y)). None when
+    q has nothing beside the rejected token."""
+    y = next((t for t in race_draws(q, keys, q.ids.size) if t != rejected), None)
+    if y is None:
+        return None
+    p2 = _residual(np.asarray(p, dtype=np.float64), q)
+    q2 = _without(q, rejected)
+    return y, min(1.0, float(p2[y]) / q2.prob(y))

@@ -115,7 +115,7 @@ class Draft(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[bytes] = ..., fixed: _Optional[int] = ..., q: _Optional[bytes] = ..., q_sparse: _Optional[_Iterable[bytes]] = ..., want_bonus: _Optional[bool] = ..., more_tail: _Optional[bool] = ..., parents: _Optional[bytes] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("epoch", "start", "accepted", "token", "p_payload", "verify_us", "tail", "lead", "path")
+    __slots__ = ("epoch", "start", "accepted", "token", "p_payload", "verify_us", "tail", "lead", "path", "sibling_accept")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class Verdict(_message.Message):
     TAIL_FIELD_NUMBER: _ClassVar[int]
     LEAD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    SIBLING_ACCEPT_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start: int
     accepted: int
@@ -134,7 +135,8 @@ class Verdict(_message.Message):
     tail: bytes
     lead: bool
     path: bytes
-    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ..., lead: _Optional[bool] = ..., path: _Optional[bytes] = ...) -> None: ...
+    sibling_accept: float
+    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., p_payload: _Optional[bytes] = ..., verify_us: _Optional[int] = ..., tail: _Optional[bytes] = ..., lead: _Optional[bool] = ..., path: _Optional[bytes] = ..., sibling_accept: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("fingerprint", "sampling", "prompt", "max_tokens", "ignore_eos", "client", "session", "prompt_zstd")

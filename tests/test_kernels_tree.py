@@ -13,7 +13,7 @@ from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TARGET, rac
                               rng_for, sample)
 from kernels.sparse import SparseDist, quantize_dist
 from kernels.tree import (DraftTree, accept_greedy, accept_probability, accept_sampled, main_length,
-                          merge_chained, pack_parents, race_draws, unpack_parents)
+                          merge_chained, pack_parents, race_draws, runner_up_accept, unpack_parents)
 from tests.test_kernels_sampling import assert_samples_match, chi2_pvalue, random_probs
 
 # A tree of 7 nodes below the root (depth-first, first children first):
@@ -160,6 +160,26 @@ def test_accept_probability_matches_enumeration(seed, v, k):
         assert want == pytest.approx(np.minimum(p, dense).sum(), abs=1e-12)
     # a wider node never accepts less
     assert accept_probability(p, q, k + 1) >= accept_probability(p, q, k) - 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runner_up_accept_is_the_second_childs_test(seed):
+    """The sibling a tree would carry is the race's runner-up, and its acceptance after the
+    chain's token was rejected is the second child's test in accept_sampled, written densely."""
+    rng = np.random.default_rng(seed)
+    v = 9
+    p = random_probs(rng, v, zeros=2)
+    q = quantize_dist(random_probs(rng, v, skew=0.5), bits=8)
+    keys = race_keys(seed, 40 + seed, q.ids)
+    x, y = race_draws(q, keys, 2)
+    got = runner_up_accept(p, q, x, keys)
+    dense = q.dense(v)
+    p2 = residual_probs(p, dense)
+    q2 = dense.copy()
+    q2[x] = 0.0
+    q2 /= q2.sum()
+    assert got[0] == y and got[1] == pytest.approx(min(1.0, p2[y] / q2[y]), abs=1e-12)
+    assert runner_up_accept(p, SparseDist([x], [1], 1), x, keys[:1]) is None
 
 
 def test_enumeration_catches_a_scheme_that_keeps_testing_against_p():

@@ -20,6 +20,7 @@ from cloud.target import Chunk, Target
 from edge.agent import Agent
 from edge.client import VerifierClient
 from edge.config import GenConfig
+from edge.planner import Planner
 from edge.model_files import shipped_gguf
 from kernels.sampling import SamplingConfig
 from kernels.tree import DraftTree
@@ -102,6 +103,40 @@ def test_greedy_with_trees_equals_target(wan, drafter, tokenizer, reference, cod
         sent += c.stats.tree["siblings"]
     print(f"greedy trees, codec {codec}: {sent} siblings sent, {hits} taken")
     assert sent > 0 and (hits > 0 or len(prompts) < 8), "the tree path must have been exercised"
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=0.8, top_k=8, seed=5)], ids=["greedy", "T=0.8"])
+def test_chains_measure_what_a_sibling_would_have_yielded(wan, drafter, tokenizer, monkeypatch, sampling):
+    """`auto` on chains learns trees' yield without sending siblings: after every verdict the
+    edge scores its best unsent sibling (T=0: is it the target's token; T>0: the verifier's
+    sibling_accept at the rejected position, a probability)."""
+    seen = []
+    real = Planner.observe_siblings
+
+    def spy(self, hits, sent):
+        seen.append((hits, sent))
+        return real(self, hits, sent)
+    monkeypatch.setattr(Planner, "observe_siblings", spy)
+    monkeypatch.setattr(Planner, "plan", _chains_only(Planner.plan))
+    c = generate(wan.address, drafter, tokenizer, tokenizer.encode(PROMPTS[1]), mode="picospec", codec="Q",
+                 gamma=4, window=2, adaptive=False, cloud_lead=False, tree="auto", max_tokens=N_NEW,
+                 stop_at_eos=False, sampling=SamplingConfig(**sampling))
+    assert c.stats.tree["siblings"] == 0, "the plan kept chains"
+    scored = [h for h, n in seen if n == 1]
+    assert len(scored) >= 4, f"every verified chain block scores its best sibling, got {seen}"
+    assert all(0.0 <= h <= 1.0 for h in scored)
+    if sampling:
+        assert any(0.0 < h < 1.0 for h in scored), f"T>0: probabilities from the verifier, got {scored}"
+    else:
+        assert set(scored) <= {0.0, 1.0}
+
+
+def _chains_only(plan):
+    def chains(self, *a, **k):
+        p = plan(self, *a, **k)
+        p.tree_budget = 0
+        return p
+    return chains
 
 
 @pytest.mark.slow   # ~2.5 min
