@@ -20,8 +20,6 @@ max(real, modelled), so width is free there only where the real step fits the mo
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -47,10 +45,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _llama(path: Path):
-    import llama_cpp
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, logits_all=True, n_threads=2,
-                               n_threads_batch=2, flash_attn=True, verbose=False)
+    from edge.llama_model import load_llama
+    return load_llama(path, n_ctx=1024, logits_all=True)       # every position's logits, for teacher forcing
 
 
 def _positions(target, drafter, prompt: list[int], n: int, cfg, rng) -> list[tuple[np.ndarray, object]]:

@@ -12,7 +12,8 @@ from edge.drafter import Drafter
 from proto.fingerprint import fingerprint_llama
 
 
-def load_llama(path: Path, n_ctx: int = 2048, n_threads: int = 2, vocab_only: bool = False):
+def load_llama(path: Path, n_ctx: int = 2048, n_threads: int = 2, vocab_only: bool = False,
+               logits_all: bool = False):
     # llama.cpp's OpenMP workers spin while idle by default; with an edge and a
     # cloud sharing cores that spinning starves the other process (measured: a
     # 64-token speculative run went from 6.7 s to 21 s). Must precede the load.
@@ -22,7 +23,8 @@ def load_llama(path: Path, n_ctx: int = 2048, n_threads: int = 2, vocab_only: bo
         raise FileNotFoundError(f"model not found: {path}")
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=n_threads,
-                               n_threads_batch=n_threads, flash_attn=True, vocab_only=vocab_only, verbose=False)
+                               n_threads_batch=n_threads, flash_attn=True, vocab_only=vocab_only,
+                               logits_all=logits_all, verbose=False)
 
 
 class Tokenizer:

@@ -330,32 +330,22 @@ def accept_probability(p: np.ndarray, q: SparseDist, k: int) -> float:
     target) under `accept_sampled`'s scheme: the per-position acceptance a node of width k has
     (k = 1: the chain's sum(min(p, q))). What trees can gain at all, measured without a tree.
 
-    Exact: the residual after a rejection, norm(max(0, p_i - q_i)), does not depend on which
-    child was rejected, so one residual per depth serves every order of draws."""
-    p = np.asarray(p, dtype=np.float64)
-    ids, w = q.ids, q.weights.astype(np.float64)
-
-    def node(p_i: np.ndarray, live: np.ndarray, depth: int) -> float:
-        mass = w[live].sum()
-        if depth == 0 or not mass > 0.0:
-            return 0.0
-        q_i = w[live] / mass
-        take = np.minimum(1.0, p_i[ids[live]] / q_i)
-        out = float(np.dot(q_i, take))
-        if depth > 1:
-            r = p_i.copy()
-            r[ids[live]] = np.maximum(r[ids[live]] - q_i, 0.0)
-            z = r.sum()
-            if z > 0.0:
-                for j in np.flatnonzero(take < 1.0):
-                    rest = live.copy()
-                    rest[np.flatnonzero(live)[j]] = False
-                    out += q_i[j] * (1.0 - take[j]) * node(r / z, rest, depth - 1)
-        return out
-
+    Exact, by recursion over which child is tried first: after a rejection the residual
+    norm(max(0, p_i - q_i)) is the same whichever child was rejected, so one serves them all."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k!r}")
-    return node(p, np.ones(ids.size, dtype=bool), k)
+
+    def node(p_i: np.ndarray, q_i: SparseDist, depth: int) -> float:
+        share = q_i.weights / q_i.total
+        take = np.minimum(1.0, p_i[q_i.ids] / share)
+        out = float(np.dot(share, take))
+        if depth > 1 and q_i.ids.size > 1:
+            r = _residual(p_i, q_i)
+            for j in np.flatnonzero(take < 1.0):
+                out += share[j] * (1.0 - take[j]) * node(r, _without(q_i, int(q_i.ids[j])), depth - 1)
+        return out
+
+    return node(np.asarray(p, dtype=np.float64), q, k)
 
 
 def runner_up_accept(p: np.ndarray, q: SparseDist, rejected: int, keys: np.ndarray) -> tuple[int, float] | None:
