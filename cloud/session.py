@@ -228,7 +228,7 @@ class Session:
             if not sampled:
                 n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
                 token = nxt if (n_acc < len(drafted) or want_bonus) else None
-                payload = b""
+                payload, sibling = b"", None          # T=0: the edge scores its sibling itself
             else:
                 n_acc, token, payload, sibling = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
             self.tokens += drafted[:n_acc]
@@ -243,7 +243,7 @@ class Session:
             c = self.count
             c.blocks, c.drafted, c.accepted = c.blocks + 1, c.drafted + len(drafted), c.accepted + n_acc
             return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0,
-                               overlap=overlap, sibling_accept=None if not sampled else sibling)
+                               overlap=overlap, sibling_accept=sibling)
         return self._step(lag + drafted, len(drafted) + (1 if lag else 0), finish, chunkable=False)
 
     # -- trees ---------------------------------------------------------------

@@ -195,24 +195,25 @@ class Speculator:
         x = race_sample_at(q.weights, s.seed, pos, q.ids)
         return x, q, (None, q.prob(x))
 
-    def _sibling_candidates(self, b: Block) -> list[tuple[float, int, int]]:
-        """(expected gain, level, token) of a sibling at each level, best first: gain =
+    def _sibling_candidates(self, b: Block) -> list[tuple[float, int]]:
+        """(expected gain, level) of a sibling at each level that has one, best first: gain =
         P(the chain reaches the level) x P(the drafter's token there is wrong)."""
         reach, cands = 1.0, []
-        for d, (x, q) in enumerate(zip(b.drafted, b.qs)):
-            conf = b.confidence[d]
+        for d, q in enumerate(b.qs):
             if q is None:                             # T=0: the drafter's runner-up
-                y, p_y = b.runner_up[d]
-                gain = reach * p_y
-            elif q.ids.size > 1:                      # T>0: the race's runner-up; its own q is not looked at
-                y = race_draws(q, race_keys(self.cfg.sampling.seed, b.first + d, q.ids), 2)[1]
-                gain = reach * (1.0 - conf)
-            else:
-                y, gain = None, 0.0
-            if y is not None:
-                cands.append((gain, d, y))
-            reach *= conf
+                cands.append((reach * b.runner_up[d][1], d))
+            elif q.ids.size > 1:                      # T>0: the race's runner-up
+                cands.append((reach * (1.0 - b.confidence[d]), d))
+            reach *= b.confidence[d]
         return sorted(cands, reverse=True)
+
+    def _sibling_token(self, b: Block, d: int) -> int:
+        """The sibling at level d: T=0 the drafter's runner-up; T>0 the race's runner-up, a draw
+        from q without the chain's token (its own q is not looked at)."""
+        q = b.qs[d]
+        if q is None:
+            return b.runner_up[d][0]
+        return race_draws(q, race_keys(self.cfg.sampling.seed, b.first + d, q.ids), 2)[1]
 
     def _pick_siblings(self, b: Block) -> list[tuple[int, int]]:
         """(level, token) of the siblings worth sending: the budget's best candidates."""
@@ -224,8 +225,9 @@ class Speculator:
             return []
         best = self._sibling_candidates(b)[:budget]
         # `always` sends its best sibling whatever it is worth (tests, measurement)
-        keep = [c for i, c in enumerate(best) if c[0] >= MIN_SIBLING_GAIN or (i == 0 and self.cfg.tree == "always")]
-        return sorted((d, y) for _, d, y in keep)
+        keep = [d for i, (gain, d) in enumerate(best)
+                if gain >= MIN_SIBLING_GAIN or (i == 0 and self.cfg.tree == "always")]
+        return [(d, self._sibling_token(b, d)) for d in sorted(keep)]
 
     def _observe_unsent_sibling(self, b: Block, v: pb.Verdict, n_chain: int, led: int) -> None:
         """What the best sibling would have yielded beside a chain sent without one, so the
@@ -235,11 +237,11 @@ class Speculator:
         cands = [c for c in self._sibling_candidates(b) if c[1] >= led]
         if not cands or cands[0][0] < MIN_SIBLING_GAIN:
             return                                    # no sibling would have been sent
-        _, level, y = cands[0]
+        level = cands[0][1]
         if level != n_chain:
             hit = 0.0
         elif self.cfg.sampling.greedy:
-            hit = float(v.HasField("token") and v.token == y)
+            hit = float(v.HasField("token") and v.token == b.runner_up[level][0])
         elif v.HasField("sibling_accept"):
             hit = v.sibling_accept
         else:
