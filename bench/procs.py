@@ -31,8 +31,9 @@ class Daemon:
             if not line:
                 break
             self.stdout.append(line)
-            if ready in line:
-                self.address = line.strip().rsplit(" ", 1)[-1]
+            if ready in line:   # '<name> listening on HOST:PORT', maybe followed by ' (what it found)'
+                self.address = line.split(ready, 1)[1].split()[0]
+                self.ready_line = line.strip()
                 break
         if self.address is None:
             self.stop()

@@ -32,6 +32,12 @@ llama.cpp's threads spinning between passes; next to another busy process
 (an edge on the same cores, in tests) spinning starves it. --threads 0
 measures 1 and 2 threads at start-up and keeps the faster.
 
+exactness: at start-up the verifier decodes a few sequences with mixed block
+lengths in one batched pass and compares every logit with one-token decoding.
+The ready line, /metrics (tandem_verifier_exact_*) and the MQTT status say
+'exact: bitwise' or the largest difference. Where it is not bitwise the
+verifier serves one session per pass, or refuses with --require-bitwise.
+
 auth: off loopback the verifier refuses to start without a token (--token-file
 or $TANDEM_TOKEN) or mutual TLS (--tls-client-ca), unless --insecure. Every RPC
 needs 'authorization: Bearer TOKEN' except the gRPC health check, which load
@@ -61,6 +67,16 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
     ap.add_argument("--max-batch-tokens", type=int, default=256,
                     help="tokens in one batched pass over all sessions (default: %(default)s)")
     ap.add_argument("--no-batching", action="store_true", help="one session per pass (for comparison)")
+    ap.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                    help="layers llama.cpp offloads to the GPU (n_gpu_layers; -1 = all). Needs llama-cpp-python "
+                         "built with CUDA (README, 'A GPU verifier') (default: %(default)s)")
+    ap.add_argument("--kv-unified", action="store_true",
+                    help="one KV buffer shared by every sequence (llama.cpp kv_unified): less memory when sessions "
+                         "differ in length, but a rollback's freed cells are refilled by other sessions; the "
+                         "start-up check says whether batching stays exact")
+    ap.add_argument("--require-bitwise", action="store_true",
+                    help="refuse to start when the start-up check finds batched passes not bit-identical to "
+                         "one-token decoding (default: serve with batching off and say so)")
     ap.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session expires")
     ap.add_argument("--token-file", type=Path, metavar="FILE",
                     help="require 'authorization: Bearer TOKEN' metadata, TOKEN read from FILE "
@@ -103,6 +119,7 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                           wait_policy=a.wait_policy, max_sessions=a.max_sessions, max_draft=a.max_draft,
                           tree_seqs=a.tree_seqs,
                           max_batch_tokens=a.max_batch_tokens, batching=not a.no_batching,
+                          gpu_layers=a.gpu_layers, kv_unified=a.kv_unified, require_bitwise=a.require_bitwise,
                           idle_timeout_s=a.idle_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
                           tls_client_ca=a.tls_client_ca, insecure=a.insecure,
                           emulate_target=a.emulate_target, metrics=a.metrics), a

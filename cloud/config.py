@@ -19,6 +19,9 @@ class VerifierConfig:
     tree_seqs: int = 3                  # scratch sequences for draft trees' branches (0: chains only)
     max_batch_tokens: int = 256         # tokens in one scheduler pass
     batching: bool = True               # False: one session per pass (for comparison)
+    gpu_layers: int = 0                 # llama.cpp n_gpu_layers (a CUDA build of llama-cpp-python)
+    kv_unified: bool = False            # one KV buffer shared by all sequences (start-up check decides exactness)
+    require_bitwise: bool = False       # refuse to start when batched passes are not bit-identical
     idle_timeout_s: float = 300.0
     p_top_k: int = 16                   # codec P payload: top-K entries ...
     p_tail: int = 4                     # ... and pre-drawn tail samples
@@ -43,6 +46,8 @@ class VerifierConfig:
         if self.max_batch_tokens < self.max_draft + 2:
             raise ValueError(f"max_batch_tokens must be >= max_draft + 2 = {self.max_draft + 2} "
                              "(a block is never split across passes)")
+        if self.gpu_layers < -1:
+            raise ValueError("gpu_layers must be >= 0, or -1 for every layer")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: measure)")
         if self.wait_policy not in WAIT_POLICIES:

@@ -5,7 +5,7 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -14,6 +14,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cloud.auth import AuthInterceptor, server_credentials
+from cloud import exactness
 from cloud.config import VerifierConfig
 from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler
@@ -35,6 +36,7 @@ class Built:
     scheduler: Scheduler
     target: Target
     port: int
+    exact: str          # what the start-up check found, for the ready line
 
 
 def pick_threads(target: Target, seq: int) -> int:
@@ -61,18 +63,46 @@ def pass_model(target: Target, seq: int, emulate: LatencyProfile | None) -> tupl
     return max(1e-4, t1 - b), b
 
 
+def check_exactness(target: Target, cfg: VerifierConfig, metrics: Metrics) -> tuple[VerifierConfig, str]:
+    """Measure whether the passes this verifier will run are bit-identical to one-token
+    decoding here; where batched ones are not, refuse (--require-bitwise) or serve one
+    session per pass. Returns the config to serve with and the words for the ready line."""
+    t0 = time.perf_counter()
+    found = exactness.check(target, together=cfg.batching)
+    alone = found if not cfg.batching or found.bitwise else exactness.check(target, together=False)
+    metrics.exact_bitwise.set(1 if found.bitwise else 0)
+    metrics.exact_max_diff.set(found.max_abs_diff)
+    log.info("exactness: %s over %d rows of %d sequences, %s against one token at a time (%.2f s)",
+             found.label(), found.rows, found.seqs, "batched" if cfg.batching else "one sequence per pass",
+             time.perf_counter() - t0)
+    if found.bitwise:
+        return cfg, "exact: bitwise" + ("" if cfg.batching else ", batching off")
+    if not cfg.batching:
+        log.warning("passes differ from one-token decoding on this build (%s)", found.label())
+        return cfg, f"exact: {found.label()}, batching off"
+    if cfg.require_bitwise:
+        raise StartupError(f"batched passes are not bit-identical to one-token decoding on this build "
+                           f"({found.label()}) and --require-bitwise is set")
+    metrics.exact_bitwise.set(1 if alone.bitwise else 0)
+    metrics.exact_max_diff.set(alone.max_abs_diff)
+    log.warning("batched passes differ from one-token decoding (%s): serving one session per pass, "
+                "which is %s", found.label(), alone.label())
+    return replace(cfg, batching=False), f"exact: {alone.label()}, batching off (batched: {found.label()})"
+
+
 async def build(cfg: VerifierConfig, model: Path) -> Built:
     creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)   # file problems: before any work
     emulate = lookup(TARGETS, cfg.emulate_target, "target") if cfg.emulate_target else None
     target = Target(model, n_ctx=cfg.n_ctx, n_seqs=cfg.max_sessions + cfg.tree_seqs, n_threads=max(cfg.threads, 1),
-                    max_batch_tokens=cfg.max_batch_tokens)
+                    max_batch_tokens=cfg.max_batch_tokens, gpu_layers=cfg.gpu_layers, kv_unified=cfg.kv_unified)
+    metrics = Metrics()
+    cfg, exact = check_exactness(target, cfg, metrics)
     if cfg.threads == 0:
         target.set_threads(pick_threads(target, 0))
     model_ab = pass_model(target, 0, emulate)
-    metrics = Metrics()
     scheduler = Scheduler(target, batching=cfg.batching, emulate=emulate, on_pass=metrics.observe_pass)
     scheduler.start()
-    service = VerifierService(cfg, target, scheduler, emulate, model_ab, metrics)
+    service = VerifierService(cfg, target, scheduler, emulate, model_ab, metrics, exact)
     metrics.queue.set_function(lambda: scheduler.queued)
     interceptors = [AuthInterceptor(cfg.token)] if cfg.token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
@@ -97,7 +127,7 @@ async def build(cfg: VerifierConfig, model: Path) -> Built:
         raise StartupError(f"cannot listen on {cfg.listen}: {bind_problem(cfg.listen) or 'address not available'}")
     if cfg.metrics:
         metrics.serve(cfg.metrics)
-    return Built(server, service, health, scheduler, target, port)
+    return Built(server, service, health, scheduler, target, port, exact)
 
 
 async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> int:
@@ -106,6 +136,7 @@ async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):          # before the ready line: a SIGTERM right after it drains
         loop.add_signal_handler(sig, stop.set)
     b = await build(cfg, model)
+    cfg = b.service.cfg                      # as served: the start-up check may have turned batching off
     await b.server.start()
     reaper = asyncio.ensure_future(b.service.reap_idle())
     host = cfg.listen.rsplit(":", 1)[0]
@@ -113,7 +144,7 @@ async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> 
              b.service.target_label, host, b.port, b.target.n_vocab, b.target.fingerprint,
              b.service.ar_token_s * 1e3, b.target.n_threads, "on" if cfg.batching else "off",
              (", mutual TLS" if cfg.tls_client_ca else ", TLS") if cfg.tls_cert else "")
-    print(f"cloud-verifier listening on {host}:{b.port}", flush=True)
+    print(f"cloud-verifier listening on {host}:{b.port} ({b.exact})", flush=True)
     status = None
     if mqtt and mqtt[0]:                     # (url, id, interval): the retained MQTT status (cloud/status.py)
         from cloud.status import start_status_publisher

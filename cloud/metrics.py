@@ -21,6 +21,11 @@ class Metrics:
         self.accepted = Counter("tandem_verifier_accepted_tokens", "drafted tokens accepted", registry=r)
         self.bytes_in = Counter("tandem_verifier_draft_bytes", "serialised Draft bytes received", registry=r)
         self.bytes_out = Counter("tandem_verifier_verdict_bytes", "serialised Verdict bytes sent", registry=r)
+        self.exact_bitwise = Gauge("tandem_verifier_exact_bitwise",
+                                   "1 if the start-up check found batched passes bit-identical to one-token "
+                                   "decoding", registry=r)
+        self.exact_max_diff = Gauge("tandem_verifier_exact_max_logit_diff",
+                                    "largest logit difference the start-up check found (0: bitwise)", registry=r)
         self.refused = Counter("tandem_verifier_refusals", "RPCs refused, by status code", ["code"], registry=r)
 
     def observe_pass(self, s: PassStats) -> None:

@@ -57,8 +57,9 @@ def printable(text: str, limit: int = 64) -> str:
 
 class VerifierService(pb_grpc.VerifierServicer):
     def __init__(self, cfg: VerifierConfig, target_info, scheduler: Scheduler, emulate: LatencyProfile | None,
-                 pass_model: tuple[float, float], metrics: Metrics):
+                 pass_model: tuple[float, float], metrics: Metrics, exact: str = "exact: unchecked"):
         self.cfg, self.info, self.sched, self.emulate, self.metrics = cfg, target_info, scheduler, emulate, metrics
+        self.exact = exact                  # the start-up check's finding (cloud/exactness.py)
         self.width = packing.token_width(target_info.n_vocab)
         self.limits = Limits(target_info.n_vocab, cfg.n_ctx, cfg.max_draft, self.width, cfg.p_top_k, cfg.p_tail)
         self.sessions: dict[str, Session] = {}
@@ -80,7 +81,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         n = len(self.sessions)
         return {"target": self.target_label, "emulated": self.emulate is not None, "sessions": n,
                 "max_sessions": self.cfg.max_sessions, "queue": self.sched.queued,
-                "load": round(n / self.cfg.max_sessions, 3), "batching": self.cfg.batching}
+                "load": round(n / self.cfg.max_sessions, 3), "batching": self.cfg.batching,
+                "exact": self.exact.removeprefix("exact: ")}
 
     # -- plumbing --------------------------------------------------------------
     async def _run(self, step: Step):

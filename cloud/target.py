@@ -89,7 +89,7 @@ class Target:
     Not thread-safe: the scheduler's thread is its only caller."""
 
     def __init__(self, path: Path, n_ctx: int = 2048, n_seqs: int = 8, n_threads: int = 2,
-                 max_batch_tokens: int = 256):
+                 max_batch_tokens: int = 256, gpu_layers: int = 0, kv_unified: bool = False):
         self.path, self.n_ctx, self.n_seqs = Path(path), n_ctx, n_seqs
         if not self.path.exists():
             raise FileNotFoundError(f"target model not found: {self.path}")
@@ -98,6 +98,7 @@ class Target:
         with _quiet():
             ll.llama_backend_init()
             mp = ll.llama_model_default_params()
+            mp.n_gpu_layers = gpu_layers       # 0 on a CPU build; a CUDA build offloads this many layers
             self.model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
             raise ValueError(f"llama.cpp could not load {self.path}")
@@ -115,14 +116,14 @@ class Target:
         cp.n_seq_max = n_seqs
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cp.kv_unified = False              # one KV stream per sequence: see the module docstring
+        cp.kv_unified = kv_unified         # False: one KV stream per sequence (see the module docstring)
         cp.no_perf = True
         with _quiet():
             self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise ValueError(f"llama.cpp could not create a context of {n_seqs} x {n_ctx} tokens")
         self.mem = ll.llama_get_memory(self.ctx)
-        self.n_threads = n_threads
+        self.n_threads, self.gpu_layers, self.kv_unified = n_threads, gpu_layers, kv_unified
         self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
         self._seq_len = [0] * n_seqs
 

@@ -20,6 +20,7 @@ from cloud.target import Chunk, Target
 from edge.agent import Agent
 from edge.client import VerifierClient
 from edge.config import GenConfig
+from edge.picospec import Speculator
 from edge.planner import Planner
 from edge.model_files import shipped_gguf
 from kernels.sampling import SamplingConfig
@@ -109,24 +110,39 @@ def test_greedy_with_trees_equals_target(wan, drafter, tokenizer, reference, cod
 def test_chains_measure_what_a_sibling_would_have_yielded(wan, drafter, tokenizer, monkeypatch, sampling):
     """`auto` on chains learns trees' yield without sending siblings: after every verdict the
     edge scores its best unsent sibling (T=0: is it the target's token; T>0: the verifier's
-    sibling_accept at the rejected position, a probability)."""
-    seen = []
-    real = Planner.observe_siblings
+    sibling_accept at the rejected position, a probability).
+
+    Which blocks are rejected, and where, depends on the sampled path, which differs between
+    llama.cpp builds: the test checks that each score is what the verdict said, not its value."""
+    seen, from_verifier = [], []
+    real_plan, real_sib, real_observe = Planner.plan, Planner.observe_siblings, Speculator._observe_unsent_sibling
 
     def spy(self, hits, sent):
         seen.append((hits, sent))
-        return real(self, hits, sent)
+        return real_sib(self, hits, sent)
     monkeypatch.setattr(Planner, "observe_siblings", spy)
-    monkeypatch.setattr(Planner, "plan", _chains_only(Planner.plan))
-    c = generate(wan.address, drafter, tokenizer, tokenizer.encode(PROMPTS[1]), mode="picospec", codec="Q",
-                 gamma=4, window=2, adaptive=False, cloud_lead=False, tree="auto", max_tokens=N_NEW,
-                 stop_at_eos=False, sampling=SamplingConfig(**sampling))
-    assert c.stats.tree["siblings"] == 0, "the plan kept chains"
+    monkeypatch.setattr(Planner, "plan", _chains_only(real_plan))
+
+    def observe(self, b, v, n_chain, led):
+        before = len(seen)
+        real_observe(self, b, v, n_chain, led)
+        if v.HasField("sibling_accept"):
+            from_verifier.append((seen[-1][0] if len(seen) > before else None, v.sibling_accept))
+    monkeypatch.setattr(Speculator, "_observe_unsent_sibling", observe)
+    for text in PROMPTS[1:3]:
+        c = generate(wan.address, drafter, tokenizer, tokenizer.encode(text), mode="picospec", codec="Q",
+                     gamma=4, window=2, adaptive=False, cloud_lead=False, tree="auto", max_tokens=N_NEW,
+                     stop_at_eos=False, sampling=SamplingConfig(**sampling))
+        assert c.stats.tree["siblings"] == 0, "the plan kept chains"
     scored = [h for h, n in seen if n == 1]
     assert len(scored) >= 4, f"every verified chain block scores its best sibling, got {seen}"
     assert all(0.0 <= h <= 1.0 for h in scored)
     if sampling:
-        assert any(0.0 < h < 1.0 for h in scored), f"T>0: probabilities from the verifier, got {scored}"
+        # a rejection somewhere in 64 tokens sampled at T=0.8 (this pair accepts ~0.8 a token)
+        assert from_verifier, f"T>0: no verdict carried the verifier's sibling_accept (scores {scored})"
+        assert all(0.0 <= q <= 1.0 for _, q in from_verifier), from_verifier
+        # the score is the verifier's probability, or 0 where the rejection fell on another level
+        assert all(h is None or h in (0.0, q) for h, q in from_verifier), from_verifier
     else:
         assert set(scored) <= {0.0, 1.0}
 
