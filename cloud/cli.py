@@ -75,8 +75,9 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                          "differ in length, but a rollback's freed cells are refilled by other sessions; the "
                          "start-up check says whether batching stays exact")
     ap.add_argument("--require-bitwise", action="store_true",
-                    help="refuse to start when the start-up check finds batched passes not bit-identical to "
-                         "one-token decoding (default: serve with batching off and say so)")
+                    help="refuse to start when the start-up check finds the passes it would serve (batched, "
+                         "or one session each with --no-batching) not bit-identical to one-token decoding "
+                         "(default: serve with batching off and say so)")
     ap.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session expires")
     ap.add_argument("--token-file", type=Path, metavar="FILE",
                     help="require 'authorization: Bearer TOKEN' metadata, TOKEN read from FILE "

@@ -77,12 +77,13 @@ def check_exactness(target: Target, cfg: VerifierConfig, metrics: Metrics) -> tu
              time.perf_counter() - t0)
     if found.bitwise:
         return cfg, "exact: bitwise" + ("" if cfg.batching else ", batching off")
+    if cfg.require_bitwise:
+        what = "batched passes" if cfg.batching else "passes"
+        raise StartupError(f"{what} are not bit-identical to one-token decoding on this build "
+                           f"({found.label()}) and --require-bitwise is set")
     if not cfg.batching:
         log.warning("passes differ from one-token decoding on this build (%s)", found.label())
         return cfg, f"exact: {found.label()}, batching off"
-    if cfg.require_bitwise:
-        raise StartupError(f"batched passes are not bit-identical to one-token decoding on this build "
-                           f"({found.label()}) and --require-bitwise is set")
     metrics.exact_bitwise.set(1 if alone.bitwise else 0)
     metrics.exact_max_diff.set(alone.max_abs_diff)
     log.warning("batched passes differ from one-token decoding (%s): serving one session per pass, "
