@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from common.daemon_config import ConfigFileError, effective_settings, parse_args_with_config, to_toml
 from edge.config import CODECS, MODES, TREES, GenConfig
 from kernels.sampling import SamplingConfig
-from sim.daemon_config import ConfigFileError, effective_settings, parse_args_with_config, to_toml
 from sim.latency import DEVICES
 
 GEN_EPILOG = """modes:
@@ -97,7 +97,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 def verifier_client(a):
     """The verifier's client from --cloud, the token (--token-file, --token or
     $TANDEM_TOKEN, as the verifier reads its own) and --tls-ca."""
-    from cloud.auth import StartupError, load_token
+    from common.errors import StartupError
+    from common.tokens import load_token
     from edge.client import VerifierClient
     try:
         token = load_token(a.token_file, a.token,
