@@ -12,6 +12,7 @@ MOE := $(MODELS)/smollm2-moe.gguf
 MOE_FLOORS := $(MODELS)/smollm2-moe.floors.json
 LOCK := requirements.lock
 LOCK_VENV := .lock-venv
+PACKAGES := edge cloud common proto kernels sim bench deploy tests
 
 .PHONY: setup lock models models-moe demo test test-all bench bench-quick report replicas proto lint clean help
 
@@ -19,6 +20,7 @@ help:
 	@echo "make demo      set up (venv, deps, models), generate over a shaped link, then one request to edge-agent serve"
 	@echo "make test      set up what the tests need and run the fast suite"
 	@echo "make test-all  also the slow suites"
+	@echo "make lint      ruff over every package (fails on any finding; CI runs it before the tests)"
 	@echo "make bench     run every benchmark suite (bench/results/), then the report page"
 	@echo "make report    gather bench/results/*.json into bench/results/report.md; refresh README's headlines"
 	@echo "make lock      resolve today's newest versions into $(LOCK) (on purpose: then make test, commit)"
@@ -105,9 +107,9 @@ proto: setup
 	@$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem.proto
 	@echo "regenerated proto/tandem_pb2*.py"
 
+# ruff's pyflakes rules and syntax errors ([tool.ruff] in pyproject.toml): any finding fails.
 lint: setup
-	@$(PY) -m compileall -q edge cloud proto kernels sim bench tests
-	@$(PY) -m pyflakes edge cloud kernels sim bench tests 2>/dev/null || true
+	@$(VENV)/bin/ruff check $(PACKAGES)
 
 clean:
 	rm -rf $(VENV) $(MODELS) bench/results

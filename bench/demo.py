@@ -19,7 +19,7 @@ import sys
 import time
 
 from bench.harness import run_cell, stack
-from bench.procs import start_serve
+from common.procs import start_serve
 from edge.config import GenConfig
 from sim.latency import DEVICES, TARGETS
 

@@ -6,7 +6,7 @@ import contextlib
 import statistics
 from dataclasses import dataclass
 
-from bench.procs import Daemon, start_cloud, start_link
+from common.procs import Daemon, start_cloud, start_link
 from edge.agent import Agent
 from edge.client import VerifierClient
 from edge.config import GenConfig

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.procs import ROOT, start_cloud, start_link
+from common.procs import ROOT, start_cloud, start_link
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from edge.drafter import Drafter
 

@@ -23,8 +23,9 @@ import urllib.request
 from pathlib import Path
 
 from bench.harness import stack
-from bench.procs import Mosquitto, start_serve
 from bench.report import RESULTS, markdown_table, pyplot, write_json
+from common.mosquitto import Mosquitto
+from common.procs import start_serve
 
 PROMPTS = ["Explain why the sky is blue.", "Write a short poem about rivers.", "How do vaccines work?",
            "Give three tips for learning a language.", "What is a black hole?", "Describe how bread is made.",

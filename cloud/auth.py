@@ -24,64 +24,22 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import grpc
 
-TOKEN_ENV = "TANDEM_TOKEN"
-AUTH_HEADER = "authorization"
+from common.address import split_host_port
+from common.errors import StartupError
+from common.metadata import AUTH_HEADER, bearer
+from common.tokens import TOKEN_ENV
+
 # Methods a client may call without credentials (see the module docstring).
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-SHORT_TOKEN = 16          # below this many characters a token is guessable: warn
 LOG_FIELD_MAX = 64        # characters of a client-supplied string kept in a log line
 
 
-class StartupError(Exception):
-    """A configuration the verifier refuses to start with; the message is one line for the user."""
-
-
-# -- tokens -----------------------------------------------------------------
-
-def load_token(token_file: Path | None, token_arg: str | None, env: Mapping[str, str] = os.environ,
-               warn: Callable[[str], None] = lambda msg: None) -> str | None:
-    """The deployment token: --token-file, else --token (warned: visible in `ps`),
-    else $TANDEM_TOKEN (when not empty); None when none is given. Giving two sources is an error
-    rather than a silent precedence rule."""
-    given = [name for name, v in (("--token-file", token_file), ("--token", token_arg)) if v is not None]
-    if len(given) > 1:
-        raise StartupError("give the token once: --token-file or --token, not both")
-    if token_file is not None:
-        try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise StartupError(f"cannot read --token-file {token_file}: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise StartupError(f"--token-file {token_file} is not text") from None
-        source = f"--token-file {token_file}"
-    elif token_arg is not None:
-        warn("--token is visible to every user of this host (ps, /proc): prefer --token-file or $TANDEM_TOKEN")
-        token, source = token_arg, "--token"
-    elif env.get(TOKEN_ENV, "").strip():          # set but empty counts as unset, as in shells
-        token, source = env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
-    else:
-        return None
-    check_token(token, source)
-    if len(token) < SHORT_TOKEN:
-        warn(f"the token from {source} has {len(token)} characters: use at least {SHORT_TOKEN} random ones "
-             "(e.g. `openssl rand -hex 24`)")
-    return token
-
-
-def check_token(token: str, source: str) -> None:
-    """A token must fit in gRPC metadata as is: visible ASCII, no spaces."""
-    if not token:
-        raise StartupError(f"the token from {source} is empty")
-    if not all(0x21 <= ord(c) <= 0x7E for c in token):
-        raise StartupError(f"the token from {source} must be visible ASCII without spaces")
-
+# -- checking the token (common/tokens.py reads it) ----------------------------
 
 def bearer_matches(value: str | bytes | None, expected: bytes) -> bool:
     """Whether an `authorization` metadata value is `Bearer <token>`, compared in
@@ -97,7 +55,7 @@ def bearer_matches(value: str | bytes | None, expected: bytes) -> bool:
 
 
 def bearer_value(token: str) -> bytes:
-    return b"Bearer " + token.encode("ascii")
+    return bearer(token).encode("ascii")
 
 
 def metadata_value(metadata, key: str):
@@ -146,17 +104,18 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 # -- exposure -----------------------------------------------------------------
 
-def listen_host(listen: str) -> str:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise StartupError(f"--listen expects HOST:PORT, got {listen!r}")
-    return host.strip("[]")
+def split_listen(listen: str) -> tuple[str, int]:
+    """--listen's (host, port); a StartupError that names the flag otherwise."""
+    try:
+        return split_host_port(listen)
+    except ValueError:
+        raise StartupError(f"--listen expects HOST:PORT, got {listen!r}") from None
 
 
 def is_loopback(listen: str) -> bool:
     """Whether HOST:PORT can only be reached from this host. Names other than
     `localhost` count as exposed: what they resolve to can change."""
-    host = listen_host(listen)
+    host, _ = split_listen(listen)
     if host.lower() in ("localhost", "ip6-localhost"):
         return True
     try:

@@ -13,10 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-from cloud.auth import StartupError, check_exposure, load_token, server_credentials
+from cloud.auth import check_exposure, server_credentials
 from cloud.config import WAIT_POLICIES, VerifierConfig
-from sim.daemon_config import ConfigFileError, add_config_args, effective_settings, mqtt_url, parse_args_with_config, to_toml
 from cloud.startup import bind_problem, startup_error_line
+from common.address import mqtt_url
+from common.daemon_config import ConfigFileError, add_config_args, effective_settings, parse_args_with_config, to_toml
+from common.errors import StartupError
+from common.tokens import load_token
 from sim.latency import TARGETS
 
 EPILOG = """examples:

@@ -19,8 +19,10 @@ from cloud.config import VerifierConfig
 from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler
 from cloud.server import SERVICE, VerifierService
-from cloud.startup import StartupError, bind_problem
+from cloud.startup import bind_problem
 from cloud.target import Target, measure_pass
+from common.address import join_host_port, split_host_port
+from common.errors import StartupError
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from sim.latency import TARGETS, LatencyProfile, lookup
@@ -140,12 +142,12 @@ async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> 
     cfg = b.service.cfg                      # as served: the start-up check may have turned batching off
     await b.server.start()
     reaper = asyncio.ensure_future(b.service.reap_idle())
-    host = cfg.listen.rsplit(":", 1)[0]
-    log.info("serving %s on %s:%d (vocab %d, fingerprint %s, %.1f ms/token, %d threads, batching %s%s)",
-             b.service.target_label, host, b.port, b.target.n_vocab, b.target.fingerprint,
+    address = join_host_port(split_host_port(cfg.listen)[0], b.port)
+    log.info("serving %s on %s (vocab %d, fingerprint %s, %.1f ms/token, %d threads, batching %s%s)",
+             b.service.target_label, address, b.target.n_vocab, b.target.fingerprint,
              b.service.ar_token_s * 1e3, b.target.n_threads, "on" if cfg.batching else "off",
              (", mutual TLS" if cfg.tls_client_ca else ", TLS") if cfg.tls_cert else "")
-    print(f"cloud-verifier listening on {host}:{b.port} ({b.exact})", flush=True)
+    print(f"cloud-verifier listening on {address} ({b.exact})", flush=True)
     status = None
     if mqtt and mqtt[0]:                     # (url, id, interval): the retained MQTT status (cloud/status.py)
         from cloud.status import start_status_publisher

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from cloud.scheduler import PassStats
+from common.address import split_host_port
 
 
 class Metrics:
@@ -34,5 +35,5 @@ class Metrics:
         self.pass_steps.observe(s.steps)
 
     def serve(self, hostport: str) -> None:
-        host, port = hostport.rsplit(":", 1)
-        start_http_server(int(port), addr=host, registry=self.registry)
+        host, port = split_host_port(hostport)
+        start_http_server(port, addr=host, registry=self.registry)

@@ -27,6 +27,7 @@ from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler, Step
 from cloud.session import BadDraft, ContextFull, Limits, Session
 from cloud.target import TargetError
+from common.metadata import SESSION_HEADER, SESSION_KEY_HEADER as KEY_HEADER
 from kernels import packing
 from kernels.sampling import SamplingConfig
 from kernels.tree import DraftTree, main_length, merge_chained, unpack_parents
@@ -37,8 +38,6 @@ from sim.latency import LatencyProfile
 
 log = logging.getLogger("tandem.cloud")
 SERVICE = "tandem.v1.Verifier"
-SESSION_HEADER = "tandem-session"
-KEY_HEADER = "tandem-session-key"
 RELEASE_WAIT_S = 5.0
 
 

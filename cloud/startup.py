@@ -9,12 +9,8 @@ from __future__ import annotations
 import errno
 import socket
 
-from cloud.auth import StartupError, listen_host
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host = listen_host(listen)
-    return host, int(listen.rpartition(":")[2])
+from cloud.auth import split_listen
+from common.errors import StartupError
 
 
 def bind_problem(listen: str) -> str | None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from sim.daemon_config import mqtt_address
-from sim.mqtt_publisher import PeriodicPublisher
+from common.address import mqtt_address
+from common.mqtt_publisher import PeriodicPublisher
 
 
 def status_topic(verifier_id: str) -> str:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from bench.procs import ROOT, Daemon, start_cloud
+from common.procs import ROOT, Daemon, start_cloud
 
 CONFIG = ROOT / "deploy" / "haproxy.cfg"
 

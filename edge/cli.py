@@ -8,9 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from common.daemon_config import ConfigFileError, effective_settings, parse_args_with_config, to_toml
+from common.extras import missing_extra
 from edge.config import CODECS, MODES, TREES, GenConfig
 from kernels.sampling import SamplingConfig
-from sim.daemon_config import ConfigFileError, effective_settings, parse_args_with_config, to_toml
 from sim.latency import DEVICES
 
 GEN_EPILOG = """modes:
@@ -87,17 +88,15 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                                     "or $TANDEM_TOKEN)")
     ap.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS")
     ap.add_argument("--threads", type=int, default=2, help="draft model threads (default: %(default)s)")
-    try:
-        from edge.moe.cli import add_drafter_args
-        add_drafter_args(ap)
-    except ImportError:
-        pass
+    from edge.moe.cli import add_drafter_args      # flags only: torch is imported when the drafter is built
+    add_drafter_args(ap)
 
 
 def verifier_client(a):
     """The verifier's client from --cloud, the token (--token-file, --token or
     $TANDEM_TOKEN, as the verifier reads its own) and --tls-ca."""
-    from cloud.auth import StartupError, load_token
+    from common.errors import StartupError
+    from common.tokens import load_token
     from edge.client import VerifierClient
     try:
         token = load_token(a.token_file, a.token,
@@ -197,17 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=run_serve)
-    try:
-        from edge.moe import cli as moe_cli
-        m = sub.add_parser("moeify", help="build the local MoE draft model from the shipped SmolLM2")
-        moe_cli.add_moeify_args(m)
-        m.set_defaults(func=moe_cli.run_moeify)
-        if hasattr(moe_cli, "add_calibrate_args"):
-            c = sub.add_parser("moe-calibrate", help="measure per-layer precision floors for a MoE model")
-            moe_cli.add_calibrate_args(c)
-            c.set_defaults(func=moe_cli.run_calibrate)
-    except ImportError:
-        pass
+    from edge.moe import cli as moe_cli            # listed always; without torch they say which extra to install
+    m = sub.add_parser("moeify", help="build the local MoE draft model from the shipped SmolLM2 (needs tandem[moe])")
+    moe_cli.add_moeify_args(m)
+    m.set_defaults(func=moe_cli.run_moeify)
+    c = sub.add_parser("moe-calibrate", help="measure per-layer precision floors for a MoE model (needs tandem[moe])")
+    moe_cli.add_calibrate_args(c)
+    c.set_defaults(func=moe_cli.run_calibrate)
     try:
         a = parse_args_with_config(ap, argv, target=serve)
     except ConfigFileError as e:
@@ -229,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     except CloudError as e:
         print(f"edge-agent: verifier error: {e}", file=sys.stderr)
         return 3
+    except ModuleNotFoundError as e:
+        line = missing_extra(e)
+        if line is None:
+            raise
+        print(f"edge-agent {a.command}: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

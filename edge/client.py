@@ -3,7 +3,7 @@
 Bytes are counted as the serialised message plus gRPC's 5-byte message prefix,
 per direction; HTTP/2 framing below that is not included.
 
-Every call of a session carries the same metadata:
+Every call of a session carries the same metadata (names: common/metadata.py):
     authorization       Bearer TOKEN (when the deployment has one)
     tandem-affinity     a random key chosen before Open; a balancer in front of
                         several verifiers hashes on it, so Open, Speculate and
@@ -21,14 +21,12 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.metadata import AFFINITY_HEADER, AUTH_HEADER, RETRY_AFTER_HEADER, SESSION_HEADER, SESSION_KEY_HEADER, \
+    bearer
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 
 GRPC_PREFIX = 5
-AFFINITY_HEADER = "tandem-affinity"
-SESSION_HEADER = "tandem-session"
-SESSION_KEY_HEADER = "tandem-session-key"
-RETRY_AFTER_HEADER = "retry-after-ms"
 SERVICE = "tandem.v1.Verifier"
 OPEN_TIMEOUT_S = 60.0
 MAX_MESSAGE_BYTES = 16 << 20
@@ -95,7 +93,7 @@ class VerifierClient:
             self.channel = grpc.insecure_channel(target, CHANNEL_OPTIONS)
         self.stub = pb_grpc.VerifierStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.meta = (("authorization", f"Bearer {token}"),) if token else ()
+        self.meta = ((AUTH_HEADER, bearer(token)),) if token else ()
         self.target = target
         self.connect_timeout_s, self.probe_timeout_s = connect_timeout_s, probe_timeout_s
         self.bytes = ByteCounter()

@@ -12,7 +12,7 @@ Payload (JSON, not retained; rates are over the time since the last message):
 acceptance_rate, fallback and cache_hit_rate are those of the latest completion
 (acceptance per drafted position; null when none drafted; cache_hit_rate only
 with the MoE drafter); link_rtt_ms is the planner's measured round trip.
-Publishing is best-effort on its own thread (sim/mqtt_publisher.py): the
+Publishing is best-effort on its own thread (common/mqtt_publisher.py): the
 snapshot is pulled from counters, so a broker that is gone or hangs can never
 stall generation; the publisher reconnects by itself.
 """
@@ -21,8 +21,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from sim.daemon_config import mqtt_address
-from sim.mqtt_publisher import PeriodicPublisher
+from common.address import mqtt_address
+from common.mqtt_publisher import PeriodicPublisher
 
 FIELDS = ("id", "ts", "interval_s", "tokens_per_s", "tokens_total", "completions_total", "acceptance_rate", "mode",
           "last_mode", "fallback", "verifier_reachable", "link_rtt_ms", "queue", "cache_hit_rate", "emulated")

@@ -119,12 +119,6 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return w.reshape(rows, cols)
 
 
-def relative_error(w: torch.Tensor, bits: int, group: int = 32) -> float:
-    """|dequantize(quantize(w)) - w| / |w| (Frobenius)."""
-    w = w.detach().to(torch.float32)
-    return float((dequantize(quantize(w, bits, group)) - w).norm() / w.norm().clamp_min(1e-30))
-
-
 def matmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     """x (..., cols) @ W.T -> (..., rows), W being the quantised matrix."""
     return x @ dequantize(q, x.dtype).T

@@ -22,10 +22,6 @@ class LatencyProfile:
     def forward_s(self, n_tokens: int) -> float:
         return self.a_s + self.b_s * max(1, n_tokens)
 
-    @property
-    def ar_tokens_per_s(self) -> float:
-        return 1.0 / self.forward_s(1)
-
 
 # Targets: fitted so that t(1) matches the autoregressive rates the PicoSpec
 # paper reports for cloud-only decoding on one A100; b is the small per-token

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from bench.procs import start_cloud, start_link
+from common.procs import start_cloud, start_link
 from cloud.target import INVARIANT_BATCH
 
 PROMPTS = [
@@ -37,7 +37,7 @@ PROMPTS = [
 def broker(tmp_path_factory):
     """A real mosquitto on a loopback port, one per test module (tests may kill and
     restart it); skipped where mosquitto is not installed."""
-    from bench.procs import Mosquitto
+    from common.mosquitto import Mosquitto
     try:
         b = Mosquitto(tmp_path_factory.mktemp("mqtt"))
     except FileNotFoundError as e:

@@ -15,9 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from cloud.auth import (AuthInterceptor, StartupError, bearer_matches, bearer_value, check_exposure, is_loopback,
-                        load_token, metadata_value, sanitize_log_field, server_credentials)
+from cloud.auth import (AuthInterceptor, bearer_matches, bearer_value, check_exposure, is_loopback, metadata_value,
+                        sanitize_log_field, server_credentials)
 from cloud.startup import bind_problem, startup_error_line
+from common.errors import StartupError
+from common.tokens import load_token
 
 TOKEN = "0123456789abcdef-test-token"
 
@@ -197,7 +199,7 @@ import shutil
 import subprocess
 import sys
 
-from bench.procs import ROOT, Daemon
+from common.procs import ROOT, Daemon
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from bench.procs import ROOT, start_cloud
+from common.procs import ROOT, start_cloud
 
 REQUIRED_STATS = {"drafted", "accepted", "acceptance_rate", "tokens_per_s", "ttft_s", "bytes_up", "bytes_down"}
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sim.daemon_config import ConfigFileError, add_config_args, apply_config_file, effective_settings, \
-    mqtt_address, parse_args_with_config, to_toml
+from common.address import mqtt_address
+from common.daemon_config import ConfigFileError, add_config_args, apply_config_file, effective_settings, \
+    parse_args_with_config, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from bench.procs import ROOT, start_cloud
+from common.procs import ROOT, start_cloud
 from cloud import exactness
 from cloud.target import Target
 from edge.model_files import shipped_gguf

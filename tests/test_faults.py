@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from bench.procs import ROOT, Daemon, start_cloud, start_link
+from common.procs import ROOT, Daemon, start_cloud, start_link
 from edge.agent import Agent
 from edge.client import VerifierClient
 from edge.config import GenConfig

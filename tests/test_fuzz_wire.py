@@ -23,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.metadata import SESSION_HEADER, SESSION_KEY_HEADER
 from edge.agent import Agent
-from edge.client import SESSION_HEADER, SESSION_KEY_HEADER, VerifierClient
+from edge.client import VerifierClient
 from edge.config import GenConfig
 from kernels import packing
 from proto import tandem_pb2 as pb

@@ -1,5 +1,5 @@
 """The verifier's retained MQTT status and its last will, on a real mosquitto."""
-from bench.procs import start_cloud
+from common.procs import start_cloud
 from cloud.status import status_topic
 from tests.test_mqtt_telemetry import Subscriber
 

@@ -7,7 +7,7 @@ import socket
 import time
 import urllib.request
 
-from bench.procs import start_serve
+from common.procs import start_serve
 from edge.telemetry import FIELDS, telemetry_topic
 from tests.conftest import wait_for
 

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from bench.procs import start_serve
+from common.procs import start_serve
 
 openai = pytest.importorskip("openai")
 

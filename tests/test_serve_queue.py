@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from bench.procs import start_serve
+from common.procs import start_serve
 from tests.conftest import wait_for
 
 LONG = 1500            # tokens of the request that is cut short: >= 19 s at the emulated device's pace

@@ -152,7 +152,7 @@ def test_another_clients_session_is_refused(stub, tokenizer):
 
 def test_full_verifier_refuses_with_a_retry_hint_and_frees_slots_on_close(tokenizer):
     """Every RPC that holds a sequence counts, Generate included; Close frees the slot."""
-    from bench.procs import start_cloud
+    from common.procs import start_cloud
     d = start_cloud("--threads", "1", "--max-sessions", "2")
     try:
         ch = grpc.insecure_channel(d.address)

@@ -14,7 +14,7 @@ import urllib.request
 import grpc
 import pytest
 
-from bench.procs import start_cloud
+from common.procs import start_cloud
 from kernels import packing
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc

@@ -51,11 +51,6 @@ class Experts(ABC):
         return 1 if self.wants_hints() else 0
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
-    """The slow reference: three separate products."""
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
-
-
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """(F, D), (F, D) -> (2F, D): one product gives both halves."""
     return torch.cat([gate, up]).contiguous()

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge.moe.store import FP
+from edge.moe.bits import FP
 
 LADDER = (2, 4, 8, FP)
 ABLATIONS = ("evict", "prior", "importance", "prefetch", "batch")

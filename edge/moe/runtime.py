@@ -17,12 +17,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from edge.moe.bits import FP
 from edge.moe.cache import CacheConfig, ExpertCache
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.model import Experts, add_in_order, expert_part, token_gates
 from edge.moe.policy import PolicyConfig, expert_requirements
 from edge.moe.prefetch import DEMAND, PREFETCH, IOQueue
-from edge.moe.store import FP, ExpertStore, ExpertWeights
+from edge.moe.store import ExpertStore, ExpertWeights
 
 
 class BudgetTooSmall(ValueError):

@@ -44,9 +44,10 @@ from pathlib import Path
 
 import torch
 
+from edge.moe.bits import FP
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.model import MoETransformer, ResidentExperts
-from edge.moe.store import FP, KINDS, ExpertStore, StorageProfile, StoreConfig, flash_copy, working_copy
+from edge.moe.store import KINDS, ExpertStore, StorageProfile, StoreConfig, flash_copy, working_copy
 
 
 @dataclass

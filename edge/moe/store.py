@@ -48,11 +48,11 @@ import gguf
 import numpy as np
 import torch
 
+from edge.moe.bits import FP
 from edge.moe.gguf_loader import GGUFModel, expert_to_f32
 from edge.moe.model import fuse_gate_up
 from kernels import grid, quant
 
-FP = 16          # "full precision": whatever the file holds (F16/F32)
 KINDS = ("gate", "up", "down")
 PROFILES_FILE = Path(__file__).with_name("storage_profiles.json")
 _MAGIC = b"TNDQ"

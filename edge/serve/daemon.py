@@ -17,9 +17,11 @@ import socket
 import sys
 from pathlib import Path
 
+from common.address import host_port, mqtt_url
+from common.daemon_config import add_config_args
+from common.metadata import SESSION_HEADER, SESSION_KEY_HEADER
 from edge.config import GenConfig
 from edge.serve.config import ServeConfig
-from sim.daemon_config import add_config_args, mqtt_url
 
 log = logging.getLogger("tandem.serve")
 CTX_MARGIN = 64          # positions kept free for draft blocks in flight past the last token
@@ -45,17 +47,10 @@ examples:
 """
 
 
-def http_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
     """The serve-only flags (the model, codec, drafter and link flags are generate's)."""
     g = ap.add_argument_group("serving")
-    g.add_argument("--http", type=http_address, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+    g.add_argument("--http", type=host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
                    help="address of the HTTP API (port 0: a free port; the ready line shows it) (default: 127.0.0.1:8080)")
     g.add_argument("--queue-size", type=int, default=8,
                    help="requests that may wait while one generates; more get 429 + Retry-After (default: %(default)s)")
@@ -119,7 +114,7 @@ class VerifierLink:
             reply = self.client.stub.Open(req, metadata=self.client.meta, timeout=5)
             # a verifier that binds sessions to their opener wants the key back (absent: older verifiers)
             key = getattr(reply, "session_key", "")
-            meta = self.client.meta + ((("tandem-session", reply.session), ("tandem-session-key", key)) if key else ())
+            meta = self.client.meta + (((SESSION_HEADER, reply.session), (SESSION_KEY_HEADER, key)) if key else ())
             self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=meta, timeout=5)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:

@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from sim.daemon_config import ConfigFileError, add_config_args, effective_settings, mqtt_address, parse_args_with_config, to_toml
+from common.address import host_port, mqtt_address
+from common.daemon_config import ConfigFileError, add_config_args, effective_settings, parse_args_with_config, to_toml
 from sim.link.commands import SET_KEYS, Command, parse_command, updated_config
 from sim.link.config import JITTER_DISTS, OUTAGE_MODES, ConfigError, LinkConfig
 from sim.link.profiles import DEFAULT_PROFILE, DEFAULT_PROFILES, load_profiles, profile_sources
@@ -35,13 +36,6 @@ trace or schedule files exit 2 with a message naming the file line.
 """
 
 
-def hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="link-sim",
@@ -51,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--listen", type=hostport, required=True, metavar="HOST:PORT",
+    p.add_argument("--listen", type=host_port, required=True, metavar="HOST:PORT",
                    help="address the edge connects to (port 0 picks a free port; the ready line shows it)")
-    p.add_argument("--upstream", type=hostport, required=True, metavar="HOST:PORT",
+    p.add_argument("--upstream", type=host_port, required=True, metavar="HOST:PORT",
                    help="the cloud-side server every connection is forwarded to")
     p.add_argument("--profile", default=None, metavar="NAME",
                    help=f"named profile from the profiles file (default {DEFAULT_PROFILE}); flags below override it")
@@ -85,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for jitter and loss draws (default 0)")
     c = p.add_argument_group("control and reports")
     c.add_argument("--schedule", metavar="FILE", help="timed commands, e.g. '10 profile 3g' / '20 outage 2'")
-    c.add_argument("--control", type=hostport, metavar="HOST:PORT", help="listen for live commands (see `link-sim ctl`)")
+    c.add_argument("--control", type=host_port, metavar="HOST:PORT", help="listen for live commands (see `link-sim ctl`)")
     c.add_argument("--report-interval", type=float, default=0.0, metavar="SEC",
                    help="emit a JSON report line every SEC seconds (default 0: only the final report)")
     c.add_argument("--report-file", metavar="PATH", help="append interval reports here instead of stdout")
@@ -171,7 +165,7 @@ def _ctl(argv: list[str]) -> int:
     from sim.link.control import send_command
 
     p = argparse.ArgumentParser(prog="link-sim ctl", description="Send one command to a running link-sim's control port.")
-    p.add_argument("control", type=hostport, metavar="HOST:PORT")
+    p.add_argument("control", type=host_port, metavar="HOST:PORT")
     p.add_argument("command", nargs=argparse.REMAINDER, help="e.g. profile 3g | set rate-down=2 | outage 2 reset | status")
     args = p.parse_args(argv)
     if not args.command:

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.address import split_host_port
+
 _BLOCK = 64 * 1024
 _ROOT = Path(__file__).resolve().parents[2]
 READY = "link-sim listening on "
@@ -210,8 +212,7 @@ class LinkSimProcess:
         if not line.startswith(READY):
             self.proc.kill()
             raise RuntimeError(f"link-sim did not start: {self.proc.stderr.read().strip()}")
-        host, port = line[len(READY):].strip().rsplit(":", 1)
-        self.addr = (host, int(port))
+        self.addr = split_host_port(line[len(READY):].strip())
 
     def stop(self) -> dict:
         """SIGTERM; returns the final JSON report."""

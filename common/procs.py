@@ -1,4 +1,9 @@
-"""Start the real daemons as subprocesses (benchmarks, the demo and the tests)."""
+"""Start the real daemons as subprocesses: the replica set (deploy/), the
+benchmarks, the demo and the tests all run the daemons this way.
+
+Daemons are started by module name (`python -m cloud.cli`), so nothing here
+imports them: this module stays below edge, cloud and sim.
+"""
 from __future__ import annotations
 
 import os
@@ -9,6 +14,8 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+
+from common.address import split_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +54,7 @@ class Daemon:
 
     @property
     def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+        return split_host_port(self.address)[1]
 
     def stop(self, timeout_s: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -74,58 +81,3 @@ def start_serve(cloud: str | None, *extra: str, timeout_s: float = 90.0) -> Daem
     args = ["serve", "--http", "127.0.0.1:0", "--threads", "1"] + (["--cloud", cloud] if cloud else [])
     return Daemon("edge.cli", [*args, *extra], "edge-agent serve listening on", timeout_s=timeout_s)
 
-
-def mosquitto_path() -> str | None:
-    import shutil
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
-
-
-class Mosquitto:
-    """A real MQTT broker on a loopback port, for tests and benchmarks; it can be
-    killed and started again on the same port (a broker that vanishes)."""
-
-    def __init__(self, workdir: Path, port: int = 0):
-        import socket
-        self.exe = mosquitto_path()
-        if self.exe is None:
-            raise FileNotFoundError("mosquitto not installed (apt-get install mosquitto)")
-        if port == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.port, self.conf = port, Path(workdir) / f"mosquitto-{port}.conf"
-        self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        import socket
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not start on port {self.port}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()

@@ -1,4 +1,4 @@
-"""Config files and MQTT addresses shared by the three daemons.
+"""Config files, shared by the three daemons.
 
 Every daemon (edge-agent, cloud-verifier, link-sim) takes `--config FILE.toml`
 beside its flags. The file holds the same settings as the flags, one key per
@@ -9,7 +9,7 @@ them back) and exits. The mechanism is argparse's own: the file's values
 become the parser's defaults, so types, choices and flags' precedence are the
 same whether a setting comes from the command line or the file.
 
-Nothing here imports code of ours: edge, cloud and sim all use it.
+Addresses (HOST:PORT, mqtt://) are common/address.py's.
 """
 from __future__ import annotations
 
@@ -152,26 +152,3 @@ def to_toml(settings: dict, header: str = "") -> str:
     text = tomli_w.dumps(plain)
     return "\n".join(lines + [text.rstrip("\n")] + unset) + "\n"
 
-
-def mqtt_url(text: str) -> str:
-    """argparse type for --mqtt: `mqtt://HOST:PORT`, `HOST:PORT` or `HOST`
-    (port 1883), normalised to `mqtt://HOST:PORT`."""
-    host, port = mqtt_address(text)
-    return f"mqtt://{host}:{port}"
-
-
-def mqtt_address(text: str) -> tuple[str, int]:
-    """`mqtt://HOST:PORT`, `HOST:PORT` or `HOST` (port 1883) -> (host, port)."""
-    rest = text
-    if "://" in rest:
-        scheme, rest = rest.split("://", 1)
-        if scheme != "mqtt":
-            raise argparse.ArgumentTypeError(f"only mqtt:// brokers are supported, got {text!r}")
-    rest = rest.rstrip("/")
-    host, sep, port = rest.rpartition(":")
-    if not sep:
-        host, port = rest, "1883"
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected mqtt://HOST:PORT, got {text!r}")
-    return host, int(port)
