@@ -1,6 +1,6 @@
 """Turn the shipped dense SmolLM2 into a Mixtral-style MoE GGUF.
 
-What worked (see DESIGN.md, measured facts), in the order applied per layer:
+What worked (docs/dymoe.md, "The test bed"), in the order applied per layer:
 1. carve: balanced k-means of the FFN's neurons on binary "in this token's
    top 25 % |activation|" markers -> E equal experts;
 2. route: a linear router trained to pick the k experts that most reduce
