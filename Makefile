@@ -65,7 +65,7 @@ lock:
 	@{ echo "# tandem's tested environment: every package, exact versions ($$($(LOCK_VENV)/bin/python -V), $$(uname -m))."; \
 	   echo "# Made by 'make lock' on $$(date -u +%F); installed by 'make setup' with pip --no-deps."; \
 	   $(LOCK_VENV)/bin/pip freeze --all --exclude tandem; } > $(LOCK)
-	@rm -rf $(LOCK_VENV)
+	@rm -rf $(LOCK_VENV) build
 	@echo "[lock] wrote $(LOCK): $$(grep -c '==' $(LOCK)) packages"
 
 models: $(STAMP)
