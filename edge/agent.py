@@ -22,6 +22,7 @@ import grpc
 
 from edge.baselines import cloud_only, edge_only
 from edge.client import CloudError, VerifierClient
+from edge.codec import Codec
 from edge.config import GenConfig
 from edge.drafter import Drafter
 from edge.picospec import Speculator, SwitchToCloudOnly, choose_codec, open_request
@@ -173,7 +174,7 @@ class Agent:
                 raise SwitchToCloudOnly()
             self.skipped = 0          # conditions change: measure again now and then
         codec = choose_codec(cfg, self.n_vocab, last)
-        stats.codec = codec
+        stats.codec = codec.name
         t_open = time.monotonic()
         req = open_request(self.fingerprint, cfg, codec, prompt)
         if resume:                    # the whole committed prefix goes up again: compress it where that pays
@@ -199,7 +200,7 @@ class Agent:
         planner = Planner(cfg.pipelined, t_draft, rtt, reply.verify_a_s, reply.verify_b_s, reply.ar_token_s,
                           prior_accept=self.learned_accept if self.learned_accept is not None else 0.8,
                           gamma=cfg.gamma, window=cfg.window, lead=cfg.pipelined and cfg.cloud_lead,
-                          lead_after_rtt=codec == "P" and not cfg.sampling.greedy)
+                          lead_after_rtt=codec == Codec.P and not cfg.sampling.greedy)
         if last is not None:   # what siblings yield and cost on this pair and link (edge/planner.py)
             planner.sibling_gain, planner.sibling_s = last.sibling_gain, last.sibling_s
         self.last_planner = planner

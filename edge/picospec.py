@@ -40,6 +40,7 @@ import numpy as np
 
 from edge.baselines import OnTokens, sampling_proto
 from edge.client import CloudError, DraftStream
+from edge.codec import Codec
 from edge.config import GenConfig
 from edge.drafter import Drafter
 from edge.planner import Planner
@@ -52,7 +53,6 @@ from kernels.tree import pack_parents, race_draws
 from proto import tandem_pb2 as pb
 from sim.latency import Hold, LatencyProfile
 
-CODEC_ID = {"P": pb.CODEC_P, "Q": pb.CODEC_Q}
 # After a rejection the pipeline is empty and the verifier waits for (or leads
 # past) the next block: a short first block restarts it a few draft steps sooner.
 FIRST_BLOCK = 3
@@ -99,7 +99,7 @@ class SwitchToCloudOnly(Exception):
 
 class Speculator:
     def __init__(self, stream: DraftStream, drafter: Drafter, prompt: list[int], cfg: GenConfig,
-                 codec: str, width: int, eos: int, planner: Planner, device: LatencyProfile | None,
+                 codec: Codec, width: int, eos: int, planner: Planner, device: LatencyProfile | None,
                  on_tokens: OnTokens, stats: GenStats, t0: float, first_logits: np.ndarray,
                  tree_branches: int = 0, max_draft: int = 64):
         self.stream, self.drafter, self.cfg, self.codec, self.width = stream, drafter, cfg, codec, width
@@ -118,7 +118,7 @@ class Speculator:
         self.lead = cfg.pipelined and cfg.cloud_lead
         self.restart = True                   # the next block is the first after a break
         # Trees need a verifier that takes them, and at T>0 codec Q (kernels/tree.py says why).
-        self.trees = tree_branches > 0 and cfg.tree != "off" and (cfg.sampling.greedy or codec == "Q")
+        self.trees = tree_branches > 0 and cfg.tree != "off" and (cfg.sampling.greedy or codec == Codec.Q)
         self.tree_branches = tree_branches
         planner.tree = cfg.tree if self.trees else "off"
         self.plan = planner.plan()
@@ -191,7 +191,7 @@ class Speculator:
         probs = logits_to_probs(self.logits, s)
         # Codec P sends q(x) up as one byte, so the draft samples from an 8-bit q
         # (any q is exact as long as the verifier tests with the one sampled from).
-        q = quantize_dist(probs, bits=8, top_k=None if self.codec == "P" else self.cfg.q_top_k)
+        q = quantize_dist(probs, bits=8, top_k=None if self.codec == Codec.P else self.cfg.q_top_k)
         x = race_sample_at(q.weights, s.seed, pos, q.ids)
         return x, q, (None, q.prob(x))
 
@@ -271,7 +271,7 @@ class Speculator:
             shape = "-".join("2" if any(l == lvl for l, _ in sibs) else "1" for lvl in range(len(b.drafted)))
             self.tree_stats["shapes"][shape] = self.tree_stats["shapes"].get(shape, 0) + 1
         if not self.cfg.sampling.greedy:
-            if self.codec == "P":
+            if self.codec == Codec.P:
                 d.q = packing.pack_u8([q.weights[np.searchsorted(q.ids, x)] for x, q in zip(b.drafted, b.qs)])
             else:
                 d.q_sparse.extend(packing.pack_sparse(q, self.width) for q in b.qs)
@@ -424,34 +424,34 @@ Q_LEAD_GAIN = 1.05
 
 
 def choose_codec(cfg: GenConfig, n_vocab: int, measured: Planner | None = None, p_top_k: int = 16,
-                 p_tail: int = 4, prior_accept: float = 0.7, gamma: int = 4) -> str:
+                 p_tail: int = 4, prior_accept: float = 0.7, gamma: int = 4) -> Codec:
     """`auto`: with a pipelined, leading session and a planner that has measured
     this pair and link (the last session's), the codec of the higher predicted
     rate; otherwise the codec whose expected bytes cost less link time per block,
     uplink weighted by how much scarcer it is (cfg.uplink_share). At T=0 both
     send only token ids, and P is the protocol default."""
     if cfg.codec != "auto":
-        return cfg.codec
+        return Codec[cfg.codec]
     if cfg.sampling.greedy:
-        return "P"
+        return Codec.P
     if cfg.tree == "always":
-        return "Q"        # the codec that carries trees at T>0
+        return Codec.Q    # the codec that carries trees at T>0
     if measured is not None and cfg.pipelined and cfg.cloud_lead and measured.pipelined:
         p_rate = measured.plan(lead_after_rtt=True).spec_rate
         q_rate = measured.plan(lead_after_rtt=False).spec_rate
         if q_rate >= Q_LEAD_GAIN * p_rate:
-            return "Q"
+            return Codec.Q
     w = packing.token_width(n_vocab)
     reject = 1 - prior_accept ** gamma
     p_down = reject * (p_top_k * (w + 4) + p_tail * (w + 4) + 4)
     p_up = gamma          # one byte of q(x) per drafted token
     q_up = gamma * (1 + cfg.q_top_k * (w + 1))
     cost = lambda up, down: up / cfg.uplink_share + down
-    return "P" if cost(p_up, p_down) <= cost(q_up, 0) else "Q"
+    return Codec.P if cost(p_up, p_down) <= cost(q_up, 0) else Codec.Q
 
 
-def open_request(fingerprint: str, cfg: GenConfig, codec: str, prompt: list[int]) -> pb.OpenRequest:
-    return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=CODEC_ID[codec],
+def open_request(fingerprint: str, cfg: GenConfig, codec: Codec, prompt: list[int]) -> pb.OpenRequest:
+    return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=codec,
                           prompt=prompt, client="edge-agent", lead=cfg.pipelined and cfg.cloud_lead,
                           max_tokens=cfg.max_tokens, ignore_eos=not cfg.stop_at_eos,
                           lead_first=cfg.lead_first if cfg.pipelined and cfg.cloud_lead else 0,
