@@ -2,7 +2,7 @@
 
     draft -> send block -> (keep drafting the next block) -> verdict -> accept / roll back
 
-Positions are absolute. `seq` is what the drafter should have seen: the prompt,
+Positions are absolute. `context` is what the drafter should have seen: the prompt,
 the committed output, then speculative tokens of blocks in flight. A verdict
 commits accepted tokens; a rejection bumps the epoch (the cloud drops every
 block of the old one), throws the speculative tail away, rolls the drafter's
@@ -106,13 +106,13 @@ class Speculator:
         self.eos, self.planner, self.device, self.on_tokens, self.stats, self.t0 = (
             eos, planner, device, on_tokens, stats, t0)
         self.n_prompt = len(prompt)
-        self.seq = list(prompt)
+        self.context = list(prompt)
         self.out: list[int] = []
         self.in_flight: deque[Block] = deque()
         self.cur: Block | None = None
         self.epoch = 0
         self.fixed_next: int | None = None
-        self.logits = first_logits            # predicts position len(seq) while drafter.n_past == len(seq)
+        self.logits = first_logits            # predicts position len(context) while drafter.n_past == len(context)
         self.plan = planner.plan()
         self.done = False
         self.lead = cfg.pipelined and cfg.cloud_lead
@@ -146,7 +146,7 @@ class Speculator:
 
     # -- drafting ------------------------------------------------------------
     def _spec_len(self) -> int:
-        return len(self.seq) - self.n_prompt - len(self.out)
+        return len(self.context) - self.n_prompt - len(self.out)
 
     def _committed(self) -> int:
         return self.n_prompt + len(self.out)
@@ -154,23 +154,23 @@ class Speculator:
     def _can_draft(self) -> bool:
         if self.cur is None and len(self.in_flight) >= (self.plan.window if self.cfg.pipelined else 1):
             return False
-        if self.cur is None and self.cfg.stop_at_eos and self.eos in self.seq[self._committed():]:
+        if self.cur is None and self.cfg.stop_at_eos and self.eos in self.context[self._committed():]:
             return False
         return len(self.out) + self._spec_len() < self.cfg.max_tokens
 
     def _draft_one(self) -> None:
         if self.cur is None:
-            start = len(self.seq) - (1 if self.fixed_next is not None else 0)
+            start = len(self.context) - (1 if self.fixed_next is not None else 0)
             self.cur = Block(self.epoch, start, self.fixed_next)
             self.fixed_next = None
         t = time.monotonic()
-        todo = self.seq[self.drafter.n_past:]
+        todo = self.context[self.drafter.n_past:]
         with Hold(self.device if todo else None, len(todo)):   # a draft step samples inside its time
             if todo:
                 self.logits = self.drafter.eval(todo)
-            x, q, alt = self._draw(len(self.seq))
+            x, q, alt = self._draw(len(self.context))
         self.planner.observe_draft(time.monotonic() - t)
-        self.seq.append(x)
+        self.context.append(x)
         self.cur.drafted.append(x)
         self.cur.qs.append(q)
         self.cur.runner_up.append(alt[0])
@@ -292,18 +292,13 @@ class Speculator:
         j = self._committed()
         if v.start != j:
             raise CloudError(None, f"lead token for position {v.start}, expected {j}")
-        if len(self.seq) > j:
+        if len(self.context) > j:
             self.stats.lead_checks += 1
-            self.stats.lead_hits += self.seq[j] == v.token
-        if len(self.seq) <= j or self.seq[j] != v.token:
-            if self.in_flight and self.in_flight[-1].end > j:
-                self.epoch += 1                      # the verifier will drop those blocks on arrival
-                self.stats.rejections += 1
-                self.in_flight.clear()
-                self.restart = True
-            self.cur = None
-            self.seq = self.seq[:j] + [v.token]
-            self.drafter.truncate(min(self.drafter.n_past, j))
+            self.stats.lead_hits += self.context[j] == v.token
+        if len(self.context) <= j or self.context[j] != v.token:
+            # blocks reaching past j drafted another token there: the verifier drops them on arrival
+            self._roll_back(j, drop_in_flight=bool(self.in_flight) and self.in_flight[-1].end > j)
+            self.context.append(v.token)
         self.stats.leads += 1
         self._commit([v.token])
         while self.in_flight and self.in_flight[0].end <= j + 1:
@@ -311,6 +306,18 @@ class Speculator:
         if (self.cfg.adaptive and not self.done and self.stats.tokens >= LEAD_SWITCH_AFTER
                 and self.stats.leads >= LEAD_SHARE_SWITCH * self.stats.tokens):
             raise SwitchToCloudOnly()
+
+    def _roll_back(self, keep: int, drop_in_flight: bool) -> None:
+        """Drop every speculative token from position `keep` on, and the drafter's cache past it;
+        with `drop_in_flight` the blocks sent too: a new epoch, whose blocks alone both sides keep."""
+        if drop_in_flight:
+            self.epoch += 1
+            self.stats.rejections += 1
+            self.in_flight.clear()
+            self.restart = True
+        self.cur = None
+        self.context = self.context[:keep]
+        self.drafter.truncate(min(self.drafter.n_past, keep))
 
     def take_first_lead(self, token: int) -> None:
         """The verifier's token for the first position, decided at Open (`lead_token`): a lead
@@ -341,18 +348,12 @@ class Speculator:
         self._commit(b.drafted[led:n_chain])
         if v.accepted == len(b.drafted) and sibling is None:
             if v.HasField("token"):                  # bonus: nothing speculative follows it
-                self.seq.append(v.token)
+                self.context.append(v.token)
                 self._commit([v.token])
         else:
-            self.epoch += 1
-            self.stats.rejections += 1
-            self.in_flight.clear()
-            self.restart = True
-            self.cur = None
-            self.seq = self.seq[:self.n_prompt + len(self.out)]
-            self.drafter.truncate(min(self.drafter.n_past, len(self.seq)))
+            self._roll_back(self._committed(), drop_in_flight=True)
             if sibling is not None:
-                self.seq.append(sibling)
+                self.context.append(sibling)
                 self._commit([sibling])
             if v.HasField("token"):
                 y = v.token
@@ -362,7 +363,7 @@ class Speculator:
             else:
                 y = self._residual_p(v, b.qs[v.accepted])
                 self.fixed_next = y                  # travels up with the next block: no message of its own
-            self.seq.append(y)
+            self.context.append(y)
             self._commit([y])
         if not self.done and self.cfg.adaptive:
             self.plan = self.planner.plan()
