@@ -24,6 +24,8 @@ from sim.daemon_config import add_config_args, mqtt_url
 log = logging.getLogger("tandem.serve")
 CTX_MARGIN = 64          # positions kept free for draft blocks in flight past the last token
 READY_LINE = "edge-agent serve listening on"
+REACHABLE_TIMEOUT_S = 1.0
+TARGET_PROBE_TIMEOUT_S = 5.0
 
 SERVE_EPILOG = """endpoints:
   POST /v1/chat/completions, /v1/completions   OpenAI-compatible, streaming (SSE) or not
@@ -97,14 +99,8 @@ class VerifierLink:
         self.target: dict = {}
 
     def reachable(self) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-        import grpc
-        try:
-            reply = health_pb2_grpc.HealthStub(self.client.channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+        # answered at once while the channel is down: /healthz and telemetry never wait on it
+        return self.client.probe(timeout_s=REACHABLE_TIMEOUT_S, wait_for_ready=False)
 
     def learn_target(self) -> dict:
         """A one-token session, closed at once: the target's name, n_ctx, and
@@ -116,14 +112,11 @@ class VerifierLink:
         req = pb.OpenRequest(fingerprint=self.tok.fingerprint, sampling=pb.Sampling(), prompt=[first],
                              client="edge-agent serve (probe)", max_tokens=1)
         try:
-            reply = self.client.stub.Open(req, metadata=self.client.meta, timeout=5)
-            # a verifier that binds sessions to their opener wants the key back (absent: older verifiers)
-            key = getattr(reply, "session_key", "")
-            meta = self.client.meta + ((("tandem-session", reply.session), ("tandem-session-key", key)) if key else ())
-            self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=meta, timeout=5)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise CloudError(e.code(), e.details()) from None
+            reply = self.client.open_result(self.client.open_async(req, timeout_s=TARGET_PROBE_TIMEOUT_S))
+            self.client.close_session(reply.session, timeout_s=TARGET_PROBE_TIMEOUT_S)
+        except CloudError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise
             return self.target
         self.target = {"target": reply.target, "emulated": reply.emulated, "n_ctx": reply.n_ctx}
         return self.target
