@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from edge.config import GenConfig
+from edge.options import MODES_HELP, add_model_args, build_drafter
 from edge.serve.config import ServeConfig
 from sim.daemon_config import add_config_args, mqtt_url
 
@@ -52,6 +54,21 @@ def http_address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def add_serve_command(sub, connect) -> argparse.ArgumentParser:
+    """`serve` among edge-agent's subcommands (`sub`); `connect` makes the verifier's
+    client from the parsed flags."""
+    serve = sub.add_parser("serve", help="run as a daemon: an OpenAI-compatible HTTP API over the models, kept loaded",
+                           description="Serve apps on this device through an OpenAI-compatible HTTP API: the drafter "
+                                       "stays loaded, the verifier channel and what the edge learned about the link "
+                                       "carry over between requests.",
+                           epilog=MODES_HELP + "\n" + SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=functools.partial(run_serve, connect=connect))
+    return serve
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
@@ -122,9 +139,8 @@ class VerifierLink:
         return self.target
 
 
-def run_serve(a) -> int:
+def run_serve(a, connect) -> int:
     from edge.agent import Agent
-    from edge.cli import verifier_client
     from edge.llama_model import Tokenizer
     from edge.serve.engine import Engine
     from edge.serve.metrics import Metrics
@@ -135,7 +151,7 @@ def run_serve(a) -> int:
     tok = Tokenizer(vocab_path)
     client = link = None
     if base.mode != "edge-only":
-        client = verifier_client(a)
+        client = connect(a)
         link = VerifierLink(client, tok)
         if link.learn_target():
             log.info("verifier %s serves %s", a.cloud, link.target["target"])
@@ -160,7 +176,6 @@ def run_serve(a) -> int:
 def build_serve_drafter(a, n_ctx: int):
     """(drafter or None, GGUF whose vocabulary the edge tokenises with)."""
     if a.mode == "cloud-only" or a.drafter == "moe":
-        from edge.cli import build_drafter
         return build_drafter(a)
     from edge.derive import DEFAULT_DRAFT, ensure
     from edge.llama_model import LlamaDrafter
