@@ -22,6 +22,7 @@ import grpc
 
 from edge.baselines import cloud_only, edge_only
 from edge.client import CloudError, VerifierClient
+from edge.codec import Codec
 from edge.config import GenConfig
 from edge.drafter import Drafter
 from edge.picospec import Speculator, SwitchToCloudOnly, choose_codec, open_request
@@ -62,14 +63,26 @@ class Agent:
         # What the last session learned about this drafter/target pair: the next
         # one starts from it instead of a guess (an edge serves many requests).
         self.learned_accept: float | None = None
-        self.last_planner: Planner | None = None
+        self._last_planner: Planner | None = None
+        self._live_stats: GenStats | None = None
         self.skipped = 0      # sessions sent straight to cloud-only since the last probe
+
+    @property
+    def live_stats(self) -> GenStats | None:
+        """The counters of the generation running now (or of the last one): all a caller
+        has of a generation it ended early by raising from on_tokens."""
+        return self._live_stats
+
+    @property
+    def link_rtt_s(self) -> float | None:
+        """The link's round trip as the last speculative session measured it (None before one)."""
+        return self._last_planner.rtt if self._last_planner is not None else None
 
     def generate(self, prompt: list[int], cfg: GenConfig,
                  on_tokens: Callable[[list[int]], None] = lambda t: None) -> Completion:
         t0 = time.monotonic()
         stats = GenStats(mode=cfg.mode, emulated=cfg.emulate_device is not None)
-        self.current_stats = stats   # read by `edge-agent serve` when on_tokens cuts a generation short
+        self._live_stats = stats
         out: list[int] = []
         bytes0 = (self.client.bytes.up, self.client.bytes.down) if self.client else (0, 0)
 
@@ -166,14 +179,14 @@ class Agent:
     def _speculate(self, prompt: list[int], cfg: GenConfig, emit, stats: GenStats, t0: float,
                    resume: bool = False) -> None:
         device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
-        last = self.last_planner
+        last = self._last_planner
         if cfg.adaptive and last is not None and last.pipelined == cfg.pipelined and not last.plan().worth_starting:
             if self.skipped < REPROBE_EVERY:
                 self.skipped += 1     # known not to pay on this link: don't even open a session
                 raise SwitchToCloudOnly()
             self.skipped = 0          # conditions change: measure again now and then
         codec = choose_codec(cfg, self.n_vocab, last)
-        stats.codec = codec
+        stats.codec = codec.name
         t_open = time.monotonic()
         req = open_request(self.fingerprint, cfg, codec, prompt)
         if resume:                    # the whole committed prefix goes up again: compress it where that pays
@@ -199,10 +212,10 @@ class Agent:
         planner = Planner(cfg.pipelined, t_draft, rtt, reply.verify_a_s, reply.verify_b_s, reply.ar_token_s,
                           prior_accept=self.learned_accept if self.learned_accept is not None else 0.8,
                           gamma=cfg.gamma, window=cfg.window, lead=cfg.pipelined and cfg.cloud_lead,
-                          lead_after_rtt=codec == "P" and not cfg.sampling.greedy)
+                          lead_after_rtt=codec == Codec.P and not cfg.sampling.greedy)
         if last is not None:   # what siblings yield and cost on this pair and link (edge/planner.py)
             planner.sibling_gain, planner.sibling_s = last.sibling_gain, last.sibling_s
-        self.last_planner = planner
+        self._last_planner = planner
         if cfg.adaptive and not planner.plan().worth_starting:
             raise SwitchToCloudOnly(reply.session)  # the stream continues from the prefilled cache
         stream = self.client.speculate(reply.session)

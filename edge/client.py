@@ -29,6 +29,7 @@ from proto import tandem_pb2_grpc as pb_grpc
 GRPC_PREFIX = 5
 SERVICE = "tandem.v1.Verifier"
 OPEN_TIMEOUT_S = 60.0
+CLOSE_TIMEOUT_S = 5.0
 MAX_MESSAGE_BYTES = 16 << 20
 # gRPC's own reconnect backoff grows to 2 minutes by default: a verifier back
 # after a restart would stay unseen that long. Keep it short; the edge's
@@ -109,12 +110,15 @@ class VerifierClient:
             raise CloudError(grpc.StatusCode.UNAVAILABLE,
                              f"cannot reach the verifier at {self.target} within {self.connect_timeout_s:.0f} s") from None
 
-    def probe(self) -> bool:
-        """Whether the verifier answers its health check as SERVING within the
-        probe timeout (a draining verifier answers NOT_SERVING: not ready)."""
+    def probe(self, timeout_s: float | None = None, wait_for_ready: bool = True) -> bool:
+        """Whether the verifier answers its health check as SERVING within `timeout_s`
+        (default: the probe timeout; a draining verifier answers NOT_SERVING: not ready).
+        Without `wait_for_ready` a channel that is not connected answers False at once
+        instead of connecting first (a status page should not hang on a lost verifier)."""
         try:
             r = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), metadata=self.meta,
-                                  timeout=self.probe_timeout_s, wait_for_ready=True)
+                                  timeout=self.probe_timeout_s if timeout_s is None else timeout_s,
+                                  wait_for_ready=wait_for_ready)
         except grpc.RpcError:
             return False
         return r.status == health_pb2.HealthCheckResponse.SERVING
@@ -147,6 +151,19 @@ class VerifierClient:
         with self._lock:
             self._sessions[reply.session] = (getattr(reply, "session_key", ""), call.affinity)
         return reply
+
+    def close_session(self, session: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Ends `session` at the verifier, which frees its cache, and forgets its key."""
+        req = pb.CloseRequest(session=session)
+        self.bytes.sent(req)
+        try:
+            reply = self.stub.Close(req, metadata=self.session_meta(session) + ((SESSION_HEADER, session),),
+                                    timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise _wrap(e) from None
+        finally:
+            self.forget(session)
+        self.bytes.received(reply)
 
     def speculate(self, session: str) -> "DraftStream":
         return DraftStream(self, session)

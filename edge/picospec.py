@@ -2,7 +2,7 @@
 
     draft -> send block -> (keep drafting the next block) -> verdict -> accept / roll back
 
-Positions are absolute. `seq` is what the drafter should have seen: the prompt,
+Positions are absolute. `context` is what the drafter should have seen: the prompt,
 the committed output, then speculative tokens of blocks in flight. A verdict
 commits accepted tokens; a rejection bumps the epoch (the cloud drops every
 block of the old one), throws the speculative tail away, rolls the drafter's
@@ -40,6 +40,7 @@ import numpy as np
 
 from edge.baselines import OnTokens, sampling_proto
 from edge.client import CloudError, DraftStream
+from edge.codec import Codec
 from edge.config import GenConfig
 from edge.drafter import Drafter
 from edge.planner import Planner
@@ -52,7 +53,6 @@ from kernels.tree import pack_parents, race_draws
 from proto import tandem_pb2 as pb
 from sim.latency import Hold, LatencyProfile
 
-CODEC_ID = {"P": pb.CODEC_P, "Q": pb.CODEC_Q}
 # After a rejection the pipeline is empty and the verifier waits for (or leads
 # past) the next block: a short first block restarts it a few draft steps sooner.
 FIRST_BLOCK = 3
@@ -99,26 +99,26 @@ class SwitchToCloudOnly(Exception):
 
 class Speculator:
     def __init__(self, stream: DraftStream, drafter: Drafter, prompt: list[int], cfg: GenConfig,
-                 codec: str, width: int, eos: int, planner: Planner, device: LatencyProfile | None,
+                 codec: Codec, width: int, eos: int, planner: Planner, device: LatencyProfile | None,
                  on_tokens: OnTokens, stats: GenStats, t0: float, first_logits: np.ndarray,
                  tree_branches: int = 0, max_draft: int = 64):
         self.stream, self.drafter, self.cfg, self.codec, self.width = stream, drafter, cfg, codec, width
         self.eos, self.planner, self.device, self.on_tokens, self.stats, self.t0 = (
             eos, planner, device, on_tokens, stats, t0)
         self.n_prompt = len(prompt)
-        self.seq = list(prompt)
+        self.context = list(prompt)
         self.out: list[int] = []
         self.in_flight: deque[Block] = deque()
         self.cur: Block | None = None
         self.epoch = 0
         self.fixed_next: int | None = None
-        self.logits = first_logits            # predicts position len(seq) while drafter.n_past == len(seq)
+        self.logits = first_logits            # predicts position len(context) while drafter.n_past == len(context)
         self.plan = planner.plan()
         self.done = False
         self.lead = cfg.pipelined and cfg.cloud_lead
         self.restart = True                   # the next block is the first after a break
         # Trees need a verifier that takes them, and at T>0 codec Q (kernels/tree.py says why).
-        self.trees = tree_branches > 0 and cfg.tree != "off" and (cfg.sampling.greedy or codec == "Q")
+        self.trees = tree_branches > 0 and cfg.tree != "off" and (cfg.sampling.greedy or codec == Codec.Q)
         self.tree_branches = tree_branches
         planner.tree = cfg.tree if self.trees else "off"
         self.plan = planner.plan()
@@ -146,7 +146,7 @@ class Speculator:
 
     # -- drafting ------------------------------------------------------------
     def _spec_len(self) -> int:
-        return len(self.seq) - self.n_prompt - len(self.out)
+        return len(self.context) - self.n_prompt - len(self.out)
 
     def _committed(self) -> int:
         return self.n_prompt + len(self.out)
@@ -154,23 +154,23 @@ class Speculator:
     def _can_draft(self) -> bool:
         if self.cur is None and len(self.in_flight) >= (self.plan.window if self.cfg.pipelined else 1):
             return False
-        if self.cur is None and self.cfg.stop_at_eos and self.eos in self.seq[self._committed():]:
+        if self.cur is None and self.cfg.stop_at_eos and self.eos in self.context[self._committed():]:
             return False
         return len(self.out) + self._spec_len() < self.cfg.max_tokens
 
     def _draft_one(self) -> None:
         if self.cur is None:
-            start = len(self.seq) - (1 if self.fixed_next is not None else 0)
+            start = len(self.context) - (1 if self.fixed_next is not None else 0)
             self.cur = Block(self.epoch, start, self.fixed_next)
             self.fixed_next = None
         t = time.monotonic()
-        todo = self.seq[self.drafter.n_past:]
+        todo = self.context[self.drafter.n_past:]
         with Hold(self.device if todo else None, len(todo)):   # a draft step samples inside its time
             if todo:
                 self.logits = self.drafter.eval(todo)
-            x, q, alt = self._draw(len(self.seq))
+            x, q, alt = self._draw(len(self.context))
         self.planner.observe_draft(time.monotonic() - t)
-        self.seq.append(x)
+        self.context.append(x)
         self.cur.drafted.append(x)
         self.cur.qs.append(q)
         self.cur.runner_up.append(alt[0])
@@ -191,7 +191,7 @@ class Speculator:
         probs = logits_to_probs(self.logits, s)
         # Codec P sends q(x) up as one byte, so the draft samples from an 8-bit q
         # (any q is exact as long as the verifier tests with the one sampled from).
-        q = quantize_dist(probs, bits=8, top_k=None if self.codec == "P" else self.cfg.q_top_k)
+        q = quantize_dist(probs, bits=8, top_k=None if self.codec == Codec.P else self.cfg.q_top_k)
         x = race_sample_at(q.weights, s.seed, pos, q.ids)
         return x, q, (None, q.prob(x))
 
@@ -271,7 +271,7 @@ class Speculator:
             shape = "-".join("2" if any(l == lvl for l, _ in sibs) else "1" for lvl in range(len(b.drafted)))
             self.tree_stats["shapes"][shape] = self.tree_stats["shapes"].get(shape, 0) + 1
         if not self.cfg.sampling.greedy:
-            if self.codec == "P":
+            if self.codec == Codec.P:
                 d.q = packing.pack_u8([q.weights[np.searchsorted(q.ids, x)] for x, q in zip(b.drafted, b.qs)])
             else:
                 d.q_sparse.extend(packing.pack_sparse(q, self.width) for q in b.qs)
@@ -292,18 +292,13 @@ class Speculator:
         j = self._committed()
         if v.start != j:
             raise CloudError(None, f"lead token for position {v.start}, expected {j}")
-        if len(self.seq) > j:
+        if len(self.context) > j:
             self.stats.lead_checks += 1
-            self.stats.lead_hits += self.seq[j] == v.token
-        if len(self.seq) <= j or self.seq[j] != v.token:
-            if self.in_flight and self.in_flight[-1].end > j:
-                self.epoch += 1                      # the verifier will drop those blocks on arrival
-                self.stats.rejections += 1
-                self.in_flight.clear()
-                self.restart = True
-            self.cur = None
-            self.seq = self.seq[:j] + [v.token]
-            self.drafter.truncate(min(self.drafter.n_past, j))
+            self.stats.lead_hits += self.context[j] == v.token
+        if len(self.context) <= j or self.context[j] != v.token:
+            # blocks reaching past j drafted another token there: the verifier drops them on arrival
+            self._roll_back(j, drop_in_flight=bool(self.in_flight) and self.in_flight[-1].end > j)
+            self.context.append(v.token)
         self.stats.leads += 1
         self._commit([v.token])
         while self.in_flight and self.in_flight[0].end <= j + 1:
@@ -311,6 +306,18 @@ class Speculator:
         if (self.cfg.adaptive and not self.done and self.stats.tokens >= LEAD_SWITCH_AFTER
                 and self.stats.leads >= LEAD_SHARE_SWITCH * self.stats.tokens):
             raise SwitchToCloudOnly()
+
+    def _roll_back(self, keep: int, drop_in_flight: bool) -> None:
+        """Drop every speculative token from position `keep` on, and the drafter's cache past it;
+        with `drop_in_flight` the blocks sent too: a new epoch, whose blocks alone both sides keep."""
+        if drop_in_flight:
+            self.epoch += 1
+            self.stats.rejections += 1
+            self.in_flight.clear()
+            self.restart = True
+        self.cur = None
+        self.context = self.context[:keep]
+        self.drafter.truncate(min(self.drafter.n_past, keep))
 
     def take_first_lead(self, token: int) -> None:
         """The verifier's token for the first position, decided at Open (`lead_token`): a lead
@@ -341,18 +348,12 @@ class Speculator:
         self._commit(b.drafted[led:n_chain])
         if v.accepted == len(b.drafted) and sibling is None:
             if v.HasField("token"):                  # bonus: nothing speculative follows it
-                self.seq.append(v.token)
+                self.context.append(v.token)
                 self._commit([v.token])
         else:
-            self.epoch += 1
-            self.stats.rejections += 1
-            self.in_flight.clear()
-            self.restart = True
-            self.cur = None
-            self.seq = self.seq[:self.n_prompt + len(self.out)]
-            self.drafter.truncate(min(self.drafter.n_past, len(self.seq)))
+            self._roll_back(self._committed(), drop_in_flight=True)
             if sibling is not None:
-                self.seq.append(sibling)
+                self.context.append(sibling)
                 self._commit([sibling])
             if v.HasField("token"):
                 y = v.token
@@ -362,7 +363,7 @@ class Speculator:
             else:
                 y = self._residual_p(v, b.qs[v.accepted])
                 self.fixed_next = y                  # travels up with the next block: no message of its own
-            self.seq.append(y)
+            self.context.append(y)
             self._commit([y])
         if not self.done and self.cfg.adaptive:
             self.plan = self.planner.plan()
@@ -424,34 +425,34 @@ Q_LEAD_GAIN = 1.05
 
 
 def choose_codec(cfg: GenConfig, n_vocab: int, measured: Planner | None = None, p_top_k: int = 16,
-                 p_tail: int = 4, prior_accept: float = 0.7, gamma: int = 4) -> str:
+                 p_tail: int = 4, prior_accept: float = 0.7, gamma: int = 4) -> Codec:
     """`auto`: with a pipelined, leading session and a planner that has measured
     this pair and link (the last session's), the codec of the higher predicted
     rate; otherwise the codec whose expected bytes cost less link time per block,
     uplink weighted by how much scarcer it is (cfg.uplink_share). At T=0 both
     send only token ids, and P is the protocol default."""
     if cfg.codec != "auto":
-        return cfg.codec
+        return Codec[cfg.codec]
     if cfg.sampling.greedy:
-        return "P"
+        return Codec.P
     if cfg.tree == "always":
-        return "Q"        # the codec that carries trees at T>0
+        return Codec.Q    # the codec that carries trees at T>0
     if measured is not None and cfg.pipelined and cfg.cloud_lead and measured.pipelined:
         p_rate = measured.plan(lead_after_rtt=True).spec_rate
         q_rate = measured.plan(lead_after_rtt=False).spec_rate
         if q_rate >= Q_LEAD_GAIN * p_rate:
-            return "Q"
+            return Codec.Q
     w = packing.token_width(n_vocab)
     reject = 1 - prior_accept ** gamma
     p_down = reject * (p_top_k * (w + 4) + p_tail * (w + 4) + 4)
     p_up = gamma          # one byte of q(x) per drafted token
     q_up = gamma * (1 + cfg.q_top_k * (w + 1))
     cost = lambda up, down: up / cfg.uplink_share + down
-    return "P" if cost(p_up, p_down) <= cost(q_up, 0) else "Q"
+    return Codec.P if cost(p_up, p_down) <= cost(q_up, 0) else Codec.Q
 
 
-def open_request(fingerprint: str, cfg: GenConfig, codec: str, prompt: list[int]) -> pb.OpenRequest:
-    return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=CODEC_ID[codec],
+def open_request(fingerprint: str, cfg: GenConfig, codec: Codec, prompt: list[int]) -> pb.OpenRequest:
+    return pb.OpenRequest(fingerprint=fingerprint, sampling=sampling_proto(cfg), codec=codec,
                           prompt=prompt, client="edge-agent", lead=cfg.pipelined and cfg.cloud_lead,
                           max_tokens=cfg.max_tokens, ignore_eos=not cfg.stop_at_eos,
                           lead_first=cfg.lead_first if cfg.pipelined and cfg.cloud_lead else 0,

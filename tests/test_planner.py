@@ -54,20 +54,21 @@ def test_auto_codec_picks_q_where_leading_through_rejections_pays():
     correction); Q leads through it. auto weighs that with the last session's measurements."""
     import dataclasses
 
+    from edge.codec import Codec
     from edge.config import GenConfig
     from edge.picospec import choose_codec
     from kernels.sampling import SamplingConfig
     sampled = GenConfig(sampling=SamplingConfig(temperature=0.7, top_p=0.9))
     vocab = 49152
     wan = planner(lead=True, lead_after_rtt=True, prior_accept=0.77)
-    assert choose_codec(sampled, vocab, wan) == "Q"
-    assert choose_codec(sampled, vocab, planner(lead=True, rtt_s=0.001, prior_accept=0.77)) == "P"  # no round trip to save
-    assert choose_codec(sampled, vocab, planner(lead=True, prior_accept=0.97)) == "P"    # rejections are rare
-    assert choose_codec(sampled, vocab, None) == "P"                                     # nothing measured yet: bytes
-    assert choose_codec(dataclasses.replace(sampled, cloud_lead=False), vocab, wan) == "P"
-    assert choose_codec(dataclasses.replace(sampled, mode="sync"), vocab, wan) == "P"
-    assert choose_codec(GenConfig(), vocab, wan) == "P"                                  # greedy
-    assert choose_codec(dataclasses.replace(sampled, codec="P"), vocab, wan) == "P"
+    assert choose_codec(sampled, vocab, wan) == Codec.Q
+    assert choose_codec(sampled, vocab, planner(lead=True, rtt_s=0.001, prior_accept=0.77)) == Codec.P  # no round trip to save
+    assert choose_codec(sampled, vocab, planner(lead=True, prior_accept=0.97)) == Codec.P    # rejections are rare
+    assert choose_codec(sampled, vocab, None) == Codec.P                                     # nothing measured yet: bytes
+    assert choose_codec(dataclasses.replace(sampled, cloud_lead=False), vocab, wan) == Codec.P
+    assert choose_codec(dataclasses.replace(sampled, mode="sync"), vocab, wan) == Codec.P
+    assert choose_codec(GenConfig(), vocab, wan) == Codec.P                                  # greedy
+    assert choose_codec(dataclasses.replace(sampled, codec="P"), vocab, wan) == Codec.P
     assert wan.plan().spec_rate == wan.plan(lead_after_rtt=True).spec_rate < wan.plan(lead_after_rtt=False).spec_rate
 
 

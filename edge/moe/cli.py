@@ -69,7 +69,7 @@ def run_moeify(args) -> int:
     gm = GGUFModel(out)
     experts = ResidentExperts(gm)
     src = Dense(Path(source))
-    dl = lambda seq: dense_logits(src, seq)
+    dl = lambda tokens: dense_logits(src, tokens)
     q = evaluate(lambda: MoETransformer(gm, experts, max_ctx=1024), dl,
                  text["heldout"], text["heldout_prompt_len"])
     q["dense"] = dense_quality(dl, text["heldout"], text["heldout_prompt_len"])
@@ -136,11 +136,11 @@ def run_calibrate(args) -> int:
     else:
         from edge.moe.gguf_loader import GGUFModel
         try:
-            seqs = fixed_sequences(GGUFModel(model).cfg.n_vocab)
+            texts = fixed_sequences(GGUFModel(model).cfg.n_vocab)
         except ValueError as exc:
             _log(f"[moe-calibrate] error: {exc}")
             return 2
-        res = measure(model, seqs, cfg, log=_log)
+        res = measure(model, texts, cfg, log=_log)
         with open(model, "rb") as f:
             res["model_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     save(res, floors_path(model))

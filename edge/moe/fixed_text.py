@@ -18,8 +18,8 @@ TOKENS_FILE = Path(__file__).with_name("fixed_calib_tokens.json")
 
 def fixed_sequences(n_vocab: int | None = None) -> list[list[int]]:
     """The frozen token sequences; checked against the model's vocabulary."""
-    seqs = json.loads(TOKENS_FILE.read_text())["sequences"]
-    if n_vocab is not None and any(t >= n_vocab for s in seqs for t in s):
+    texts = json.loads(TOKENS_FILE.read_text())["sequences"]
+    if n_vocab is not None and any(t >= n_vocab for s in texts for t in s):
         raise ValueError(f"{TOKENS_FILE.name} holds token ids beyond this model's vocabulary "
                          f"({n_vocab}): calibrate a SmolLM2-vocabulary model")
-    return seqs
+    return texts

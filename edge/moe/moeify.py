@@ -101,10 +101,10 @@ def _attn_all(src: Dense, i: int, h: torch.Tensor, lens: list[int]) -> torch.Ten
     return torch.cat(outs)
 
 
-def dense_residuals(src: Dense, seqs: list[list[int]]) -> list[torch.Tensor]:
+def dense_residuals(src: Dense, texts: list[list[int]]) -> list[torch.Tensor]:
     """Residual stream before every layer and after the last, (N, D) each."""
-    lens = [len(s) for s in seqs]
-    h = src.t["token_embd.weight"][torch.tensor([t for s in seqs for t in s])]
+    lens = [len(s) for s in texts]
+    h = src.t["token_embd.weight"][torch.tensor([t for s in texts for t in s])]
     hs = [h]
     for i in range(src.n_layer):
         mid = h + _attn_all(src, i, h, lens)
@@ -207,7 +207,7 @@ def fit_layer(src: Dense, i: int, x: torch.Tensor, target: torch.Tensor, wt: tor
 
 
 # ---------------------------------------------------------------------------
-def moeify(source: Path, out: Path, seqs: list[list[int]], cfg: MoeifyConfig, log=print) -> dict:
+def moeify(source: Path, out: Path, texts: list[list[int]], cfg: MoeifyConfig, log=print) -> dict:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -218,12 +218,12 @@ def moeify(source: Path, out: Path, seqs: list[list[int]], cfg: MoeifyConfig, lo
                          f"of a multiple of 32 neurons")
     if not 1 <= k <= E:
         raise ValueError(f"top-k {k} must be between 1 and {E}")
-    n_tok = sum(map(len, seqs))
+    n_tok = sum(map(len, texts))
     log(f"[moeify] dense source {source.name}: {src.n_layer} layers, FFN {src.n_ff} "
         f"-> {E} experts x {src.n_ff // E} neurons, top-{k}; {n_tok} calibration tokens")
-    hs = dense_residuals(src, seqs)
+    hs = dense_residuals(src, texts)
     log(f"[moeify] dense pass done ({time.time() - t0:.0f}s)")
-    lens = [len(s) for s in seqs]
+    lens = [len(s) for s in texts]
     h = hs[0]
     fits: dict[int, LayerFit] = {}
     for i in range(src.n_layer):
@@ -285,6 +285,6 @@ def _to_gguf(src: Dense, fits: dict[int, LayerFit], cfg: MoeifyConfig, log):
     return spec, t
 
 
-def dense_logits(src: Dense, seq: list[int]) -> torch.Tensor:
+def dense_logits(src: Dense, tokens: list[int]) -> torch.Tensor:
     """Dense fp32 logits (T, V) of one sequence, the reference for top-1."""
-    return src.logits(dense_residuals(src, [seq])[-1])
+    return src.logits(dense_residuals(src, [tokens])[-1])

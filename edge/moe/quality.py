@@ -13,15 +13,15 @@ import torch
 from edge.moe.model import MoETransformer
 
 
-def evaluate(model_factory, dense_logits_fn, seqs, prompt_lens) -> dict:
-    """model_factory() -> fresh MoETransformer; dense_logits_fn(seq) -> (T, V)."""
+def evaluate(model_factory, dense_logits_fn, texts, prompt_lens) -> dict:
+    """model_factory() -> fresh MoETransformer; dense_logits_fn(tokens) -> (T, V)."""
     agree = n_all = acc = n_ans = 0
     nll = 0.0
-    for seq, pl in zip(seqs, prompt_lens):
+    for tokens, pl in zip(texts, prompt_lens):
         m: MoETransformer = model_factory()
-        ids = torch.tensor(seq)
-        lg = m.forward(ids)[:-1]                                        # predicts seq[1:]
-        dn = dense_logits_fn(seq)[:-1]
+        ids = torch.tensor(tokens)
+        lg = m.forward(ids)[:-1]                                        # predicts tokens[1:]
+        dn = dense_logits_fn(tokens)[:-1]
         agree += (lg.argmax(-1) == dn.argmax(-1)).sum().item()
         n_all += lg.shape[0]
         ans = slice(pl - 1, None)
@@ -33,12 +33,12 @@ def evaluate(model_factory, dense_logits_fn, seqs, prompt_lens) -> dict:
             "ppl": math.exp(nll / n_ans), "positions": n_all, "answer_positions": n_ans}
 
 
-def dense_quality(dense_logits_fn, seqs, prompt_lens) -> dict:
+def dense_quality(dense_logits_fn, texts, prompt_lens) -> dict:
     acc = n = 0
     nll = 0.0
-    for seq, pl in zip(seqs, prompt_lens):
-        ids = torch.tensor(seq)
-        lg = dense_logits_fn(seq)[:-1][pl - 1:]
+    for tokens, pl in zip(texts, prompt_lens):
+        ids = torch.tensor(tokens)
+        lg = dense_logits_fn(tokens)[:-1][pl - 1:]
         tgt = ids[1:][pl - 1:]
         acc += (lg.argmax(-1) == tgt).sum().item()
         nll += torch.nn.functional.cross_entropy(lg, tgt, reduction="sum").item()

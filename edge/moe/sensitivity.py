@@ -116,20 +116,20 @@ def floors_from_kl(kl: dict[int, dict[int, float]], tol: float, max_floor: int =
             for l in layers}
 
 
-def measure(path: Path | GGUFModel, seqs: list[list[int]], cfg: SensitivityConfig = SensitivityConfig(),
+def measure(path: Path | GGUFModel, texts: list[list[int]], cfg: SensitivityConfig = SensitivityConfig(),
             log=print) -> dict:
     with reproducible_torch():
-        return _measure(path, seqs, cfg, log)
+        return _measure(path, texts, cfg, log)
 
 
-def _measure(path: Path | GGUFModel, seqs: list[list[int]], cfg: SensitivityConfig, log) -> dict:
+def _measure(path: Path | GGUFModel, texts: list[list[int]], cfg: SensitivityConfig, log) -> dict:
     t0 = time.time()
     gm = path if isinstance(path, GGUFModel) else GGUFModel(path)
     base = ResidentExperts(gm)
     native = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), group=cfg.group,
                                          native=True)).native()
     tokens, n = [], 0
-    for s in seqs:
+    for s in texts:
         if n >= cfg.max_tokens:
             break
         tokens.append(s[:cfg.max_tokens - n])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -19,13 +20,15 @@ from pathlib import Path
 
 from common.address import host_port, mqtt_url
 from common.daemon_config import add_config_args
-from common.metadata import SESSION_HEADER, SESSION_KEY_HEADER
 from edge.config import GenConfig
+from edge.options import MODES_HELP, add_model_args, build_drafter
 from edge.serve.config import ServeConfig
 
 log = logging.getLogger("tandem.serve")
 CTX_MARGIN = 64          # positions kept free for draft blocks in flight past the last token
 READY_LINE = "edge-agent serve listening on"
+REACHABLE_TIMEOUT_S = 1.0
+TARGET_PROBE_TIMEOUT_S = 5.0
 
 SERVE_EPILOG = """endpoints:
   POST /v1/chat/completions, /v1/completions   OpenAI-compatible, streaming (SSE) or not
@@ -45,6 +48,21 @@ examples:
   curl -s 127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "tandem", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 """
+
+
+def add_serve_command(sub, connect) -> argparse.ArgumentParser:
+    """`serve` among edge-agent's subcommands (`sub`); `connect` makes the verifier's
+    client from the parsed flags."""
+    serve = sub.add_parser("serve", help="run as a daemon: an OpenAI-compatible HTTP API over the models, kept loaded",
+                           description="Serve apps on this device through an OpenAI-compatible HTTP API: the drafter "
+                                       "stays loaded, the verifier channel and what the edge learned about the link "
+                                       "carry over between requests.",
+                           epilog=MODES_HELP + "\n" + SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=functools.partial(run_serve, connect=connect))
+    return serve
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
@@ -92,14 +110,8 @@ class VerifierLink:
         self.target: dict = {}
 
     def reachable(self) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-        import grpc
-        try:
-            reply = health_pb2_grpc.HealthStub(self.client.channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+        # answered at once while the channel is down: /healthz and telemetry never wait on it
+        return self.client.probe(timeout_s=REACHABLE_TIMEOUT_S, wait_for_ready=False)
 
     def learn_target(self) -> dict:
         """A one-token session, closed at once: the target's name, n_ctx, and
@@ -111,22 +123,18 @@ class VerifierLink:
         req = pb.OpenRequest(fingerprint=self.tok.fingerprint, sampling=pb.Sampling(), prompt=[first],
                              client="edge-agent serve (probe)", max_tokens=1)
         try:
-            reply = self.client.stub.Open(req, metadata=self.client.meta, timeout=5)
-            # a verifier that binds sessions to their opener wants the key back (absent: older verifiers)
-            key = getattr(reply, "session_key", "")
-            meta = self.client.meta + (((SESSION_HEADER, reply.session), (SESSION_KEY_HEADER, key)) if key else ())
-            self.client.stub.Close(pb.CloseRequest(session=reply.session), metadata=meta, timeout=5)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise CloudError(e.code(), e.details()) from None
+            reply = self.client.open_result(self.client.open_async(req, timeout_s=TARGET_PROBE_TIMEOUT_S))
+            self.client.close_session(reply.session, timeout_s=TARGET_PROBE_TIMEOUT_S)
+        except CloudError as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise
             return self.target
         self.target = {"target": reply.target, "emulated": reply.emulated, "n_ctx": reply.n_ctx}
         return self.target
 
 
-def run_serve(a) -> int:
+def run_serve(a, connect) -> int:
     from edge.agent import Agent
-    from edge.cli import verifier_client
     from edge.llama_model import Tokenizer
     from edge.serve.engine import Engine
     from edge.serve.metrics import Metrics
@@ -137,7 +145,7 @@ def run_serve(a) -> int:
     tok = Tokenizer(vocab_path)
     client = link = None
     if base.mode != "edge-only":
-        client = verifier_client(a)
+        client = connect(a)
         link = VerifierLink(client, tok)
         if link.learn_target():
             log.info("verifier %s serves %s", a.cloud, link.target["target"])
@@ -162,7 +170,6 @@ def run_serve(a) -> int:
 def build_serve_drafter(a, n_ctx: int):
     """(drafter or None, GGUF whose vocabulary the edge tokenises with)."""
     if a.mode == "cloud-only" or a.drafter == "moe":
-        from edge.cli import build_drafter
         return build_drafter(a)
     from edge.derive import DEFAULT_DRAFT, ensure
     from edge.llama_model import LlamaDrafter

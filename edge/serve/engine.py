@@ -271,8 +271,8 @@ class Engine:
         try:
             stats = agent.generate(job.prompt, cfg, on_tokens).stats
         except StopGeneration:
-            # Cut short: the agent's counters so far (it keeps them on itself while it runs).
-            stats = getattr(agent, "current_stats", None)
+            # Cut short: the agent's counters so far, finished here as generate would have.
+            stats = agent.live_stats
             if stats is None:
                 from edge.stats import GenStats
                 stats = GenStats(mode=cfg.mode)
@@ -291,9 +291,7 @@ class Engine:
                 sent = len(text.tokens)
         reason = text.finish_reason or "length"
         segments = segments_of(stats, len(text.tokens), cfg.mode)
-        planner = getattr(agent, "last_planner", None)
-        rtt = getattr(planner, "rtt", None) if planner is not None else None
-        self.metrics.completion(stats, len(job.prompt), len(text.tokens), reason, segments, rtt)
+        self.metrics.completion(stats, len(job.prompt), len(text.tokens), reason, segments, agent.link_rtt_s)
         return CompletionResult(index, "".join(pieces), list(text.tokens), reason, stats, segments,
                                 cfg.sampling.seed)
 
