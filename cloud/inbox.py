@@ -15,6 +15,7 @@ import time
 from kernels.tree import main_length, unpack_parents
 
 END = object()     # the edge closed its side
+CLOSED = object()  # the session was closed under the stream (cloud/sessions.py)
 LEAD = object()    # decode on alone: nothing worth waiting for is queued
 
 # A live branch that sends nothing for this long is treated as broken, so the
@@ -69,9 +70,15 @@ class Inbox:
     def close(self) -> None:
         self._task.cancel()
 
+    def interrupt(self) -> None:
+        """The session was closed: the stream's next read, or the one waiting now,
+        returns CLOSED before anything queued."""
+        self._items.appendleft((time.monotonic(), CLOSED))
+        self._arrived.set()
+
     async def next(self, sess) -> tuple[float, object]:
-        """(arrival time, item): END, a StreamError, LEAD, or a list of drafts to
-        verify together (a `more_tail` request always comes alone)."""
+        """(arrival time, item): END, CLOSED, a StreamError, LEAD, or a list of drafts
+        to verify together (a `more_tail` request always comes alone)."""
         if sess.must_lead():
             return time.monotonic(), LEAD
         if self._held:
@@ -81,7 +88,7 @@ class Inbox:
             if got is None:
                 return time.monotonic(), LEAD
             t, first = got
-        if first is END or isinstance(first, StreamError):
+        if first is END or first is CLOSED or isinstance(first, StreamError):
             return t, first
         group = [first]
         while not self._held and not first.more_tail and self._items:
@@ -98,7 +105,7 @@ class Inbox:
                 idle = LEAD_AFTER_IDLE_S if sess.lead.on and not sess.lead.first else None
                 got = await self._take(idle)
                 if got is None:
-                    sess.lead.awaiting = True     # the live branch went quiet
+                    sess.branch_went_quiet()
                     continue
                 return got
             wait = sess.lead_wait(time.monotonic())
@@ -121,7 +128,7 @@ def levels(d, width: int) -> int:
 def continues(group: list, d, width: int, max_draft: int) -> bool:
     """May block `d` join `group` in one verify pass? Only a plain block that
     starts where the group ends, of the same epoch, within the draft limit."""
-    if d is END or isinstance(d, StreamError) or d.more_tail or d.fixed:
+    if d is END or d is CLOSED or isinstance(d, StreamError) or d.more_tail or d.fixed:
         return False
     last = group[-1]
     if last.more_tail or last.want_bonus or d.epoch != last.epoch:

@@ -6,14 +6,18 @@ token budget, evaluates them in one multi-sequence pass, and hands each step
 its logits rows. The shape of a continuous-batching server loop:
 
     wait for work -> gather (decodes first, prefills chunked) -> one pass
-                  -> finish each step (accept/sample) -> resolve its future
+                  -> resolve each step's future with its logits rows
+
+The scheduler only evaluates: what the rows mean (accepting, sampling, moving a
+session on) is the session's business, done on the event loop that awaits the
+future, so a session's state changes on one thread only.
 
 Fairness: steps that decode (verify, lead, stream) go first, oldest first; a
 prompt is prefilled in chunks of at most `prefill_chunk` tokens, so a long
 prompt delays other sessions' tokens by one chunk's time, never by the whole
 prompt. With `batching` off every pass carries one step (for comparison).
-An emulated target holds each pass, finishing included, to the modelled
-t(n) = a + b*n for the n tokens in it: the one place latency is emulated.
+An emulated target holds each pass to the modelled t(n) = a + b*n for the
+n tokens in it: the one place latency is emulated.
 """
 from __future__ import annotations
 
@@ -35,14 +39,14 @@ log = logging.getLogger("tandem.cloud")
 
 @dataclass
 class Step:
-    """Model work for one sequence: evaluate `tokens` at positions `start`... and
-    pass the last `n_logits` rows to `finish`, whose result resolves the step.
-    `prefill` steps may be split across passes."""
+    """Model work for one sequence: evaluate `tokens` at positions `start`...; the
+    step's future resolves with the logits rows of its last `n_logits` tokens.
+    `prefill` steps may be split across passes. Housekeeping (`chore`, on
+    sequence -1) runs on the model's thread between passes instead."""
     seq: int
     start: int
     tokens: list[int]
     n_logits: int
-    finish: Callable[[np.ndarray], object]
     prefill: bool = False
     future: Future = field(default_factory=Future)
     done: int = 0                               # tokens evaluated so far (chunked prefill)
@@ -51,6 +55,12 @@ class Step:
     charged: int | None = None                  # tokens an emulated target charges (None: all of them)
     rows: list = field(default_factory=list)    # logits gathered so far
     queued_at: float = field(default_factory=time.monotonic)
+    chore: Callable[[], object] | None = None
+
+
+def no_rows(n_vocab: int) -> np.ndarray:
+    """The rows of a step that evaluates nothing (its distribution is already known)."""
+    return np.zeros((0, n_vocab), np.float32)
 
 
 @dataclass
@@ -110,7 +120,7 @@ class Scheduler:
 
     def run_now(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the model's thread between passes (e.g. freeing a sequence)."""
-        return self.submit(Step(-1, 0, [], 0, lambda rows: fn()))
+        return self.submit(Step(-1, 0, [], 0, chore=fn))
 
     # -- the loop ----------------------------------------------------------
     def _loop(self) -> None:
@@ -202,18 +212,30 @@ class Scheduler:
                 s.done += n
                 if s.done < len(s.tokens):
                     continue                        # a prompt with chunks still to go
-                r = s.rows[0] if len(s.rows) == 1 else (
-                    np.concatenate(s.rows) if s.rows else np.zeros((0, 0), np.float32))
                 if s.future.cancelled():
                     continue                        # its session is gone
-                try:
-                    result = s.finish(r)
-                except Exception as e:  # noqa: BLE001 - a bad step fails only its own session
-                    _resolve(s.future, e)
+                if s.chore is not None:
+                    _run_chore(s)
                 else:
-                    _resolve(s.future, result, ok=True)
+                    _resolve(s.future, _joined(s.rows), ok=True)
         if n_tokens:
             self.on_pass(PassStats(n_tokens, len(batch), time.monotonic() - t0))
+
+
+def _joined(rows: list[np.ndarray]) -> np.ndarray:
+    """A step's rows from all its passes (a chunked prompt has several)."""
+    if len(rows) == 1:
+        return rows[0]
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def _run_chore(s: Step) -> None:
+    try:
+        result = s.chore()
+    except Exception as e:  # noqa: BLE001 - a failed chore fails its own caller, not the loop
+        _resolve(s.future, e)
+    else:
+        _resolve(s.future, result, ok=True)
 
 
 def _resolve(fut: Future, value, ok: bool = False) -> None:

@@ -5,9 +5,11 @@ A verdict's life, top to bottom:
     request -> Session (protocol state) -> Step -> Scheduler (one batched pass
     over every session's steps) -> logits -> Session -> verdict
 
-This file converts messages, maps errors to status codes, admits sessions and
-keeps the registry; nothing here touches the model. A bad request ends its own
-RPC with a precise status and never the server.
+This file converts messages and maps errors to status codes; the session
+lifecycle is cloud/sessions.py's, and nothing here touches the model. A bad
+request ends its own RPC with a precise status and never the server. Logits
+rows come back here, on the event loop, and go to the session's `apply_*`
+methods: a session's state changes on this one thread.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ import numpy as np
 
 from cloud.auth import sanitize_log_field
 from cloud.config import VerifierConfig
-from cloud.inbox import END, LEAD, Inbox, StreamError
+from cloud.inbox import CLOSED, END, LEAD, Inbox, StreamError
 from cloud.metrics import Metrics
-from cloud.scheduler import Scheduler, Step
-from cloud.session import BadDraft, ContextFull, Limits, Session
+from cloud.scheduler import Scheduler, Step, no_rows
+from cloud.session import BadDraft, Codec, ContextFull, LeadState, Limits, Session
+from cloud.sessions import Busy, Full, Registry
 from cloud.target import TargetError
 from common.metadata import SESSION_HEADER, SESSION_KEY_HEADER as KEY_HEADER
 from kernels import packing
@@ -38,7 +41,6 @@ from sim.latency import LatencyProfile
 
 log = logging.getLogger("tandem.cloud")
 SERVICE = "tandem.v1.Verifier"
-RELEASE_WAIT_S = 5.0
 
 
 def sampling_from_proto(s: pb.Sampling) -> SamplingConfig:
@@ -61,13 +63,10 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.exact = exact                  # the start-up check's finding (cloud/exactness.py)
         self.width = packing.token_width(target_info.n_vocab)
         self.limits = Limits(target_info.n_vocab, cfg.n_ctx, cfg.max_draft, self.width, cfg.p_top_k, cfg.p_tail)
-        self.sessions: dict[str, Session] = {}
-        self.free_seqs = list(range(cfg.max_sessions))[::-1]
+        self.sessions = Registry(cfg.max_sessions, scheduler, target_info.clear, metrics.sessions.set)
         # Draft trees' branches run in these, copied from the session's sequence in the pass
         # that needs them; the scheduler never puts two steps of one sequence in a pass.
         self.scratch = list(range(cfg.max_sessions, cfg.max_sessions + cfg.tree_seqs))
-        self.releasing = 0                 # sequences of ended sessions not yet cleared
-        self._freed = asyncio.Event()
         self.pass_a_s, self.pass_b_s = pass_model
         self.ar_token_s = self.pass_a_s + self.pass_b_s
 
@@ -84,53 +83,38 @@ class VerifierService(pb_grpc.VerifierServicer):
                 "exact": self.exact.removeprefix("exact: ")}
 
     # -- plumbing --------------------------------------------------------------
-    async def _run(self, step: Step):
-        """A step's result: through the scheduler, or at once when it needs no pass."""
+    async def _rows(self, step: Step) -> np.ndarray:
+        """A step's logits rows: from the scheduler, or none at once when it evaluates nothing."""
         if not step.tokens:
-            return step.finish(np.zeros((0, self.info.n_vocab), np.float32))
+            return no_rows(self.info.n_vocab)
         return await asyncio.wrap_future(self.sched.submit(step))
 
     async def _refuse(self, context, code: grpc.StatusCode, message: str):
         self.metrics.refused.labels(code.name).inc()
         await context.abort(code, message)
 
-    async def _admit(self, context, sid: str, sampling: SamplingConfig, codec: int, client: str) -> Session:
-        if not self.free_seqs and self.releasing:
-            # a session just ended (an edge switching from speculation to streaming
-            # re-opens at once): its sequence is free after the scheduler's next pass
-            self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), RELEASE_WAIT_S)
-            except asyncio.TimeoutError:
-                pass
-        if not self.free_seqs:
+    async def _admit(self, context, make, streaming: bool = False) -> Session:
+        """A new session from `make(seq)`, or RESOURCE_EXHAUSTED with a retry hint."""
+        try:
+            return await self.sessions.open(make, streaming)
+        except Full:
             retry_ms = int(self.cfg.retry_after_s * 1000)
             context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"verifier full: {self.cfg.max_sessions}/{self.cfg.max_sessions} sessions; "
                                f"retry in {retry_ms / 1000:.0f} s")
-        sess = Session(sid, self.free_seqs.pop(), sampling, codec, self.limits, eos=self.info.eos,
-                       client=printable(client or context.peer()))
-        self.sessions[sid] = sess
-        self.metrics.sessions.set(len(self.sessions))
-        return sess
 
-    def _release(self, sess: Session) -> None:
-        """Free a session's sequence once no step of it can still run."""
-        if self.sessions.get(sess.sid) is sess:
-            del self.sessions[sess.sid]
-        self.metrics.sessions.set(len(self.sessions))
-        self.sched.drop(sess.seq)
-        loop = asyncio.get_running_loop()
-        seq = sess.seq
-        self.releasing += 1
+    async def _attach(self, context, sess: Session, on_close=lambda: None) -> None:
+        try:
+            self.sessions.attach(sess, on_close)
+        except Busy:
+            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {sess.sid} already has a live stream")
 
-        def freed() -> None:
-            self.releasing -= 1
-            self.free_seqs.append(seq)
-            self._freed.set()
-        self.sched.run_now(lambda: self.info.clear(seq)).add_done_callback(
-            lambda _: loop.call_soon_threadsafe(freed))
+    @staticmethod
+    async def _closed_under(context, sess: Session):
+        """End a stream whose session a Close ended (not a refusal: the owner asked)."""
+        await context.abort(grpc.StatusCode.ABORTED, f"session {sess.sid} closed")
 
     async def _check_fingerprint(self, fp: str, context) -> None:
         if fp != self.info.fingerprint:
@@ -169,68 +153,66 @@ class VerifierService(pb_grpc.VerifierServicer):
             sampling = sampling_from_proto(request.sampling)
         except BadDraft as e:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if request.codec not in (pb.CODEC_P, pb.CODEC_Q):        # proto3 enums are open: any int arrives
+        if request.codec not in (Codec.P, Codec.Q):              # proto3 enums are open: any int arrives
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {int(request.codec)}")
         prompt = await self._prompt(request, context)
-        sess = await self._admit(context, uuid.uuid4().hex[:12], sampling, int(request.codec), request.client)
-        ld = sess.lead
-        ld.on = request.lead or request.lead_first > 0
-        ld.until = len(prompt) + (request.max_tokens or self.cfg.n_ctx)
-        ld.first = request.lead_first
-        if request.ignore_eos:
-            sess.eos = None
-        sess.streams += 1                  # nothing may free it while it prefills
-        lead = {}
-        try:
-            await self._run(sess.prefill_step(prompt))
-            if request.lead_in_reply and sess.can_lead():
-                # the prefill's last row already holds its distribution: no pass
-                lead["lead_token"] = (await self._run(sess.lead_step())).token
-        except BadDraft as e:
-            self._release(sess)
-            await self._refuse(context, grpc.StatusCode.OUT_OF_RANGE if isinstance(e, ContextFull)
-                               else grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except BaseException:
-            self._release(sess)            # a failed or cancelled prefill frees its slot
-            raise
-        finally:
-            sess.streams -= 1
-        sess.last_used = time.monotonic()
+        lead = LeadState(on=request.lead or request.lead_first > 0, first=request.lead_first,
+                         until=len(prompt) + (request.max_tokens or self.cfg.n_ctx))
+        eos = None if request.ignore_eos else self.info.eos
+        sess = await self._admit(context, lambda seq: Session(
+            uuid.uuid4().hex[:12], seq, sampling, Codec(request.codec), self.limits, eos=eos,
+            client=printable(request.client or context.peer()), lead=lead))
+        extra = await self._prefill(context, sess, prompt, request.lead_in_reply)
+        if not self.sessions.opened(sess):
+            await self._closed_under(context, sess)
         log.info("session %s opened: client=%s prompt=%d tokens codec=%s sampling=%s", sess.sid, sess.client,
-                 len(prompt), "PQ"[sess.codec], sampling)
+                 len(prompt), sess.codec.name, sampling)
         return pb.OpenReply(session=sess.sid, session_key=sess.key, fingerprint=self.info.fingerprint,
                             n_vocab=self.info.n_vocab, token_width=self.width, n_ctx=self.cfg.n_ctx,
                             max_draft=self.cfg.max_draft, target=self.target_label, emulated=self.emulate is not None,
                             ar_token_s=self.ar_token_s, verify_a_s=self.pass_a_s, verify_b_s=self.pass_b_s,
                             p_top_k=self.cfg.p_top_k, p_tail=self.cfg.p_tail, tree_branches=len(self.scratch),
-                            server_s=time.monotonic() - t_open, accepts_prompt_zstd=True, **lead)
+                            server_s=time.monotonic() - t_open, accepts_prompt_zstd=True, **extra)
+
+    async def _prefill(self, context, sess: Session, prompt: list[int], lead_in_reply: bool) -> dict:
+        """Evaluate the prompt (and lead the first token if asked); a failed or cancelled
+        prefill ends the session."""
+        try:
+            step = sess.prefill_step(prompt)
+            sess.apply_prefill(await self._rows(step))
+            if lead_in_reply and sess.can_lead():
+                # the prefill's last row already holds its distribution: no pass
+                work = sess.lead_step()
+                return {"lead_token": sess.apply_lead(work, await self._rows(work.step)).token}
+            return {}
+        except BadDraft as e:
+            self.sessions.detach(sess)
+            await self._refuse(context, grpc.StatusCode.OUT_OF_RANGE if isinstance(e, ContextFull)
+                               else grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except BaseException:
+            self.sessions.detach(sess)
+            raise
 
     # -- Speculate -------------------------------------------------------------
     async def Speculate(self, request_iterator, context):
         sid = dict(context.invocation_metadata()).get(SESSION_HEADER, "")
         sess = await self._bound_session(context, sid)
-        if sess.streams:
-            await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, f"session {sid} already has a live stream")
-        sess.streams += 1
+        await self._attach(context, sess, on_close=lambda: inbox.interrupt())
         inbox = Inbox(request_iterator, self.width, self.cfg.max_draft)
         try:
             while True:
+                if self.sessions.closing(sess):
+                    await self._closed_under(context, sess)
                 arrived, item = await inbox.next(sess)
                 if item is END:
                     break
+                if item is CLOSED:
+                    await self._closed_under(context, sess)
                 if isinstance(item, StreamError):
                     log.info("session %s: stream ended: %s", sid, item)
                     break
                 try:
-                    if item is LEAD:
-                        v = await self._run(sess.lead_step())
-                        yield pb.Verdict(epoch=v.epoch, start=v.start, token=v.token, lead=True,
-                                         verify_us=int(v.verify_s * 1e6))
-                        continue
-                    self.metrics.bytes_in.inc(sum(d.ByteSize() for d in item))
-                    sess.block_arrived(arrived, item[0].epoch)
-                    for verdict in await self._verify(sess, item):
-                        self.metrics.bytes_out.inc(verdict.ByteSize())
+                    for verdict in await self._answer(sess, arrived, item):
                         yield verdict
                 except ContextFull as e:
                     await self._refuse(context, grpc.StatusCode.OUT_OF_RANGE, str(e))
@@ -240,8 +222,21 @@ class VerifierService(pb_grpc.VerifierServicer):
                     await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier pass failed: {e}")
         finally:
             inbox.close()
-            sess.streams -= 1
-            self._close(sess)
+            if self.sessions.detach(sess):
+                self._log_closed(sess)
+
+    async def _answer(self, sess: Session, arrived: float, item) -> list[pb.Verdict]:
+        """The verdicts for one inbox item: a lead token, or blocks to verify."""
+        if item is LEAD:
+            work = sess.lead_step()
+            v = sess.apply_lead(work, await self._rows(work.step))
+            return [pb.Verdict(epoch=v.epoch, start=v.start, token=v.token, lead=True, verify_us=int(v.verify_s * 1e6))]
+        self.metrics.bytes_in.inc(sum(d.ByteSize() for d in item))
+        sess.block_arrived(arrived, item[0].epoch)
+        verdicts = await self._verify(sess, item)
+        for verdict in verdicts:
+            self.metrics.bytes_out.inc(verdict.ByteSize())
+        return verdicts
 
     async def _verify(self, sess: Session, group: list[pb.Draft]) -> list[pb.Verdict]:
         """Verify queued blocks in one pass (a pass costs about the same for 5
@@ -255,11 +250,11 @@ class VerifierService(pb_grpc.VerifierServicer):
             return await self._verify_tree(sess, group, blocks)
         q_u8 = [x for d in group for x in (packing.unpack_u8(d.q) if d.q else [])]
         q_sparse = [packing.unpack_sparse(b, self.width, 8) for d in group for b in d.q_sparse]
-        step = sess.verify_step(d0.epoch, d0.start, [t for b in blocks for t in b], d0.fixed, q_u8, q_sparse,
+        work = sess.verify_step(d0.epoch, d0.start, [t for b in blocks for t in b], d0.fixed, q_u8, q_sparse,
                                 group[-1].want_bonus)
-        if step is None:
+        if work is None:
             return []
-        v = await self._run(step)
+        v = sess.apply_chain(work, await self._rows(work.step))
         self.metrics.drafted.inc(sum(len(b) - d.fixed for d, b in zip(group, blocks)) - v.overlap)
         self.metrics.accepted.inc(v.accepted - v.overlap)
         return split_verdict(v, group, [len(b) - d.fixed for d, b in zip(group, blocks)])
@@ -273,7 +268,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         trees = [DraftTree(b, unpack_parents(d.parents, len(b))) for d, b in zip(group, blocks)]
         tree, origin = merge_chained(trees)
         q_sparse = []
-        if not sess.sampling.greedy and sess.codec == pb.CODEC_Q:
+        if not sess.sampling.greedy and sess.codec == Codec.Q:
             per_block = [[packing.unpack_sparse(q, self.width, 8) if q else None for q in d.q_sparse] for d in group]
             if any(len(qs) != len(t) for qs, t in zip(per_block, trees)):
                 raise BadDraft("codec Q needs one entry of q_sparse per tree node (empty for later siblings)")
@@ -281,7 +276,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         work = sess.verify_tree_step(d0.epoch, d0.start, tree, q_sparse, group[-1].want_bonus, self.scratch)
         if work is None:
             return []
-        v = work.finish(list(await asyncio.gather(*(self._run(s) for s in work.steps))))
+        v = sess.apply_tree(work, list(await asyncio.gather(*(self._rows(s) for s in work.steps))))
         self.metrics.drafted.inc(len(tree) - v.overlap)
         self.metrics.accepted.inc(v.accepted - v.overlap)
         return split_verdict(v, group, [main_length(t.parents) for t in trees])
@@ -302,23 +297,24 @@ class VerifierService(pb_grpc.VerifierServicer):
                                f"prompt of {len(prompt)} tokens exceeds n_ctx={self.cfg.n_ctx}")
         if request.session:                # continue an Open'ed session's cache: no second prefill
             sess = await self._bound_session(context, request.session)
-            if sess.streams:
-                await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"session {request.session} already has a live stream")
-            sess.sampling = sampling
+            await self._attach(context, sess)
         else:
-            sess = await self._admit(context, "gen-" + uuid.uuid4().hex[:8], sampling, 0, request.client)
-        sess.restart_from(prompt)
-        sess.streams += 1
+            sess = await self._admit(context, lambda seq: Session(
+                "gen-" + uuid.uuid4().hex[:8], seq, sampling, Codec.P, self.limits, eos=self.info.eos,
+                client=printable(request.client or context.peer())), streaming=True)
+        sess.restart_from(prompt, sampling)
         emulated = self.emulate is not None
         n_out, reason = 0, "length"
         try:
             while n_out < request.max_tokens:
+                if self.sessions.closing(sess):
+                    await self._closed_under(context, sess)
                 if len(sess.tokens) + 1 >= self.cfg.n_ctx:
                     reason = "context"
                     break
                 try:
-                    tok = await self._run(sess.stream_step())
+                    work = sess.stream_step()
+                    tok = sess.apply_stream(work, await self._rows(work.step))
                 except TargetError as e:
                     await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier pass failed: {e}")
                 n_out += 1
@@ -328,37 +324,31 @@ class VerifierService(pb_grpc.VerifierServicer):
                     break
             yield pb.GenerateChunk(done=True, finish_reason=reason, emulated=emulated)
         finally:
-            sess.streams -= 1
-            self._close(sess, quiet=True)
+            self.sessions.detach(sess)
             log.info("generate: client=%s prompt=%d tokens, %d out (%s)", sess.client, len(prompt), n_out, reason)
 
     async def Close(self, request, context):
+        """End the session; one a stream still uses ends with that stream, which is told."""
         sess = await self._bound_session(context, request.session)
-        if not sess.streams:
-            self._close(sess)
+        if self.sessions.close(sess):
+            self._log_closed(sess)
         return pb.CloseReply()
 
-    # -- registry ----------------------------------------------------------------
-    def _close(self, sess: Session, quiet: bool = False) -> None:
-        if self.sessions.get(sess.sid) is not sess:
-            return
-        self._release(sess)
-        if not quiet:
-            c = sess.count
-            rate = c.accepted / c.drafted if c.drafted else 0.0
-            log.info("session %s closed: client=%s blocks=%d drafted=%d accepted=%d acceptance=%.2f leads=%d "
-                     "tokens=%d %.1f s", sess.sid, sess.client, c.blocks, c.drafted, c.accepted, rate, c.leads,
-                     len(sess.tokens), time.monotonic() - sess.opened)
-
+    # -- expiry and logs ---------------------------------------------------------
     async def reap_idle(self, every_s: float = 5.0) -> None:
         """Expire sessions no stream uses and nobody touched for idle_timeout_s."""
         while True:
             await asyncio.sleep(min(every_s, self.cfg.idle_timeout_s))
-            now = time.monotonic()
-            for sess in list(self.sessions.values()):
-                if not sess.streams and now - sess.last_used > self.cfg.idle_timeout_s:
-                    log.info("session %s expired after %.0f s idle", sess.sid, self.cfg.idle_timeout_s)
-                    self._close(sess, quiet=True)
+            for sess in self.sessions.expire(self.cfg.idle_timeout_s):
+                log.info("session %s expired after %.0f s idle", sess.sid, self.cfg.idle_timeout_s)
+
+    @staticmethod
+    def _log_closed(sess: Session) -> None:
+        c = sess.count
+        rate = c.accepted / c.drafted if c.drafted else 0.0
+        log.info("session %s closed: client=%s blocks=%d drafted=%d accepted=%d acceptance=%.2f leads=%d "
+                 "tokens=%d %.1f s", sess.sid, sess.client, c.blocks, c.drafted, c.accepted, rate, c.leads,
+                 len(sess.tokens), time.monotonic() - sess.opened)
 
 
 def split_verdict(v, group: list[pb.Draft], levels: list[int]) -> list[pb.Verdict]:

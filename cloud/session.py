@@ -23,12 +23,15 @@ lead tokens before any answer to that block, takes the same step. Lead tokens
 race the draft on shared keys (kernels.sampling.race_sample), so an edge that
 drafted the same token keeps its branch alive.
 
-A session never calls the model: each request becomes a `Step` (tokens to
-evaluate at a position of the session's sequence, and a `finish` that turns
-the logits rows into the answer) that the scheduler runs inside a batched
-pass. The session's sequence in the target's cache (`n_past` tokens) may hold
-rejected drafts past `tokens`; the next step simply starts where the valid
-prefix ends and the target cuts the rest.
+A session never calls the model, and only the event loop changes it: each
+request becomes a plan holding one or more `Step`s (tokens to evaluate at a
+position of the session's sequence) that the scheduler runs inside a batched
+pass and answers with logits rows; the session's `apply_*` method for that
+plan then turns the rows into the answer and moves the session on. So a
+session can be driven with made-up rows (tests/test_session_states.py). The
+session's sequence in the target's cache (`n_past` tokens) may hold rejected
+drafts past `tokens`; the next step simply starts where the valid prefix ends
+and the target cuts the rest.
 
 Draft trees (kernels/tree.py) become `TreeWork`: the session's own step
 evaluates the lag and the main chain, and each branch off the main chain is
@@ -46,7 +49,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from enum import IntEnum
 
 import numpy as np
 
@@ -57,9 +60,16 @@ from kernels.rejection import (PPayload, accept_token, draw_tail, encode_p, samp
                                snap_p, verify_greedy)
 from kernels.sampling import (STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TAIL, STREAM_TARGET,
                               SamplingConfig, logits_to_probs, race_keys, race_sample_at, rng_for, sample)
+from kernels.sparse import SparseDist
 from kernels.tree import DraftTree, accept_greedy, accept_sampled, runner_up_accept
+from proto import tandem_pb2 as pb
 
-CODEC_P, CODEC_Q = 0, 1
+
+class Codec(IntEnum):
+    """The residual codec at T>0 (kernels/rejection.py). The wire's numbers, with names
+    that read in logs and comparisons; converted once, where a request arrives."""
+    P = pb.CODEC_P          # p goes down once per rejection; the edge draws the correction
+    Q = pb.CODEC_Q          # q comes up with every draft; the cloud draws the correction
 
 
 class BadDraft(ValueError):
@@ -86,11 +96,53 @@ class VerdictData:
 
 
 @dataclass
+class ChainWork:
+    """A block (or several merged) to verify: its pass, and what judging the rows needs."""
+    step: Step
+    epoch: int
+    start: int
+    overlap: int
+    drafted: list[int]
+    q_u8: list[int]
+    q_sparse: list[SparseDist]
+    want_bonus: bool
+    lag: bool                             # the step starts with lag (else the first row is `pending`)
+    t0: float
+
+
+@dataclass
 class TreeWork:
-    """A draft tree's verification: `steps` (the session's own, then one per branch off the
-    main chain) may share one pass; `finish` takes their rows in the same order."""
+    """A draft tree to verify: `steps` (the session's own, then one per branch off the main
+    chain) may share one pass; `apply_tree` takes their rows in the same order."""
     steps: list[Step]
-    finish: Callable[[list[np.ndarray]], VerdictData]
+    epoch: int
+    start: int
+    overlap: int
+    tree: DraftTree
+    qs: list                              # sampled: per node its q (first children) or None
+    want_bonus: bool
+    branches: list[list[int]]             # per branch off the main chain: its path of nodes
+    forks: list[int]                      # ... and the depth where it leaves the main chain
+    lag: bool                             # the own step starts with lag (else the root's row is `pending`)
+    t0: float
+
+
+@dataclass
+class DecodeWork:
+    """One token decoded alone at `pos`: a lead token, or cloud-only streaming's next."""
+    step: Step
+    pos: int
+    t0: float
+
+
+@dataclass
+class ChainOutcome:
+    """What the target made of a drafted chain."""
+    accepted: int
+    token: int | None
+    payload: bytes = b""
+    sibling: float | None = None
+    rejection: "PendingRejection | None" = None
 
 
 @dataclass
@@ -142,7 +194,7 @@ class Session:
     sid: str
     seq: int                              # the session's sequence in the target's cache
     sampling: SamplingConfig
-    codec: int
+    codec: Codec
     limits: Limits
     eos: int | None = None                # leading stops after it (None: never)
     client: str = ""
@@ -156,11 +208,13 @@ class Session:
     pending: np.ndarray | None = None     # logits predicting position len(tokens)
     rejection: PendingRejection | None = None
     opened: float = field(default_factory=time.monotonic)
-    last_used: float = field(default_factory=time.monotonic)
-    streams: int = 0                      # live RPCs using the session (it is freed only at 0)
 
-    def _step(self, tokens: list[int], n_logits: int, finish, chunkable: bool) -> Step:
-        return Step(self.seq, self.n_past, tokens, n_logits, finish, prefill=chunkable)
+    def _step(self, tokens: list[int], n_logits: int, chunkable: bool) -> Step:
+        return Step(self.seq, self.n_past, tokens, n_logits, prefill=chunkable)
+
+    def _lag(self) -> list[int]:
+        """Tokens decided but not yet in the cache (a correction, bonus or lead token)."""
+        return self.tokens[self.n_past:]
 
     # -- setup ------------------------------------------------------------
     def prefill_step(self, prompt: list[int]) -> Step:
@@ -170,14 +224,15 @@ class Session:
         if len(prompt) >= self.limits.n_ctx:
             raise ContextFull(f"prompt of {len(prompt)} tokens does not fit the context of {self.limits.n_ctx}")
         self.tokens, self.prompt_len, self.n_past = list(prompt), len(prompt), 0
+        return self._step(list(prompt), 1, chunkable=True)
 
-        def finish(rows: np.ndarray) -> None:
-            self.pending, self.n_past = rows[-1], len(prompt)
-        return self._step(list(prompt), 1, finish, chunkable=True)
+    def apply_prefill(self, rows: np.ndarray) -> None:
+        self.pending, self.n_past = rows[-1], self.prompt_len
 
-    def restart_from(self, prompt: list[int]) -> None:
-        """Continue from `prompt` (a cloud-only stream taking the session over):
-        keep the cache for the prefix it shares with what the session holds."""
+    def restart_from(self, prompt: list[int], sampling: SamplingConfig) -> None:
+        """Continue from `prompt` under `sampling` (a cloud-only stream taking the session
+        over): keep the cache for the prefix it shares with what the session holds."""
+        self.sampling = sampling
         if self.tokens == prompt and self.pending is not None and self.n_past == len(prompt):
             return
         same = 0
@@ -189,19 +244,14 @@ class Session:
         self.n_past = min(same, len(prompt) - 1)
         self.prompt_len = len(prompt)
 
-    # -- the verify step ---------------------------------------------------
+    # -- chains ------------------------------------------------------------
     def verify_step(self, epoch: int, start: int, block: list[int], fixed: int, q_u8: list[int],
-                    q_sparse: list, want_bonus: bool) -> Step | None:
+                    q_sparse: list, want_bonus: bool) -> ChainWork | None:
         """The pass that verifies one block (or several merged); None when the
         block needs no pass (stale epoch, or every position already led)."""
-        lim = self.limits
         if self._stale(epoch):
             return None
-        self._check_ids(block)
-        if fixed > len(block) or fixed > 1:
-            raise BadDraft(f"fixed={fixed} is invalid for a block of {len(block)} tokens (at most 1)")
-        if len(block) - fixed > lim.max_draft:
-            raise BadDraft(f"draft of {len(block) - fixed} tokens exceeds the limit of {lim.max_draft}")
+        self._check_block(block, fixed)
         overlap = self._overlap(start, block, may_overlap=not fixed)
         if overlap is None:
             return None
@@ -209,42 +259,76 @@ class Session:
         q_u8, q_sparse = q_u8[overlap:], q_sparse[overlap:]
         if not drafted and not want_bonus:
             raise BadDraft("empty draft: send at least one token, or ask for the bonus")
-        if len(self.tokens) + len(block) + 1 > lim.n_ctx:
-            raise ContextFull(f"context full: {len(self.tokens)} + {len(block)} tokens exceed n_ctx={lim.n_ctx}")
-        sampled = not self.sampling.greedy
-        if sampled:
+        self._check_room(len(block))
+        if not self.sampling.greedy:
             self._check_q(drafted, q_u8, q_sparse)
         if fixed:
             self._take_correction(block[0])
         elif self.rejection is not None:
             raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
+        lag = self._lag()
+        step = self._step(lag + drafted, len(drafted) + (1 if lag else 0), chunkable=False)
+        return ChainWork(step, epoch, start, overlap, drafted, q_u8, q_sparse, want_bonus, bool(lag),
+                         time.monotonic())
 
-        lag = self.tokens[self.n_past:]
-        p0, kv_end, t0 = len(self.tokens), len(self.tokens) + len(drafted), time.monotonic()
+    def apply_chain(self, work: ChainWork, rows: np.ndarray) -> VerdictData:
+        """Judge a chain's rows and move the session on."""
+        rows = self._rows_from_here(rows, work.lag)       # row j predicts position len(tokens) + j
+        drafted = work.drafted
+        if self.sampling.greedy:
+            out = self._judge_greedy(drafted, rows, work.want_bonus)
+        else:
+            out = self._judge_sampled(drafted, rows, work.q_u8, work.q_sparse, work.want_bonus)
+        if out.rejection is not None:
+            self.rejection = out.rejection                # codec P: the edge owes the correction
+        n_acc = out.accepted
+        self._advance(drafted[:n_acc], in_cache=n_acc, pending=rows[n_acc], token=out.token,
+                      broke=n_acc < len(drafted), drafted=len(drafted))
+        return VerdictData(work.epoch, work.start, work.overlap + n_acc, out.token, out.payload,
+                           verify_s=time.monotonic() - work.t0, overlap=work.overlap, sibling_accept=out.sibling)
 
-        def finish(rows: np.ndarray) -> VerdictData:
-            if not lag:                                   # the last pass already predicted p0
-                rows = np.concatenate([self.pending[None, :], rows])   # (len(drafted)+1, V)
-            if not sampled:
-                n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
-                token = nxt if (n_acc < len(drafted) or want_bonus) else None
-                payload, sibling = b"", None          # T=0: the edge scores its sibling itself
-            else:
-                n_acc, token, payload, sibling = self._verify_sampled(p0, drafted, rows, q_u8, q_sparse, want_bonus)
-            self.tokens += drafted[:n_acc]
-            self.n_past = min(kv_end, len(self.tokens))
-            self.pending = rows[n_acc]
-            if token is not None:
-                self.tokens.append(token)
-                self.pending = None                       # it predicted the position just filled
-            self.lead.awaiting = False
-            if n_acc < len(drafted):
-                self._break()
-            c = self.count
-            c.blocks, c.drafted, c.accepted = c.blocks + 1, c.drafted + len(drafted), c.accepted + n_acc
-            return VerdictData(epoch, start, overlap + n_acc, token, payload, verify_s=time.monotonic() - t0,
-                               overlap=overlap, sibling_accept=sibling)
-        return self._step(lag + drafted, len(drafted) + (1 if lag else 0), finish, chunkable=False)
+    def _check_block(self, block: list[int], fixed: int) -> None:
+        self._check_ids(block)
+        if fixed > len(block) or fixed > 1:
+            raise BadDraft(f"fixed={fixed} is invalid for a block of {len(block)} tokens (at most 1)")
+        if len(block) - fixed > self.limits.max_draft:
+            raise BadDraft(f"draft of {len(block) - fixed} tokens exceeds the limit of {self.limits.max_draft}")
+
+    def _judge_greedy(self, drafted: list[int], rows: np.ndarray, want_bonus: bool) -> ChainOutcome:
+        n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
+        # T=0: no payload, and the edge scores its sibling itself
+        return ChainOutcome(n_acc, nxt if (n_acc < len(drafted) or want_bonus) else None)
+
+    def _judge_sampled(self, drafted, rows, q_u8, q_sparse, want_bonus) -> ChainOutcome:
+        seed, p0 = self.sampling.seed, len(self.tokens)
+        for i, x in enumerate(drafted):
+            p = snap_p(logits_to_probs(rows[i], self.sampling))
+            qx = q_u8[i] / 255.0 if self.codec == Codec.P else q_sparse[i].prob(x)
+            u = rng_for(seed, p0 + i, STREAM_ACCEPT).random()
+            if accept_token(p[x], qx, u):
+                continue
+            if self.codec == Codec.Q:
+                return self._correct_q(p0 + i, p, q_sparse[i], x)
+            return self._defer_p(p0 + i, p, i)
+        token = None
+        if want_bonus:
+            p = logits_to_probs(rows[len(drafted)], self.sampling)
+            token = sample(p, rng_for(seed, p0 + len(drafted), STREAM_TARGET))
+        return ChainOutcome(len(drafted), token)
+
+    def _correct_q(self, pos: int, p: np.ndarray, q: SparseDist, rejected: int) -> ChainOutcome:
+        """Codec Q: the cloud has q, so it draws the correction from the residual itself."""
+        seed = self.sampling.seed
+        y = sample_residual(p, q, rng_for(seed, pos, STREAM_RESIDUAL))
+        sibling = runner_up_accept(p, q, rejected, race_keys(seed, pos, q.ids))
+        return ChainOutcome(pos - len(self.tokens), y, sibling=None if sibling is None else sibling[1])
+
+    def _defer_p(self, pos: int, p: np.ndarray, n_acc: int) -> ChainOutcome:
+        """Codec P: send p down; the edge owes the correction in its next block."""
+        lim = self.limits
+        payload = encode_p(p, lim.p_top_k, lim.p_tail, rng_for(self.sampling.seed, pos, STREAM_TAIL))
+        return ChainOutcome(n_acc, None, packing.pack_payload(payload, lim.width),
+                            rejection=PendingRejection(pos, p, payload.top_ids, 0))
 
     # -- trees ---------------------------------------------------------------
     def verify_tree_step(self, epoch: int, start: int, tree: DraftTree, q_sparse: list, want_bonus: bool,
@@ -252,90 +336,95 @@ class Session:
         """The passes that verify a draft tree (blocks merged into one tree included);
         None when it needs none. q_sparse: per node the q it was drawn from (sampled;
         None for later siblings, drawn from their first sibling's q without it)."""
-        lim = self.limits
         if self._stale(epoch):
             return None
-        self._check_ids(tree.tokens)
-        if len(tree) > lim.max_draft:
-            raise BadDraft(f"draft of {len(tree)} tokens exceeds the limit of {lim.max_draft}")
-        if not scratch:
-            raise BadDraft("this verifier takes no draft trees (started with --tree-seqs 0)")
+        self._check_tree(tree, q_sparse, scratch)
         sampled = not self.sampling.greedy
-        if sampled and self.codec == CODEC_P:
-            raise BadDraft("codec P cannot carry draft trees at T>0 (a sibling's test needs q's whole support): "
-                           "use codec Q")
-        if self.rejection is not None:
-            raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
-        if sampled and len(q_sparse) != len(tree):
-            raise BadDraft(f"codec Q needs one entry of q_sparse per tree node: got {len(q_sparse)} for {len(tree)}")
         overlap = self._overlap(start, [tree.tokens[i] for i in tree.main_chain()], may_overlap=True)
         if overlap is None:
             return None
         if overlap:
             tree, kept = tree.subtree(overlap - 1)        # main-chain node overlap-1 is index overlap-1
             q_sparse = [q_sparse[i] for i in kept] if sampled else q_sparse
-        if len(self.tokens) + tree.height + 1 > lim.n_ctx:
-            raise ContextFull(f"context full: {len(self.tokens)} + {tree.height} tokens exceed n_ctx={lim.n_ctx}")
+        self._check_room(tree.height)
         if len(tree.leaves_off_main()) > len(scratch):
             # merged blocks may bring more branches than one pass can verify: drop the deepest
             tree, kept = tree.pruned(len(scratch))
             q_sparse = [q_sparse[i] for i in kept] if sampled else q_sparse
         qs = self._tree_qs(tree, q_sparse) if sampled else []
-        main_idx = tree.main_chain()
-        branches = [tree.path_to(leaf) for leaf in tree.leaves_off_main()]
-        lag = self.tokens[self.n_past:]
-        p0, t0 = len(self.tokens), time.monotonic()
-        keep = lambda rows: rows                          # noqa: E731 - rows go to finish() below
-        own = self._step(lag + [tree.tokens[i] for i in main_idx], len(main_idx) + (1 if lag else 0), keep,
+        lag = bool(self._lag())
+        steps, branches, forks = self._tree_steps(tree, scratch)
+        return TreeWork(steps, epoch, start, overlap, tree, qs, want_bonus, branches, forks, lag, time.monotonic())
+
+    def apply_tree(self, work: TreeWork, rows_list: list[np.ndarray]) -> VerdictData:
+        """Judge a tree's rows (its own step's, then each branch's) and move the session on."""
+        tree, main_idx = work.tree, work.tree.main_chain()
+        main_rows = self._rows_from_here(rows_list[0], work.lag)   # the root, then each main-chain node
+        path, token = self._judge_tree(work, self._node_rows(work, main_rows, rows_list[1:]))
+        on_main = next((j for j, i in enumerate(path) if j >= len(main_idx) or i != main_idx[j]), len(path))
+        full = on_main == len(main_idx) == len(path)
+        if full and not work.want_bonus:
+            token = None                                  # the next block takes that position
+        # the main chain's accepted part is in the cache; an accepted branch node is lag
+        self._advance([tree.tokens[i] for i in path], in_cache=on_main,
+                      pending=main_rows[on_main] if on_main == len(path) else None, token=token,
+                      broke=not full, drafted=len(tree))
+        ranks = [tree.children(tree.parents[i]).index(i) for i in path]
+        return VerdictData(work.epoch, work.start, work.overlap + len(path), token,
+                           verify_s=time.monotonic() - work.t0, overlap=work.overlap,
+                           path=[0] * work.overlap + ranks)
+
+    def _check_tree(self, tree: DraftTree, q_sparse: list, scratch: list[int]) -> None:
+        self._check_ids(tree.tokens)
+        if len(tree) > self.limits.max_draft:
+            raise BadDraft(f"draft of {len(tree)} tokens exceeds the limit of {self.limits.max_draft}")
+        if not scratch:
+            raise BadDraft("this verifier takes no draft trees (started with --tree-seqs 0)")
+        sampled = not self.sampling.greedy
+        if sampled and self.codec == Codec.P:
+            raise BadDraft("codec P cannot carry draft trees at T>0 (a sibling's test needs q's whole support): "
+                           "use codec Q")
+        if self.rejection is not None:
+            raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
+        if sampled and len(q_sparse) != len(tree):
+            raise BadDraft(f"codec Q needs one entry of q_sparse per tree node: got {len(q_sparse)} for {len(tree)}")
+
+    def _tree_steps(self, tree: DraftTree, scratch: list[int]) -> tuple[list[Step], list[list[int]], list[int]]:
+        """The session's own step (lag and main chain), then one per branch off the main chain,
+        copied from the session's sequence once the main chain is in it, so the branch
+        evaluates only its own nodes, from the depth where it forks."""
+        main_idx, lag, p0 = tree.main_chain(), self._lag(), len(self.tokens)
+        own = self._step(lag + [tree.tokens[i] for i in main_idx], len(main_idx) + (1 if lag else 0),
                          chunkable=False)
         on_main = set(main_idx)
         off_main = set(range(len(tree))) - on_main
-        steps = [own]
-        forks = []                                        # per branch: the depth where it leaves the main chain
-        for k, path in enumerate(branches):
+        steps, branches, forks = [own], [], []
+        for k, leaf in enumerate(tree.leaves_off_main()):
+            path = tree.path_to(leaf)
             f = next(d for d, i in enumerate(path) if i not in on_main)
-            forks.append(f)
             new = [i for i in path if i in off_main]        # each off-main node is charged once
             off_main -= set(new)
-            # copied from the session's sequence once the main chain is in it, so the branch
-            # evaluates only its own nodes, from the depth where it forks
             steps.append(Step(scratch[k % len(scratch)], p0 + f, [tree.tokens[i] for i in path[f:]],
-                              len(path) - f, keep, copy_from=self.seq, charged=len(new), after=own))
+                              len(path) - f, copy_from=self.seq, charged=len(new), after=own))
+            branches.append(path)
+            forks.append(f)
+        return steps, branches, forks
 
-        def finish(rows_list: list[np.ndarray]) -> VerdictData:
-            own_rows = rows_list[0]
-            root = own_rows[0] if lag else self.pending
-            row = dict(zip(main_idx, own_rows[1:] if lag else own_rows))
-            for path, f, rows in zip(branches, forks, rows_list[1:]):
-                for i, r in zip(path[f:], rows):
-                    row.setdefault(i, r)
-            rows = [root] + [row[i] for i in range(len(tree))]
-            if not sampled:
-                path, token = accept_greedy(tree, [int(np.argmax(r)) for r in rows])
-            else:
-                probs = [snap_p(logits_to_probs(r, self.sampling)) for r in rows]
-                seed = self.sampling.seed
-                path, token = accept_sampled(tree, probs, qs, lambda d, s: rng_for(seed, p0 + d, s))
-            on_main = next((j for j, i in enumerate(path) if j >= len(main_idx) or i != main_idx[j]), len(path))
-            full = on_main == len(main_idx) == len(path)
-            if full and not want_bonus:
-                token = None                              # the next block takes that position
-            self.tokens += [tree.tokens[i] for i in path]
-            self.n_past = p0 + on_main                    # the main chain's accepted part is in the cache
-            self.pending = (own_rows[on_main] if lag else ([root] + list(own_rows))[on_main]) \
-                if on_main == len(path) else None
-            if token is not None:
-                self.tokens.append(token)
-                self.pending = None
-            self.lead.awaiting = False
-            if not full:
-                self._break()
-            c = self.count
-            c.blocks, c.drafted, c.accepted = c.blocks + 1, c.drafted + len(tree), c.accepted + len(path)
-            ranks = [tree.children(tree.parents[i]).index(i) for i in path]
-            return VerdictData(epoch, start, overlap + len(path), token, verify_s=time.monotonic() - t0,
-                               overlap=overlap, path=[0] * overlap + ranks)
-        return TreeWork(steps, finish)
+    @staticmethod
+    def _node_rows(work: TreeWork, main_rows: np.ndarray, branch_rows: list[np.ndarray]) -> list[np.ndarray]:
+        """[root's row] + one row per tree node, each from the evaluation of its own path."""
+        row = dict(zip(work.tree.main_chain(), main_rows[1:]))
+        for path, f, rows in zip(work.branches, work.forks, branch_rows):
+            for i, r in zip(path[f:], rows):
+                row.setdefault(i, r)
+        return [main_rows[0]] + [row[i] for i in range(len(work.tree))]
+
+    def _judge_tree(self, work: TreeWork, rows: list[np.ndarray]) -> tuple[list[int], int]:
+        if self.sampling.greedy:
+            return accept_greedy(work.tree, [int(np.argmax(r)) for r in rows])
+        probs = [snap_p(logits_to_probs(r, self.sampling)) for r in rows]
+        seed, p0 = self.sampling.seed, len(self.tokens)
+        return accept_sampled(work.tree, probs, work.qs, lambda d, s: rng_for(seed, p0 + d, s))
 
     def _tree_qs(self, tree: DraftTree, q_sparse: list) -> list:
         """Per node its q (first children) or None, each node's token checked against the q
@@ -354,9 +443,34 @@ class Session:
                 raise BadDraft(f"tree node {i}: token {x} has q = 0 where it was drawn")
         return qs
 
+    # -- one commit path for chains and trees ----------------------------------
+    def _rows_from_here(self, rows: np.ndarray, lag: bool) -> np.ndarray:
+        """The rows from the one predicting position len(tokens) on: a pass without
+        lag evaluates no token there, the last pass already predicted it."""
+        if lag:
+            return rows
+        return np.concatenate([self.pending[None, :], rows])
+
+    def _advance(self, accepted: list[int], in_cache: int, pending: np.ndarray | None, token: int | None,
+                 broke: bool, drafted: int) -> None:
+        """Take a verdict: `accepted` drafts (the first `in_cache` of them are in the cache),
+        then `token` (correction or bonus) if any; `pending` predicts the position after
+        the accepted drafts. A rejection (`broke`) ends the edge's branch."""
+        p0 = len(self.tokens)
+        self.tokens += accepted
+        self.n_past = p0 + in_cache
+        self.pending = pending
+        if token is not None:
+            self.tokens.append(token)
+            self.pending = None                           # it predicted the position just filled
+        self.lead.awaiting = False
+        if broke:
+            self._break()
+        c = self.count
+        c.blocks, c.drafted, c.accepted = c.blocks + 1, c.drafted + drafted, c.accepted + len(accepted)
+
     def _stale(self, epoch: int) -> bool:
         """A block of an older epoch is dropped unanswered; one from the future is an error."""
-        self.last_used = time.monotonic()
         if epoch > self.epoch:
             raise BadDraft(f"epoch {epoch} is ahead of the session's epoch {self.epoch}")
         return epoch < self.epoch
@@ -399,6 +513,10 @@ class Session:
         self.lead.awaiting = True
         self.lead.broke_at = at or time.monotonic()
 
+    def branch_went_quiet(self) -> None:
+        """The live branch sent nothing for a while: lead as if it had broken."""
+        self.lead.awaiting = True
+
     def block_arrived(self, t: float, epoch: int) -> None:
         """Learn how long the edge takes to answer a break with a new branch."""
         ld = self.lead
@@ -418,34 +536,36 @@ class Session:
             return 0.0
         return due + ld.pass_s / 2 - now
 
-    def lead_step(self) -> Step:
+    def lead_step(self) -> DecodeWork:
         """Decode the next token alone, as cloud-only streaming would, racing the
         edge's draft on shared keys. Needs no pass when the last one already
         produced its distribution."""
-        pos, t0, lag = len(self.tokens), time.monotonic(), self.tokens[self.n_past:]
+        return self._decode_work()
 
-        def pick(p: np.ndarray) -> int:
-            return race_sample_at(p, self.sampling.seed, pos)
+    def apply_lead(self, work: DecodeWork, rows: np.ndarray) -> VerdictData:
+        pos = work.pos
+        tok = self._next_token(rows, lambda p: race_sample_at(p, self.sampling.seed, pos))
+        ld = self.lead
+        self.count.leads += 1
+        ld.sent = {q: t for q, t in ld.sent.items() if q > pos - 64}
+        ld.sent[pos] = time.monotonic()
+        if work.step.tokens:                              # a pass ran: learn its time
+            d = time.monotonic() - work.t0
+            ld.pass_s = d if not ld.pass_s else 0.8 * ld.pass_s + 0.2 * d
+        return VerdictData(self.epoch, pos, 0, tok, verify_s=time.monotonic() - work.t0, lead=True)
 
-        def finish(rows: np.ndarray) -> VerdictData:
-            tok = self._next_token(rows, pick)
-            ld = self.lead
-            self.count.leads += 1
-            ld.sent = {q: t for q, t in ld.sent.items() if q > pos - 64}
-            ld.sent[pos] = time.monotonic()
-            if lag:
-                d = time.monotonic() - t0
-                ld.pass_s = d if not ld.pass_s else 0.8 * ld.pass_s + 0.2 * d
-            return VerdictData(self.epoch, pos, 0, tok, verify_s=time.monotonic() - t0, lead=True)
-        self.last_used = time.monotonic()
-        return self._step(lag, 1 if lag else 0, finish, chunkable=len(lag) > INVARIANT_BATCH)
-
-    def stream_step(self) -> Step:
+    def stream_step(self) -> DecodeWork:
         """The next token of cloud-only streaming (`Generate`)."""
-        pos, lag = len(self.tokens), self.tokens[self.n_past:]
-        pick = lambda p: sample(p, rng_for(self.sampling.seed, pos, STREAM_TARGET))
-        self.last_used = time.monotonic()
-        return self._step(lag, 1 if lag else 0, lambda rows: self._next_token(rows, pick), chunkable=len(lag) > INVARIANT_BATCH)
+        return self._decode_work()
+
+    def apply_stream(self, work: DecodeWork, rows: np.ndarray) -> int:
+        pos = work.pos
+        return self._next_token(rows, lambda p: sample(p, rng_for(self.sampling.seed, pos, STREAM_TARGET)))
+
+    def _decode_work(self) -> DecodeWork:
+        lag = self._lag()
+        step = self._step(lag, 1 if lag else 0, chunkable=len(lag) > INVARIANT_BATCH)
+        return DecodeWork(step, len(self.tokens), time.monotonic())
 
     def _next_token(self, rows: np.ndarray, pick) -> int:
         if len(rows):
@@ -468,28 +588,10 @@ class Session:
         tail = PPayload(np.zeros(0, np.int64), np.zeros(0, np.float32), ids, probs)
         return VerdictData(epoch, rej.pos, 0, tail=packing.pack_payload(tail, self.limits.width))
 
-    # -- helpers -----------------------------------------------------------
-    def _verify_sampled(self, p0, drafted, rows, q_u8, q_sparse, want_bonus):
-        seed = self.sampling.seed
-        for i, x in enumerate(drafted):
-            p = snap_p(logits_to_probs(rows[i], self.sampling))
-            qx = q_u8[i] / 255.0 if self.codec == CODEC_P else q_sparse[i].prob(x)
-            u = rng_for(seed, p0 + i, STREAM_ACCEPT).random()
-            if accept_token(p[x], qx, u):
-                continue
-            if self.codec == CODEC_Q:
-                q = q_sparse[i]
-                y = sample_residual(p, q, rng_for(seed, p0 + i, STREAM_RESIDUAL))
-                sibling = runner_up_accept(p, q, x, race_keys(seed, p0 + i, q.ids))
-                return i, y, b"", None if sibling is None else sibling[1]
-            payload = encode_p(p, self.limits.p_top_k, self.limits.p_tail, rng_for(seed, p0 + i, STREAM_TAIL))
-            self.rejection = PendingRejection(p0 + i, p, payload.top_ids, 0)
-            return i, None, packing.pack_payload(payload, self.limits.width), None
-        token = None
-        if want_bonus:
-            p = logits_to_probs(rows[len(drafted)], self.sampling)
-            token = sample(p, rng_for(seed, p0 + len(drafted), STREAM_TARGET))
-        return len(drafted), token, b"", None
+    # -- checks ------------------------------------------------------------
+    def _check_room(self, n_new: int) -> None:
+        if len(self.tokens) + n_new + 1 > self.limits.n_ctx:
+            raise ContextFull(f"context full: {len(self.tokens)} + {n_new} tokens exceed n_ctx={self.limits.n_ctx}")
 
     def _take_correction(self, token: int) -> None:
         rej = self.rejection
@@ -506,7 +608,7 @@ class Session:
             raise BadDraft(f"token id {bad[0]} is outside the vocabulary (n_vocab={self.limits.n_vocab})")
 
     def _check_q(self, drafted, q_u8, q_sparse) -> None:
-        if self.codec == CODEC_P:
+        if self.codec == Codec.P:
             if len(q_u8) != len(drafted):
                 raise BadDraft(f"codec P needs one q per drafted token: got {len(q_u8)} for {len(drafted)}")
             if any(v == 0 for v in q_u8):

@@ -35,6 +35,7 @@ __all__ = [
     "draw_tail",
     "encode_p",
     "residual_probs",
+    "residual_weights",
     "sample_residual",
     "sample_residual_p",
     "snap_p",
@@ -69,29 +70,33 @@ def accept_token(p_x: float, q_x: float, u: float) -> bool:
     return u < min(1.0, p_x / q_x)
 
 
-def residual_probs(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """norm(max(0, p - q)); p itself when the residual is empty (p == q: nothing is rejected)."""
-    p = np.asarray(p, dtype=np.float64)
-    r = np.maximum(p - np.asarray(q, dtype=np.float64), 0.0)
-    s = r.sum()
-    if s <= 0.0:
-        return p.copy()
-    return r / s
+def residual_weights(p: np.ndarray, q: np.ndarray | SparseDist) -> np.ndarray:
+    """Unnormalised max(0, p - q): the one place the residual is computed.
 
-
-def _residual_weights(p: np.ndarray, q: SparseDist) -> np.ndarray:
-    """Unnormalised max(0, p - q) without building q densely (q is sparse, p is full-vocab)."""
+    q is dense (full vocabulary) or a `SparseDist`; a sparse q is subtracted at its own ids
+    only (p is full-vocab, q has a few entries), with the same float expression as
+    SparseDist.dense, so both forms of one q give the same bits."""
+    if not isinstance(q, SparseDist):
+        return np.maximum(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64), 0.0)
     r = np.array(p, dtype=np.float64)
     if q.ids[-1] >= r.size:
         raise ValueError(f"q has token id {int(q.ids[-1])} outside vocabulary of {r.size}")
-    # Same float expression as SparseDist.dense, so this matches residual_probs(p, q.dense(V)).
     r[q.ids] = np.maximum(r[q.ids] - q.weights / q.total, 0.0)
     return r
 
 
+def residual_probs(p: np.ndarray, q: np.ndarray | SparseDist) -> np.ndarray:
+    """norm(max(0, p - q)); p itself when the residual is empty (p == q: nothing is rejected)."""
+    r = residual_weights(p, q)
+    s = r.sum()
+    if s <= 0.0:
+        return np.array(p, dtype=np.float64)
+    return r / s
+
+
 def sample_residual(p: np.ndarray, q: SparseDist, rng: np.random.Generator) -> int:
     """Codec Q, cloud side: one exact draw from norm(max(0, p - q))."""
-    r = _residual_weights(p, q)
+    r = residual_weights(p, q)
     if not r.sum() > 0.0:
         return sample(p, rng)
     return sample(r, rng)

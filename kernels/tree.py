@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kernels.packing import decode_varint, encode_varint
-from kernels.rejection import sample_residual
+from kernels.rejection import residual_probs, sample_residual
 from kernels.sampling import STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_TARGET, sample
 from kernels.sparse import SparseDist
 
@@ -263,14 +263,6 @@ def _without(q: SparseDist, token: int) -> SparseDist:
     return SparseDist(q.ids[keep], q.weights[keep], q.total - q.weight(token))
 
 
-def _residual(p: np.ndarray, q: SparseDist) -> np.ndarray:
-    """norm(max(0, p - q)); p itself when that is empty (then nothing could be rejected)."""
-    r = np.array(p, dtype=np.float64)
-    r[q.ids] = np.maximum(r[q.ids] - q.weights / q.total, 0.0)
-    s = r.sum()
-    return r / s if s > 0.0 else np.array(p, dtype=np.float64)
-
-
 def accept_sampled(tree: DraftTree, probs: Sequence[np.ndarray], qs: Sequence[SparseDist | None],
                    rng: Callable[[int, int], np.random.Generator]) -> tuple[list[int], int]:
     """Recursive rejection sampling down the tree: (accepted path, next token).
@@ -307,7 +299,7 @@ def accept_sampled(tree: DraftTree, probs: Sequence[np.ndarray], qs: Sequence[Sp
                 break
             if k + 1 == len(kids):    # every child rejected: the correction, from the last residual
                 return path, sample_residual(p, q, rng(d, STREAM_RESIDUAL))
-            p = _residual(p, q)
+            p = residual_probs(p, q)
             q = _without(q, x)
         path.append(accepted)
         node, d = accepted, d + 1
@@ -340,7 +332,7 @@ def accept_probability(p: np.ndarray, q: SparseDist, k: int) -> float:
         take = np.minimum(1.0, p_i[q_i.ids] / share)
         out = float(np.dot(share, take))
         if depth > 1 and q_i.ids.size > 1:
-            r = _residual(p_i, q_i)
+            r = residual_probs(p_i, q_i)
             for j in np.flatnonzero(take < 1.0):
                 out += share[j] * (1.0 - take[j]) * node(r, _without(q_i, int(q_i.ids[j])), depth - 1)
         return out
@@ -356,6 +348,6 @@ def runner_up_accept(p: np.ndarray, q: SparseDist, rejected: int, keys: np.ndarr
     y = next((t for t in race_draws(q, keys, q.ids.size) if t != rejected), None)
     if y is None:
         return None
-    p2 = _residual(np.asarray(p, dtype=np.float64), q)
+    p2 = residual_probs(p, q)
     q2 = _without(q, rejected)
     return y, min(1.0, float(p2[y]) / q2.prob(y))

@@ -30,19 +30,27 @@ def run(target, steps, **kw) -> tuple[list[PassStats], list[str], dict]:
         target.clear(s)
     passes: list[PassStats] = []
     order: list[str] = []
+    done_in: dict = {}
     sched = Scheduler(target, on_pass=passes.append, **kw)
+
+    def done(name):
+        def record(_):                      # on the scheduler's thread, as the step resolves
+            order.append(name)
+            done_in[name] = len(passes)
+        return record
     for name, step in steps:
-        step.finish = (lambda name: lambda rows: order.append(name) or len(passes))(name)
+        step.future.add_done_callback(done(name))
     sched.submit_many([s for _, s in steps])
     sched.start()
-    done_in = {name: s.future.result(timeout=120) for name, s in steps}
+    for _, s in steps:
+        s.future.result(timeout=120)
     sched.stop()
     return passes, order, done_in
 
 
 def test_decodes_are_not_held_behind_a_long_prompt(target):
-    prompt = Step(0, 0, tokens(200), 1, None, prefill=True)
-    decode = Step(1, 0, tokens(5, 1), 5, None)
+    prompt = Step(0, 0, tokens(200), 1, prefill=True)
+    decode = Step(1, 0, tokens(5, 1), 5)
     passes, order, done_in = run(target, [("prompt", prompt), ("decode", decode)], prefill_chunk=32)
     assert done_in["decode"] == 0, "the decode step ran in the first pass"
     assert order == ["decode", "prompt"]
@@ -51,13 +59,13 @@ def test_decodes_are_not_held_behind_a_long_prompt(target):
 
 
 def test_a_pass_keeps_to_the_token_budget(target):
-    steps = [(f"s{i}", Step(i, 0, tokens(30, i), 30, None)) for i in range(4)]   # 120 tokens, budget 64
+    steps = [(f"s{i}", Step(i, 0, tokens(30, i), 30)) for i in range(4)]   # 120 tokens, budget 64
     passes, _, _ = run(target, steps)
     assert [p.tokens for p in passes] == [60, 60], "two whole blocks per pass, never a split block"
 
 
 def test_no_batching_runs_one_step_per_pass(target):
-    steps = [(f"s{i}", Step(i, 0, tokens(3, i), 3, None)) for i in range(4)]
+    steps = [(f"s{i}", Step(i, 0, tokens(3, i), 3)) for i in range(4)]
     passes, order, _ = run(target, steps, batching=False)
     assert [p.steps for p in passes] == [1, 1, 1, 1] and order == ["s0", "s1", "s2", "s3"]
 
@@ -66,10 +74,10 @@ def test_batched_steps_share_one_pass_and_get_their_own_rows(target):
     got = {}
     steps = []
     for i in range(4):
-        st = Step(i, 0, tokens(4 + i, i), 2, None)
+        st = Step(i, 0, tokens(4 + i, i), 2)
         steps.append(st)
     for i, st in enumerate(steps):
-        st.finish = (lambda i: lambda rows: got.__setitem__(i, rows))(i)
+        st.future.add_done_callback((lambda i: lambda f: got.__setitem__(i, f.result()))(i))
     passes: list[PassStats] = []
     for s in range(4):
         target.clear(s)
@@ -86,6 +94,6 @@ def test_batched_steps_share_one_pass_and_get_their_own_rows(target):
 
 def test_an_emulated_pass_lasts_its_modelled_time(target):
     profile = LatencyProfile("test", 0.2, 0.01, "test")
-    steps = [(f"s{i}", Step(i, 0, tokens(5, i), 1, None)) for i in range(2)]
+    steps = [(f"s{i}", Step(i, 0, tokens(5, i), 1)) for i in range(2)]
     passes, _, _ = run(target, steps, emulate=profile)
     assert len(passes) == 1 and passes[0].seconds >= profile.forward_s(10)

@@ -45,9 +45,9 @@ def test_tree_nodes_logits_are_bit_identical_to_chain_decoding():
     sched.start()
     try:
         prompt = [int(x) for x in rng.integers(100, 40000, size=37)]
-        sched.submit(Step(0, 0, prompt, 1, lambda r: r, prefill=True)).result()
+        sched.submit(Step(0, 0, prompt, 1, prefill=True)).result()
         # rejected drafts left in the session's cache, as after a real rejection
-        sched.submit(Step(0, len(prompt), [11, 12, 13], 3, lambda r: r)).result()
+        sched.submit(Step(0, len(prompt), [11, 12, 13], 3)).result()
         n = len(prompt)
         # main chain a-b-c-d; siblings at levels 0 and 2, one with a child of its own
         tree = DraftTree((501, 502, 503, 504, 777, 888, 999), (-1, 0, 1, 2, 1, -1, 5))
@@ -59,8 +59,8 @@ def test_tree_nodes_logits_are_bit_identical_to_chain_decoding():
         def check(branches_first: bool) -> int:
             """As the verifier does it: each branch copies the session's sequence once the main
             chain is in it and evaluates its own nodes from its fork. Returns the passes taken."""
-            own = Step(0, n, main, len(main), lambda r: r)
-            branches = [Step(1 + k, n + f, [tree.tokens[i] for i in p[f:]], len(p) - f, lambda r: r,
+            own = Step(0, n, main, len(main))
+            branches = [Step(1 + k, n + f, [tree.tokens[i] for i in p[f:]], len(p) - f,
                              copy_from=0, after=own) for k, (p, f) in enumerate(zip(paths, forks))]
             before = sched.passes
             sched.submit_many(branches + [own] if branches_first else [own] + branches)
@@ -75,7 +75,7 @@ def test_tree_nodes_logits_are_bit_identical_to_chain_decoding():
         # Queued before their source: held back to the next pass.
         assert check(branches_first=True) == 2
         # A branch copied at the start of a pass evaluates its whole path.
-        whole = sched.submit(Step(3, n, [tree.tokens[i] for i in paths[0]], len(paths[0]), lambda r: r,
+        whole = sched.submit(Step(3, n, [tree.tokens[i] for i in paths[0]], len(paths[0]),
                                   copy_from=0))
         assert np.array_equal(whole.result(), chain(prompt + [tree.tokens[i] for i in paths[0]])[n:])
     finally:

@@ -1,5 +1,5 @@
 """What a session owns is freed on Close, cancel, disconnect and idle expiry,
-and never while a stream still uses it; metrics say what the verifier did.
+and never while a stream still uses it (a Close then ends the stream first); metrics say what the verifier did.
 
 One verifier with room for a single session: whether the slot came back is
 seen by the next Open being admitted (polled with a deadline, never a fixed sleep)."""
@@ -65,6 +65,22 @@ def test_close_frees_the_slot(single, tokenizer):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Speculate(iter([draft(tokenizer)]), metadata=meta(r)))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    stub.Close(pb.CloseRequest(session=r2.session), metadata=meta(r2)[1:])
+
+
+def test_close_during_a_stream_ends_it_and_frees_the_slot(single, tokenizer):
+    stub, _, _ = single
+    r = open_when_free(stub, tokenizer)
+    q: queue.Queue = queue.Queue()
+    call = stub.Speculate(iter(q.get, None), metadata=meta(r))
+    q.put(draft(tokenizer))
+    assert next(call).start == len(tokenizer.encode(PROMPT))
+    stub.Close(pb.CloseRequest(session=r.session), metadata=meta(r)[1:])   # the stream waits for a block
+    with pytest.raises(grpc.RpcError) as e:
+        next(call)
+    assert e.value.code() == grpc.StatusCode.ABORTED and "closed" in e.value.details()
+    q.put(None)
+    r2 = open_when_free(stub, tokenizer)
     stub.Close(pb.CloseRequest(session=r2.session), metadata=meta(r2)[1:])
 
 
