@@ -56,6 +56,7 @@ class Step:
     rows: list = field(default_factory=list)    # logits gathered so far
     queued_at: float = field(default_factory=time.monotonic)
     chore: Callable[[], object] | None = None
+    ready_at: float = 0.0                       # monotonic end of its pass as modelled (0: not emulated)
 
 
 def no_rows(n_vocab: int) -> np.ndarray:
@@ -189,7 +190,8 @@ class Scheduler:
             first_row = len(s.tokens) - s.n_logits          # tokens from here on need their logits
             chunks.append(Chunk(s.seq, s.start + s.done, s.tokens[s.done:s.done + n],
                                 max(0, min(n, s.done + n - first_row)), copy_from=s.copy_from))
-        with Hold(self.emulate if n_tokens else None, n_charged):
+        hold = Hold(self.emulate if n_tokens else None, n_charged)
+        with hold:
             try:
                 # Branches copied from a sequence this pass writes go in a second decode, after
                 # it: they then evaluate their own nodes only, not the path they share with it.
@@ -207,6 +209,7 @@ class Scheduler:
                 return
             self.passes += 1                        # before any step resolves: a caller then sees it
             for (s, n), c in zip(batch, chunks):
+                s.ready_at = hold.ends_at
                 if s.seq >= 0 and c.tokens:
                     s.rows.append(next(rows))
                 s.done += n

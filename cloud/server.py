@@ -89,6 +89,16 @@ class VerifierService(pb_grpc.VerifierServicer):
             return no_rows(self.info.n_vocab)
         return await asyncio.wrap_future(self.sched.submit(step))
 
+    @staticmethod
+    async def _pass_end(*steps: Step) -> None:
+        """Wait out the modelled end of the pass that evaluated `steps`. The scheduler hands
+        rows over as soon as the real pass is done, so accepting and sampling them overlaps
+        the emulated target's hold, as it would run inside a GPU's pass; the answer leaves
+        no earlier than the modelled time. No-op for a real target."""
+        end = max(s.ready_at for s in steps)
+        if end > time.monotonic():
+            await asyncio.sleep(end - time.monotonic())
+
     async def _refuse(self, context, code: grpc.StatusCode, message: str):
         self.metrics.refused.labels(code.name).inc()
         await context.abort(code, message)
@@ -180,10 +190,13 @@ class VerifierService(pb_grpc.VerifierServicer):
         try:
             step = sess.prefill_step(prompt)
             sess.apply_prefill(await self._rows(step))
+            await self._pass_end(step)
             if lead_in_reply and sess.can_lead():
                 # the prefill's last row already holds its distribution: no pass
                 work = sess.lead_step()
-                return {"lead_token": sess.apply_lead(work, await self._rows(work.step)).token}
+                v = sess.apply_lead(work, await self._rows(work.step))
+                await self._pass_end(work.step)
+                return {"lead_token": v.token}
             return {}
         except BadDraft as e:
             self.sessions.detach(sess)
@@ -230,6 +243,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         if item is LEAD:
             work = sess.lead_step()
             v = sess.apply_lead(work, await self._rows(work.step))
+            await self._pass_end(work.step)
             return [pb.Verdict(epoch=v.epoch, start=v.start, token=v.token, lead=True, verify_us=int(v.verify_s * 1e6))]
         self.metrics.bytes_in.inc(sum(d.ByteSize() for d in item))
         sess.block_arrived(arrived, item[0].epoch)
@@ -255,6 +269,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         if work is None:
             return []
         v = sess.apply_chain(work, await self._rows(work.step))
+        await self._pass_end(work.step)
         self.metrics.drafted.inc(sum(len(b) - d.fixed for d, b in zip(group, blocks)) - v.overlap)
         self.metrics.accepted.inc(v.accepted - v.overlap)
         return split_verdict(v, group, [len(b) - d.fixed for d, b in zip(group, blocks)])
@@ -277,6 +292,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         if work is None:
             return []
         v = sess.apply_tree(work, list(await asyncio.gather(*(self._rows(s) for s in work.steps))))
+        await self._pass_end(*work.steps)
         self.metrics.drafted.inc(len(tree) - v.overlap)
         self.metrics.accepted.inc(v.accepted - v.overlap)
         return split_verdict(v, group, [main_length(t.parents) for t in trees])
@@ -315,6 +331,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 try:
                     work = sess.stream_step()
                     tok = sess.apply_stream(work, await self._rows(work.step))
+                    await self._pass_end(work.step)
                 except TargetError as e:
                     await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier pass failed: {e}")
                 n_out += 1

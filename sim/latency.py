@@ -81,11 +81,14 @@ class Hold:
 
     def __enter__(self):
         self.t0 = time.monotonic()
+        # when the modelled computation ends (0 without a profile): work that runs beside the
+        # hold, such as using a pass's results, can answer no earlier than this
+        self.ends_at = self.t0 + self.profile.forward_s(self.n) if self.profile is not None else 0.0
         return self
 
     def __exit__(self, *exc):
         if self.profile is not None and exc[0] is None:
-            left = self.profile.forward_s(self.n) - (time.monotonic() - self.t0)
+            left = self.ends_at - time.monotonic()
             if left > 0:
                 time.sleep(left)
         return False

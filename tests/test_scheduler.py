@@ -97,3 +97,20 @@ def test_an_emulated_pass_lasts_its_modelled_time(target):
     steps = [(f"s{i}", Step(i, 0, tokens(5, i), 1)) for i in range(2)]
     passes, _, _ = run(target, steps, emulate=profile)
     assert len(passes) == 1 and passes[0].seconds >= profile.forward_s(10)
+
+
+def test_an_emulated_pass_tells_its_steps_when_it_ends(target):
+    """Rows are handed over when the real pass is done (the session uses them during the
+    hold), with the modelled end of the pass: the verifier answers no earlier than that."""
+    import time
+    profile = LatencyProfile("test", 0.3, 0.0, "test")
+    sched = Scheduler(target, emulate=profile)
+    sched.start()
+    try:
+        t0 = time.monotonic()
+        step = Step(0, 0, tokens(4), 1)
+        sched.submit(step).result(timeout=120)
+        assert step.ready_at >= t0 + profile.forward_s(4)
+    finally:
+        sched.stop()
+        target.clear(0)
