@@ -59,7 +59,7 @@ decode rates on two models of different size give the effective bandwidth
     a *layer-split* deployment gives (HF `device_map="auto"`: the two GPUs run
     their layers one after the other, so a pass streams all 139 GB at one GPU's
     bandwidth). Tensor parallel over two GPUs would halve the bytes per GPU and
-    run ~1.9x faster at the same efficiency (≈ 12.5 tok/s), far from 6.9. So
+    run ~1.7x faster at the same efficiency (11.7 tok/s), far from 6.9. So
     the 70B profiles are 2 x GPU, PP = 2, no micro-batching.
   - Fit (Qwen3-32B: 64 layers, 63.98 GB; Llama-3.1-70B: 80 layers, 139.0 GB,
     plus KV at 512 tokens and the small GEMM term): η_bw = 0.529 (1.08 TB/s),
