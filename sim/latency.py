@@ -136,14 +136,16 @@ def lookup(table: dict, name: str, what: str) -> "LatencyProfile | RooflineProfi
 class Hold:
     """Stretches a real computation to its modelled duration.
 
-        with Hold(profile, n_tokens):
+        with Hold(profile, n_tokens, kv_tokens):
             real_forward()
-    returns only once max(real time, modelled time) has passed. With no profile
-    it does nothing, so callers need no branches.
+    returns only once max(real time, modelled time) has passed. kv_tokens: the KV
+    cache the pass's sequences hold in all (None: the profile's default). With no
+    profile it does nothing, so callers need no branches.
     """
 
-    def __init__(self, profile: "LatencyProfile | RooflineProfile | None", n_tokens: int):
-        self.profile, self.n = profile, n_tokens
+    def __init__(self, profile: "LatencyProfile | RooflineProfile | None", n_tokens: int,
+                 kv_tokens: int | None = None):
+        self.profile, self.n, self.kv = profile, n_tokens, kv_tokens
 
     def __enter__(self):
         self.t0 = time.monotonic()
@@ -151,7 +153,7 @@ class Hold:
 
     def __exit__(self, *exc):
         if self.profile is not None and exc[0] is None:
-            left = self.profile.forward_s(self.n) - (time.monotonic() - self.t0)
+            left = self.profile.forward_s(self.n, self.kv) - (time.monotonic() - self.t0)
             if left > 0:
                 time.sleep(left)
         return False

@@ -133,6 +133,12 @@ def test_hold_prices_a_roofline_profile(monkeypatch):
     with Hold(p, 8):
         pass
     assert slept and slept[0] == pytest.approx(p.forward_s(8), abs=0.005)
+    with Hold(p, 8, kv_tokens=8 * 4096):                 # eight sessions of 4k tokens each
+        pass
+    assert slept[1] == pytest.approx(p.forward_s(8, 8 * 4096), abs=0.005) and slept[1] > slept[0]
+    with Hold(TARGETS["qwen3-32b-a100-linear"], 8, kv_tokens=8 * 4096):
+        pass
+    assert slept[2] == pytest.approx(TARGETS["qwen3-32b-a100-linear"].forward_s(8), abs=0.005)
 
 
 # --- cross-check against published batched decode (cited in sim/costmodel.py) -------------------
