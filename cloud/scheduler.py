@@ -190,7 +190,9 @@ class Scheduler:
             first_row = len(s.tokens) - s.n_logits          # tokens from here on need their logits
             chunks.append(Chunk(s.seq, s.start + s.done, s.tokens[s.done:s.done + n],
                                 max(0, min(n, s.done + n - first_row)), copy_from=s.copy_from))
-        hold = Hold(self.emulate if n_tokens else None, n_charged)
+        # what a GPU's attention reads: each sequence's whole cache once (one chunk per sequence)
+        kv_tokens = sum(c.start + len(c.tokens) for c in chunks if c.seq >= 0)
+        hold = Hold(self.emulate if n_tokens else None, n_charged, kv_tokens)
         with hold:
             try:
                 # Branches copied from a sequence this pass writes go in a second decode, after
