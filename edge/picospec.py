@@ -76,6 +76,7 @@ class Block:
     runner_up: list[tuple[int, float] | None] = field(default_factory=list)  # T=0: (token, drafter prob)
     confidence: list[float] = field(default_factory=list)  # the drafter's probability of its own token
     siblings: list[tuple[int, int]] = field(default_factory=list)  # (level, token): leaves beside the chain
+    want_bonus: bool = False               # asked the verifier for the token after a fully accepted block
     sent_at: float = 0.0
 
     @property
@@ -278,7 +279,8 @@ class Speculator:
                 d.q_sparse.extend(b"" for _ in sibs)    # drawn from their level's q, without the chain's token
         reaches_end = len(self.out) + self._spec_len() >= self.cfg.max_tokens or b.drafted[-1] == self.eos
         # With no follow-up block coming, the position after the block needs the cloud's bonus token.
-        d.want_bonus = not reaches_end and not self.lead and (not self.cfg.pipelined or self.plan.window == 1)
+        d.want_bonus = b.want_bonus = not reaches_end and not self.lead and (
+            not self.cfg.pipelined or self.plan.window == 1)
         b.sent_at = time.monotonic()
         self.restart = False
         self.stream.send(d)
@@ -325,6 +327,8 @@ class Speculator:
         self._on_lead(pb.Verdict(epoch=self.epoch, start=self._committed(), token=token, lead=True))
 
     def _on_verdict(self, v: pb.Verdict) -> None:
+        if v.epoch > self.epoch:
+            raise CloudError(None, f"verdict for epoch {v.epoch}, ahead of this edge's {self.epoch}")
         if v.epoch != self.epoch or not self.in_flight:
             return                                   # answer to a block we already gave up
         b = self.in_flight.popleft()
@@ -332,6 +336,9 @@ class Speculator:
         if v.start != b.start or v.accepted > len(b.drafted) or v.accepted < led:
             raise CloudError(None, f"verdict for position {v.start} does not match block at {b.start}")
         sibling = self._taken_sibling(b, v)
+        if v.accepted == len(b.drafted) and sibling is None and v.HasField("token") and not b.want_bonus:
+            # a token after a block that did not ask for one would land behind later drafts
+            raise CloudError(None, f"verdict at {v.start} carries a bonus token the block did not ask for")
         n_chain = v.accepted - (sibling is not None)  # chain tokens accepted
         self.planner.observe_block(len(b.drafted) - led, n_chain - led, time.monotonic() - b.sent_at,
                                    v.verify_us / 1e6, siblings=len(b.siblings))

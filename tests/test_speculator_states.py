@@ -324,9 +324,12 @@ def test_verdict_of_an_old_epoch_is_ignored(stale):
 @pytest.mark.parametrize("bad, match", [
     (dict(start=4, accepted=1), "does not match"),        # not where the oldest block starts
     (dict(start=3, accepted=4), "does not match"),        # more accepted than drafted
+    (dict(epoch=1, start=3, accepted=3), "ahead of this edge"),   # an epoch the edge never started
+    (dict(start=3, accepted=3, token=50), "did not ask"),  # a bonus after a block with one behind it
 ])
 def test_verdict_that_does_not_fit_the_oldest_block_is_a_protocol_error(bad, match):
-    spec, stream, *_ = speculator(cfg(gamma=3, window=2, max_tokens=12), events=[pb.Verdict(epoch=0, **bad)])
+    spec, stream, *_ = speculator(cfg(gamma=3, window=2, max_tokens=12),
+                                  events=[pb.Verdict(**{"epoch": 0, **bad})])
     with pytest.raises(CloudError, match=match):
         spec.run()
     assert spec.out == []
