@@ -371,3 +371,31 @@ def test_ablations_switch_off_one_mechanism_each():
     p = PolicyConfig.from_name("dymoe-no-importance", {1: 4})
     assert expert_requirements(p, 1, torch.tensor([[0, 1]]), torch.tensor([[0.9, 0.1]])) == {0: 4, 1: 4}
     assert PolicyConfig.from_name("lru-native").native and not PolicyConfig.from_name("lru-fp").native
+
+
+def test_dymoe_lifts_floors_only_while_every_expert_fits():
+    """A floor below what the budget holds saves no read and costs agreement:
+    floors rise one ladder step at a time, all layers together, while every
+    expert still fits; at a budget that holds everything, full precision."""
+    p = PolicyConfig.from_name("dymoe", {1: 4, 2: 8, 3: 16})
+    size = {2: 1, 4: 2, 8: 4, 16: 8}
+    per_layer = lambda fl: sum(size[b] for b in fl.values())
+    assert per_layer({1: 4, 2: 8, 3: 16}) == 14
+    assert p.afforded([1, 2, 3], lambda fl: per_layer(fl) <= 13) is p            # floors do not fit: as is
+    one = p.afforded([1, 2, 3], lambda fl: per_layer(fl) <= 20)                 # 8, 16, 16 = 20
+    assert one.floors == {1: 8, 2: 16, 3: 16} and one.low_for(1) == 8 and one.high_for(1) == 16
+    full = p.afforded([1, 2, 3], lambda fl: True)
+    assert {full.low_for(l) for l in (1, 2, 3)} == {full.high_for(l) for l in (1, 2, 3)} == {16}
+    # Policies without `afford` keep their precision whatever the budget.
+    s = PolicyConfig.from_name("static-int4")
+    assert s.afforded([1, 2, 3], lambda fl: True) is s
+
+
+def test_dymoe_at_a_budget_that_holds_everything_runs_full_precision(tmp_path):
+    """With every expert resident at full precision dymoe reads nothing and
+    computes what resident-fp computes, bit for bit."""
+    path = _gridded_moe(tmp_path)
+    ref, _ = run_policy(path, "resident-fp", 100)
+    got, st = run_policy(path, "dymoe", 100)
+    assert set(st["total"]["precision_mix"]) == {"fp"} and st["total"]["misses"] == 0
+    np.testing.assert_array_equal(got, ref)

@@ -29,6 +29,10 @@ so the runtime stays a plain loop.
   TPOT 0.255-0.262 s with decode prefetch (only guesses of at least the
   uniform importance share; all guesses was worse: 17 % more bytes),
   0.238-0.241 s without, agreement the same.
+  A budget that holds every expert at higher floors is not a reason to
+  quantise: floors are lifted, all layers together, as far as every expert
+  still fits (`afforded`); at a budget that holds everything at full
+  precision dymoe reads nothing and computes what resident-fp computes.
 - dymoe-no-{evict,prior,importance,prefetch,batch}: dymoe with one
   mechanism switched off (ablations for the benchmark): LRU instead of
   next-use eviction; no weight-norm prior (warm start and flash order by
@@ -37,7 +41,7 @@ so the runtime stays a plain loop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edge.moe.bits import FP
 
@@ -47,7 +51,7 @@ POLICIES = ("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-
             "dymoe") + tuple(f"dymoe-no-{a}" for a in ABLATIONS)
 _DYMOE = dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
               evict_next_use=True, prefill_low=True, high_above_floor=True, native=True,
-              batch_reads=True, prefill_lookahead=2, prefetch_decode=False)
+              batch_reads=True, prefill_lookahead=2, prefetch_decode=False, afford=True)
 _ABLATE = {"evict": dict(evict_next_use=False), "prior": dict(prior=False),
            "importance": dict(importance=False), "prefetch": dict(prefetch=False),
            "batch": dict(batch_reads=False)}
@@ -70,6 +74,7 @@ class PolicyConfig:
     batch_reads: bool = False    # adjacent experts of one layer in one storage request
     prefill_lookahead: int = 1   # layers hinted ahead during a prompt
     prefetch_decode: bool = True # look ahead for single tokens too (else only in prompts)
+    afford: bool = False         # lift floors as far as every expert still fits the budget
     floors: dict[int, int] = field(default_factory=dict)   # layer -> min bits
 
     @classmethod
@@ -119,6 +124,29 @@ class PolicyConfig:
             return self.low_for(layer)
         high = imp_sorted_rank == 0 or cum_before < self.high_share
         return self.high_for(layer) if high else self.low_for(layer)
+
+    def afforded(self, layers: list[int], fits) -> "PolicyConfig":
+        """This policy with every layer's floor lifted one ladder step at a
+        time, all layers together, while every expert of every layer still
+        fits the budget at the lifted floors (`fits(floors)`). Below that
+        point experts are evicted and a lower floor buys reads; above it
+        a low-bit copy saves nothing and costs agreement. At a budget that
+        holds every expert at full precision this is full precision
+        throughout. Unchanged without `afford`."""
+        if not self.afford or self.low_bits == FP:
+            return self
+        floors = {l: self.low_for(l) for l in layers}
+        lifted = False
+        while not all(b == FP for b in floors.values()):
+            up = {l: LADDER[min(LADDER.index(b) + 1, len(LADDER) - 1)] for l, b in floors.items()}
+            if not fits(up):
+                break
+            floors, lifted = up, True
+        if not lifted:
+            return self
+        if all(b == FP for b in floors.values()):
+            return replace(self, floors=floors, low_bits=FP, high_bits=FP)
+        return replace(self, floors=floors)
 
     def acceptable(self, resident_bits: int, need_bits: int) -> bool:
         """A resident copy at higher precision than needed is always fine."""

@@ -85,6 +85,8 @@ class OffloadedExperts(Experts):
                 f"{'full precision' if policy.min_bits() == FP else f'int{policy.min_bits()}'} "
                 f"under policy {policy.name}); raise --expert-budget-mb/--expert-budget-pct")
         self.budget_bytes = budget_bytes
+        policy = self.policy = policy.afforded(
+            c.moe_layers, lambda fl: sum(store.nbytes(l, b) for l, b in fl.items()) * c.n_expert <= budget_bytes)
         if policy.high_above_floor:
             # Important experts above the floor only while every expert fits
             # at that precision: below that, each upgrade is a full-size read
