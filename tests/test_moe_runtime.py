@@ -358,16 +358,22 @@ def test_lru_native_reads_the_file_exactly_and_fewer_bytes(tmp_path):
 
 def test_ablations_switch_off_one_mechanism_each():
     from dataclasses import asdict
-    from edge.moe.policy import ABLATIONS
+    from edge.moe.policy import DEFAULT_ON, MECHANISMS, TOGGLES, toggled
     base = asdict(PolicyConfig.from_name("dymoe", {1: 4}))
+    assert {m for m, f in MECHANISMS.items() if base[f]} == set(DEFAULT_ON)
     changed = {}
-    for a in ABLATIONS:
-        p = asdict(PolicyConfig.from_name(f"dymoe-no-{a}", {1: 4}))
+    for name in TOGGLES:                    # each mechanism against its default
+        p = asdict(PolicyConfig.from_name(name, {1: 4}))
         diff = {k for k in p if p[k] != base[k]} - {"name"}
         assert len(diff) == 1 and p["floors"] == {1: 4}
-        changed[a] = diff.pop()
-    assert changed == {"evict": "evict_next_use", "prior": "prior", "importance": "importance",
-                       "prefetch": "prefetch", "batch": "batch_reads"}
+        mech, on = toggled(name)
+        assert on == (mech not in DEFAULT_ON) and p[MECHANISMS[mech]] is on
+        changed[mech] = diff.pop()
+    assert changed == MECHANISMS
+    # Both spellings exist for every mechanism; the one matching the default is dymoe itself.
+    for m, f in MECHANISMS.items():
+        assert PolicyConfig.from_name(f"dymoe-with-{m}").__dict__[f] is True
+        assert PolicyConfig.from_name(f"dymoe-no-{m}").__dict__[f] is False
     p = PolicyConfig.from_name("dymoe-no-importance", {1: 4})
     assert expert_requirements(p, 1, torch.tensor([[0, 1]]), torch.tensor([[0.9, 0.1]])) == {0: 4, 1: 4}
     assert PolicyConfig.from_name("lru-native").native and not PolicyConfig.from_name("lru-fp").native
@@ -399,3 +405,13 @@ def test_dymoe_at_a_budget_that_holds_everything_runs_full_precision(tmp_path):
     got, st = run_policy(path, "dymoe", 100)
     assert set(st["total"]["precision_mix"]) == {"fp"} and st["total"]["misses"] == 0
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("policy", ["static-int4", "lru-prefetch-int4"])
+def test_uniform_precision_policies_compute_the_same_at_any_budget(tiny, policy):
+    """The benchmark measures their agreement once for every budget: the
+    budget changes what is resident, not the weights a token is computed with."""
+    assert PolicyConfig.from_name(policy).uniform and not PolicyConfig.from_name("dymoe").uniform
+    small, st = run_policy(tiny, policy, 8)
+    assert st["total"]["misses"] > 0
+    np.testing.assert_array_equal(small, run_policy(tiny, policy, 100)[0])

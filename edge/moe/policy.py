@@ -33,11 +33,12 @@ so the runtime stays a plain loop.
   quantise: floors are lifted, all layers together, as far as every expert
   still fits (`afforded`); at a budget that holds everything at full
   precision dymoe reads nothing and computes what resident-fp computes.
-- dymoe-no-{evict,prior,importance,prefetch,batch}: dymoe with one
-  mechanism switched off (ablations for the benchmark): LRU instead of
-  next-use eviction; no weight-norm prior (warm start and flash order by
-  id); every expert at the layer's floor whatever its gate weight; demand
-  reads only; one storage request per expert.
+- dymoe-no-X / dymoe-with-X, X in {evict, prior, importance, prefetch,
+  batch}: dymoe with one mechanism switched off / on (the benchmark's
+  ablations): LRU instead of next-use eviction; no weight-norm prior (warm
+  start and flash order by id); every expert at the layer's floor whatever
+  its gate weight; demand reads only; one storage request per expert.
+  `DEFAULT_ON` says which dymoe has.
 """
 from __future__ import annotations
 
@@ -46,15 +47,29 @@ from dataclasses import dataclass, field, replace
 from edge.moe.bits import FP
 
 LADDER = (2, 4, 8, FP)
-ABLATIONS = ("evict", "prior", "importance", "prefetch", "batch")
-POLICIES = ("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-int2", "static-int4",
-            "dymoe") + tuple(f"dymoe-no-{a}" for a in ABLATIONS)
-_DYMOE = dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
-              evict_next_use=True, prefill_low=True, high_above_floor=True, native=True,
-              batch_reads=True, prefill_lookahead=2, prefetch_decode=False, afford=True)
-_ABLATE = {"evict": dict(evict_next_use=False), "prior": dict(prior=False),
-           "importance": dict(importance=False), "prefetch": dict(prefetch=False),
-           "batch": dict(batch_reads=False)}
+# DyMoE's mechanisms, each the PolicyConfig field that switches it. A
+# mechanism is on in `dymoe` only while it beats dymoe without it by more
+# than the runs' spread in `tandem-bench moe` (see docs/dymoe.md); the others
+# stay selectable: `dymoe-with-X` turns X on, `dymoe-no-X` off.
+MECHANISMS = {"evict": "evict_next_use", "prior": "prior", "importance": "importance",
+              "prefetch": "prefetch", "batch": "batch_reads"}
+DEFAULT_ON = ("evict", "prior", "importance", "prefetch", "batch")
+# dymoe with one mechanism toggled against its default: what the benchmark compares.
+TOGGLES = tuple(f"dymoe-no-{m}" if m in DEFAULT_ON else f"dymoe-with-{m}" for m in MECHANISMS)
+POLICIES = (("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-int2", "static-int4",
+             "dymoe") + tuple(f"dymoe-no-{m}" for m in MECHANISMS)
+            + tuple(f"dymoe-with-{m}" for m in MECHANISMS))
+_DYMOE = dict(high_bits=8, low_bits=2, high_share=0.5, prefill_low=True, high_above_floor=True,
+              native=True, prefill_lookahead=2, prefetch_decode=False, afford=True,
+              **{f: m in DEFAULT_ON for m, f in MECHANISMS.items()})
+
+
+def toggled(name: str) -> tuple[str, bool] | None:
+    """(mechanism, on) for `dymoe-no-X` / `dymoe-with-X`, else None."""
+    for prefix, on in (("dymoe-no-", False), ("dymoe-with-", True)):
+        if name.startswith(prefix) and name.removeprefix(prefix) in MECHANISMS:
+            return name.removeprefix(prefix), on
+    return None
 
 
 @dataclass
@@ -88,8 +103,9 @@ class PolicyConfig:
             "static-int4": dict(high_bits=4, low_bits=4),
             "dymoe": _DYMOE,
         }
-        for a, off in _ABLATE.items():
-            table[f"dymoe-no-{a}"] = {**_DYMOE, **off}
+        for m, f in MECHANISMS.items():
+            table[f"dymoe-no-{m}"] = {**_DYMOE, f: False}
+            table[f"dymoe-with-{m}"] = {**_DYMOE, f: True}
         if name not in table:
             raise ValueError(f"unknown MoE policy {name!r}; known: {', '.join(POLICIES)}")
         dymoe = name.startswith("dymoe")
@@ -109,6 +125,12 @@ class PolicyConfig:
         if self.high_above_floor and floor:
             floor = LADDER[min(LADDER.index(floor) + 1, len(LADDER) - 1)] if floor in LADDER else FP
         return max(self.high_bits, floor)
+
+    @property
+    def uniform(self) -> bool:
+        """Every expert is computed at one precision whatever the budget: the
+        budget changes what is resident and read, never the logits."""
+        return self.high_bits == self.low_bits and not self.floors and not self.afford
 
     def bits_all(self) -> set[int]:
         return {self.high_bits, self.low_bits} | set(self.floors.values())
