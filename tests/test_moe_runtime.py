@@ -415,3 +415,18 @@ def test_uniform_precision_policies_compute_the_same_at_any_budget(tiny, policy)
     small, st = run_policy(tiny, policy, 8)
     assert st["total"]["misses"] > 0
     np.testing.assert_array_equal(small, run_policy(tiny, policy, 100)[0])
+
+
+def test_half_working_copies_are_the_records_values(tmp_path):
+    """The half store skips float32 on the way (an F16 file's values taken as
+    they are, a record dequantised straight to float16) and must give what
+    the float32 store's copies round to, bit for bit, at every precision."""
+    path = _gridded_moe(tmp_path)
+    gm = GGUFModel(path)
+    for native in (False, True):
+        f32 = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), native=native))
+        f16 = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), native=native, dtype=torch.float16))
+        for bits in (16, 8, 4, 2):
+            a, b = f32.resident_copy(2, 5, bits), f16.resident_copy(2, 5, bits)
+            assert b.gate_up.dtype == b.down.dtype == torch.float16
+            assert torch.equal(b.gate_up.float(), a.gate_up) and torch.equal(b.down.float(), a.down)
