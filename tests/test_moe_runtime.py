@@ -404,6 +404,7 @@ def test_dymoe_at_a_budget_that_holds_everything_runs_full_precision(tmp_path):
     ref, _ = run_policy(path, "resident-fp", 100)
     got, st = run_policy(path, "dymoe", 100)
     assert set(st["total"]["precision_mix"]) == {"fp"} and st["total"]["misses"] == 0
+    assert st["total"]["prefetch_recall"] is None          # nothing to fetch: no look-ahead routing
     np.testing.assert_array_equal(got, ref)
 
 
