@@ -158,7 +158,7 @@ def _top1(model_path, policy, budget_pct, texts, threads=1, copies=None, base=No
     return out
 
 
-def _prepare_images(model_path) -> dict:
+def _prepare_images(model_path, gm=None) -> dict:
     """Build the low-bit flash images once, and every expert's working
     copy (the drafter's dtype) at every tier, outside every timed cell: unpacking codes is
     the CPU stand-in's cost, not the modelled device's, and whichever cell
@@ -167,7 +167,7 @@ def _prepare_images(model_path) -> dict:
     from edge.moe.gguf_loader import GGUFModel
     from edge.moe.bits import FP
     from edge.moe.store import ExpertStore, StorageProfile, StoreConfig
-    gm, copies = GGUFModel(model_path), {}
+    gm, copies = gm or GGUFModel(model_path), {}
     dtype = MoEDrafterConfig(model=model_path).dtype
     t0 = time.perf_counter()
     for native in (False, True):
@@ -216,7 +216,9 @@ def run(args) -> int:
     text = load_or_generate(shipped_gguf(), calib_cache())
     seq, pl = text["heldout"][0], text["heldout_prompt_len"][0]
     n_dec = args.decode_tokens or (24 if args.quick else 64)
-    copies = _prepare_images(model_path)
+    from edge.moe.gguf_loader import GGUFModel
+    gm = GGUFModel(model_path)            # opened once: parsing its metadata takes seconds
+    copies = _prepare_images(model_path, gm)
     prompt, cont = seq[:pl], seq[pl:pl + n_dec]
     # Agreement over every held-out text, teacher-forced with no storage
     # cost (a policy's decisions do not depend on the storage's speed): one
@@ -224,9 +226,15 @@ def run(args) -> int:
     texts = [(s[:p], s[p:p + n_dec]) for s, p in zip(text["heldout"], text["heldout_prompt_len"])]
     # One model's dense weights serve every runtime (`build_runtime(base=)`).
     max_ctx = max(len(p) + len(c) for p, c in texts + [(prompt, cont)]) + 1
-    base, base_experts = _runtime(model_path, "resident-fp", 100, "none", max_ctx, args.threads, copies)
+    from edge.moe.drafter import build_experts
+    from edge.moe.model import MoETransformer
+    cfg = MoEDrafterConfig(model=model_path, policy="resident-fp", storage="none", threads=args.threads,
+                           working_copies=copies)
+    base_experts = build_experts(cfg, gm)
+    base = MoETransformer(gm, base_experts, max_ctx=max_ctx, dtype=cfg.dtype)
     base_experts.close()
     tops: dict[tuple[str, int], list] = {}
+    spent = {"setup": time.perf_counter() - t_start, "cells": 0.0, "agreement": 0.0}   # where the run's time goes
 
     from edge.moe.policy import PolicyConfig
 
@@ -239,7 +247,9 @@ def run(args) -> int:
         for pol, b in (("resident-fp", 100), (policy, budget)):
             key = (pol, None) if PolicyConfig.from_name(pol).uniform else (pol, b)
             if len(tops.get(key, [])) < n:
+                t0 = time.perf_counter()
                 tops[key] = _top1(model_path, pol, b, texts[:n], args.threads, copies, base)
+                spent["agreement"] += time.perf_counter() - t0
             keys.append(key)
         a, b = (torch.cat(tops[k][:n]) for k in keys[::-1])
         return (a == b).float().mean().item()
@@ -256,6 +266,7 @@ def run(args) -> int:
                 repeated = policy in ABLATIONS or (policy == "dymoe" and budget == budgets[0])
                 top, r = _cell(model_path, policy, budget, storage, prompt, cont, args.threads, copies,
                                base, repeats=REPEATS if repeated else 1)
+                spent["cells"] += time.time() - t0
                 if policy == "resident-fp" and ref_top is None:
                     ref_top = top
                 n = ABLATION_TEXTS if policy in ABLATIONS else len(texts)
@@ -286,6 +297,7 @@ def run(args) -> int:
             "machine": f"2-core CPU, torch, weights in {MoEDrafterConfig(model=model_path).dtype} where exact, {args.threads} thread(s)",
             "load_average": __import__("os").getloadavg()}
     meta["run_seconds"] = round(time.perf_counter() - t_start, 1)
+    meta["seconds_by_phase"] = {k: round(v, 1) for k, v in spent.items()}
     _write(args.json, rows, meta)
     return 0
 
