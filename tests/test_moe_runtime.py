@@ -114,8 +114,8 @@ def test_lru_fp_under_small_budget_is_exact_but_misses(tiny, ref):
                                     "precision_mix"}
 
 
-def test_dymoe_prefetches_and_mixes_precision(tiny, ref):
-    out, st = run_policy(tiny, "dymoe", 25)
+def test_dymoe_with_prefetch_prefetches_and_mixes_precision(tiny, ref):
+    out, st = run_policy(tiny, "dymoe-with-prefetch", 25)
     mix = st["total"]["precision_mix"]
     assert set(mix) <= {"int2", "int4", "int8"} and "int4" in mix
     assert st["total"]["prefetch_recall"] is not None
@@ -182,7 +182,7 @@ def test_default_floors_protect_first_last_and_dense_layers():
 
 
 def test_dymoe_precision_by_importance_floor_and_prefill():
-    p = PolicyConfig.from_name("dymoe", {1: 2, 2: 4, 3: 8, 4: 16})
+    p = PolicyConfig.from_name("dymoe-with-importance", {1: 2, 2: 4, 3: 8, 4: 16})
     sel = torch.tensor([[0, 1, 2, 3]])
     imp = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
     # The top expert (>= half the mass) runs above the floor, the tail at it.
@@ -192,6 +192,8 @@ def test_dymoe_precision_by_importance_floor_and_prefill():
     assert set(expert_requirements(p, 4, sel, imp).values()) == {16}
     # A prompt reads every expert it needs once, at the layer's low precision.
     assert expert_requirements(p, 1, sel.repeat(3, 1), imp.repeat(3, 1)) == {0: 2, 1: 2, 2: 2, 3: 2}
+    # Without importance every expert runs at the layer's floor.
+    assert PolicyConfig.from_name("dymoe-no-importance", {2: 4}).required_bits(2, 0, 0.0) == 4
 
 
 def test_low_bit_image_is_written_once_and_read_back(tiny):

@@ -11,7 +11,8 @@ so the runtime stays a plain loop.
 - lru-prefetch-int4: LRU + next-layer gate prefetch, everything int4
   (Mixtral-offloading).
 - static-int2 / static-int4: uniform precision, LRU.
-- dymoe: per-token importance picks each expert's precision: the experts
+- dymoe: the layer's floor sets each expert's precision; with importance
+  (`dymoe-with-importance`, off by default) per-token importance picks it: the experts
   holding the first `high_share` of the router's mass run one level above
   the layer's floor (and at least int8; full precision where the floor is
   int8), the tail runs at the floor (int4, or int2 where measured
@@ -20,8 +21,9 @@ so the runtime stays a plain loop.
   MoE layers and any layer that uses every expert (dense / shared) at int8
   and lets the rest go to int4, never int2. A prompt (prefill) reads each
   missing expert once for all its tokens at the layer's low precision,
-  since prompt positions are not sampled from. Residency by a calibration-
-  free prior (running gate frequency + weight-norm score), look-ahead
+  since prompt positions are not sampled from. Residency by expected next
+  use (running gate frequency; plus a weight-norm prior with
+  `dymoe-with-prior`, off by default), look-ahead
   prefetch during prompts. Not for single tokens: there the flash is the
   bottleneck (~0.19 s of reads a token against ~0.04 s of compute to hide
   them behind), and a read of a wrong guess holds the queue when the
@@ -48,12 +50,21 @@ from edge.moe.bits import FP
 
 LADDER = (2, 4, 8, FP)
 # DyMoE's mechanisms, each the PolicyConfig field that switches it. A
-# mechanism is on in `dymoe` only while it beats dymoe without it by more
-# than the runs' spread in `tandem-bench moe` (see docs/dymoe.md); the others
-# stay selectable: `dymoe-with-X` turns X on, `dymoe-no-X` off.
+# mechanism is on in `dymoe` only where it beat dymoe without it by more than
+# the runs' spread in `tandem-bench moe` (docs/dymoe.md); the others stay
+# selectable: `dymoe-with-X` turns X on, `dymoe-no-X` off.
 MECHANISMS = {"evict": "evict_next_use", "prior": "prior", "importance": "importance",
               "prefetch": "prefetch", "batch": "batch_reads"}
-DEFAULT_ON = ("evict", "prior", "importance", "prefetch", "batch")
+# Measured with `tandem-bench moe --quick` (25 %, SD card, medians of 3 runs
+# with min-max; three runs, docs/dymoe.md), each mechanism against the
+# default it would join: next-use eviction beat LRU on TPOT in all three;
+# batched reads beat their ablation on TTFT in the last two (0.85 against
+# 0.67 s in the last). Prompt prefetch beat an eviction-only dymoe on TTFT
+# (0.88 against 1.01 s) but sat inside the spread in the last run; it stays
+# on. The weight-norm prior never beat its ablation; importance cost TPOT
+# beyond the spread with everything on, beat it in the last run, and at
+# 25 % upgrades one layer at most: both off.
+DEFAULT_ON = ("evict", "prefetch", "batch")
 # dymoe with one mechanism toggled against its default: what the benchmark compares.
 TOGGLES = tuple(f"dymoe-no-{m}" if m in DEFAULT_ON else f"dymoe-with-{m}" for m in MECHANISMS)
 POLICIES = (("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-int2", "static-int4",
