@@ -24,10 +24,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ["resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-int2", "static-int4",
