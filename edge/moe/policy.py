@@ -56,14 +56,15 @@ LADDER = (2, 4, 8, FP)
 MECHANISMS = {"evict": "evict_next_use", "prior": "prior", "importance": "importance",
               "prefetch": "prefetch", "batch": "batch_reads"}
 # Measured with `tandem-bench moe --quick` (25 %, SD card, medians of 3 runs
-# with min-max; three runs, docs/dymoe.md), each mechanism against the
-# default it would join: next-use eviction beat LRU on TPOT in all three;
-# batched reads beat their ablation on TTFT in the last two (0.85 against
-# 0.67 s in the last). Prompt prefetch beat an eviction-only dymoe on TTFT
-# (0.88 against 1.01 s) but sat inside the spread in the last run; it stays
-# on. The weight-norm prior never beat its ablation; importance cost TPOT
-# beyond the spread with everything on, beat it in the last run, and at
-# 25 % upgrades one layer at most: both off.
+# with min-max; four runs, docs/dymoe.md), each mechanism against the
+# default it would join: next-use eviction beat LRU on TPOT in all four;
+# batched reads beat their ablation on TTFT in the last three (0.84 against
+# 0.62 s in the last). Prompt prefetch beat an eviction-only dymoe on TTFT
+# (0.88 against 1.01 s), sat inside the spread in the third run and beat
+# its ablation on TPOT and TTFT in the fourth: on. The weight-norm prior
+# never beat its ablation; importance cost TPOT beyond the spread with
+# everything on, flipped in the later runs, and at 25 % upgrades one layer
+# at most: both off.
 DEFAULT_ON = ("evict", "prefetch", "batch")
 # dymoe with one mechanism toggled against its default: what the benchmark compares.
 TOGGLES = tuple(f"dymoe-no-{m}" if m in DEFAULT_ON else f"dymoe-with-{m}" for m in MECHANISMS)
