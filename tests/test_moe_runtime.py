@@ -114,8 +114,8 @@ def test_lru_fp_under_small_budget_is_exact_but_misses(tiny, ref):
                                     "precision_mix"}
 
 
-def test_dymoe_prefetches_and_mixes_precision(tiny, ref):
-    out, st = run_policy(tiny, "dymoe", 25)
+def test_dymoe_with_prefetch_prefetches_and_mixes_precision(tiny, ref):
+    out, st = run_policy(tiny, "dymoe-with-prefetch", 25)
     mix = st["total"]["precision_mix"]
     assert set(mix) <= {"int2", "int4", "int8"} and "int4" in mix
     assert st["total"]["prefetch_recall"] is not None
@@ -182,7 +182,7 @@ def test_default_floors_protect_first_last_and_dense_layers():
 
 
 def test_dymoe_precision_by_importance_floor_and_prefill():
-    p = PolicyConfig.from_name("dymoe", {1: 2, 2: 4, 3: 8, 4: 16})
+    p = PolicyConfig.from_name("dymoe-with-importance", {1: 2, 2: 4, 3: 8, 4: 16})
     sel = torch.tensor([[0, 1, 2, 3]])
     imp = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
     # The top expert (>= half the mass) runs above the floor, the tail at it.
@@ -192,6 +192,8 @@ def test_dymoe_precision_by_importance_floor_and_prefill():
     assert set(expert_requirements(p, 4, sel, imp).values()) == {16}
     # A prompt reads every expert it needs once, at the layer's low precision.
     assert expert_requirements(p, 1, sel.repeat(3, 1), imp.repeat(3, 1)) == {0: 2, 1: 2, 2: 2, 3: 2}
+    # Without importance every expert runs at the layer's floor.
+    assert PolicyConfig.from_name("dymoe-no-importance", {2: 4}).required_bits(2, 0, 0.0) == 4
 
 
 def test_low_bit_image_is_written_once_and_read_back(tiny):
@@ -358,16 +360,76 @@ def test_lru_native_reads_the_file_exactly_and_fewer_bytes(tmp_path):
 
 def test_ablations_switch_off_one_mechanism_each():
     from dataclasses import asdict
-    from edge.moe.policy import ABLATIONS
+    from edge.moe.policy import DEFAULT_ON, MECHANISMS, TOGGLES, toggled
     base = asdict(PolicyConfig.from_name("dymoe", {1: 4}))
+    assert {m for m, f in MECHANISMS.items() if base[f]} == set(DEFAULT_ON)
     changed = {}
-    for a in ABLATIONS:
-        p = asdict(PolicyConfig.from_name(f"dymoe-no-{a}", {1: 4}))
+    for name in TOGGLES:                    # each mechanism against its default
+        p = asdict(PolicyConfig.from_name(name, {1: 4}))
         diff = {k for k in p if p[k] != base[k]} - {"name"}
         assert len(diff) == 1 and p["floors"] == {1: 4}
-        changed[a] = diff.pop()
-    assert changed == {"evict": "evict_next_use", "prior": "prior", "importance": "importance",
-                       "prefetch": "prefetch", "batch": "batch_reads"}
+        mech, on = toggled(name)
+        assert on == (mech not in DEFAULT_ON) and p[MECHANISMS[mech]] is on
+        changed[mech] = diff.pop()
+    assert changed == MECHANISMS
+    # Both spellings exist for every mechanism; the one matching the default is dymoe itself.
+    for m, f in MECHANISMS.items():
+        assert PolicyConfig.from_name(f"dymoe-with-{m}").__dict__[f] is True
+        assert PolicyConfig.from_name(f"dymoe-no-{m}").__dict__[f] is False
     p = PolicyConfig.from_name("dymoe-no-importance", {1: 4})
     assert expert_requirements(p, 1, torch.tensor([[0, 1]]), torch.tensor([[0.9, 0.1]])) == {0: 4, 1: 4}
     assert PolicyConfig.from_name("lru-native").native and not PolicyConfig.from_name("lru-fp").native
+
+
+def test_dymoe_lifts_floors_only_while_every_expert_fits():
+    """A floor below what the budget holds saves no read and costs agreement:
+    floors rise one ladder step at a time, all layers together, while every
+    expert still fits; at a budget that holds everything, full precision."""
+    p = PolicyConfig.from_name("dymoe", {1: 4, 2: 8, 3: 16})
+    size = {2: 1, 4: 2, 8: 4, 16: 8}
+    per_layer = lambda fl: sum(size[b] for b in fl.values())
+    assert per_layer({1: 4, 2: 8, 3: 16}) == 14
+    assert p.afforded([1, 2, 3], lambda fl: per_layer(fl) <= 13) is p            # floors do not fit: as is
+    one = p.afforded([1, 2, 3], lambda fl: per_layer(fl) <= 20)                 # 8, 16, 16 = 20
+    assert one.floors == {1: 8, 2: 16, 3: 16} and one.low_for(1) == 8 and one.high_for(1) == 16
+    full = p.afforded([1, 2, 3], lambda fl: True)
+    assert {full.low_for(l) for l in (1, 2, 3)} == {full.high_for(l) for l in (1, 2, 3)} == {16}
+    # Policies without `afford` keep their precision whatever the budget.
+    s = PolicyConfig.from_name("static-int4")
+    assert s.afforded([1, 2, 3], lambda fl: True) is s
+
+
+def test_dymoe_at_a_budget_that_holds_everything_runs_full_precision(tmp_path):
+    """With every expert resident at full precision dymoe reads nothing and
+    computes what resident-fp computes, bit for bit."""
+    path = _gridded_moe(tmp_path)
+    ref, _ = run_policy(path, "resident-fp", 100)
+    got, st = run_policy(path, "dymoe", 100)
+    assert set(st["total"]["precision_mix"]) == {"fp"} and st["total"]["misses"] == 0
+    assert st["total"]["prefetch_recall"] is None          # nothing to fetch: no look-ahead routing
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("policy", ["static-int4", "lru-prefetch-int4"])
+def test_uniform_precision_policies_compute_the_same_at_any_budget(tiny, policy):
+    """The benchmark measures their agreement once for every budget: the
+    budget changes what is resident, not the weights a token is computed with."""
+    assert PolicyConfig.from_name(policy).uniform and not PolicyConfig.from_name("dymoe").uniform
+    small, st = run_policy(tiny, policy, 8)
+    assert st["total"]["misses"] > 0
+    np.testing.assert_array_equal(small, run_policy(tiny, policy, 100)[0])
+
+
+def test_half_working_copies_are_the_records_values(tmp_path):
+    """The half store skips float32 on the way (an F16 file's values taken as
+    they are, a record dequantised straight to float16) and must give what
+    the float32 store's copies round to, bit for bit, at every precision."""
+    path = _gridded_moe(tmp_path)
+    gm = GGUFModel(path)
+    for native in (False, True):
+        f32 = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), native=native))
+        f16 = ExpertStore(gm, StoreConfig(StorageProfile.from_name("none"), native=native, dtype=torch.float16))
+        for bits in (16, 8, 4, 2):
+            a, b = f32.resident_copy(2, 5, bits), f16.resident_copy(2, 5, bits)
+            assert b.gate_up.dtype == b.down.dtype == torch.float16
+            assert torch.equal(b.gate_up.float(), a.gate_up) and torch.equal(b.down.float(), a.down)

@@ -168,8 +168,8 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
     from edge.moe.policy import POLICIES
     g.add_argument("--moe-policy", default="dymoe", choices=POLICIES, metavar="POLICY",
                    help="expert policy (default %(default)s): " + ", ".join(POLICIES) +
-                        "; lru-native is llama.cpp's mmap of the quantised file, dymoe-no-X "
-                        "switches off one DyMoE mechanism")
+                        "; lru-native is llama.cpp's mmap of the quantised file, dymoe-no-X / "
+                        "dymoe-with-X switch one DyMoE mechanism off / on")
 
 
 def build_drafter(args):

@@ -57,11 +57,13 @@ def load_floors(model: Path, gm: GGUFModel | None = None) -> dict[int, int]:
     return default_floors(c.moe_layers, c.expert_used, c.n_expert)
 
 
-def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExperts]:
+def build_experts(cfg: MoEDrafterConfig, gm: GGUFModel | None = None) -> OffloadedExperts:
+    """The expert runtime (store, cache, policy, I/O) of `cfg`; `gm` an
+    already opened `cfg.model` to share."""
     torch.set_num_threads(cfg.threads)
     if cfg.budget_mb is not None and cfg.budget_pct is not None:
         raise ValueError("give --expert-budget-mb or --expert-budget-pct, not both")
-    gm = GGUFModel(cfg.model)
+    gm = gm or GGUFModel(cfg.model)
     policy = PolicyConfig.from_name(cfg.policy, load_floors(cfg.model, gm))
     store = ExpertStore(gm, StoreConfig(StorageProfile.from_name(cfg.storage), native=policy.native,
                                         working_copies=cfg.working_copies, dtype=cfg.dtype))
@@ -76,7 +78,20 @@ def build_runtime(cfg: MoEDrafterConfig) -> tuple[MoETransformer, OffloadedExper
         budget = int(total * cfg.budget_pct / 100)
     else:
         budget = total
-    experts = OffloadedExperts(gm, store, policy, budget)
+    return OffloadedExperts(gm, store, policy, budget)
+
+
+def build_runtime(cfg: MoEDrafterConfig, base: MoETransformer | None = None
+                  ) -> tuple[MoETransformer, OffloadedExperts]:
+    """Model and expert runtime of `cfg`. With `base` (a model of the same
+    file and dtype, its context at least cfg.max_ctx) the new model shares
+    its dense weights instead of loading them again: the benchmark builds
+    dozens of runtimes of one file."""
+    if base is not None:
+        experts = build_experts(cfg, base.gm)
+        return base.sibling(experts, cfg.max_ctx), experts
+    gm = GGUFModel(cfg.model)
+    experts = build_experts(cfg, gm)
     return MoETransformer(gm, experts, max_ctx=cfg.max_ctx, dtype=cfg.dtype), experts
 
 

@@ -241,6 +241,7 @@ class MoETransformer:
     def __init__(self, gm: GGUFModel, experts: Experts | None = None, max_ctx: int = 2048,
                  dtype: torch.dtype = torch.float32):
         torch.set_grad_enabled(False)
+        self.gm = gm
         self.cfg: MoEConfig = gm.cfg
         c = self.cfg
         emb = torch.from_numpy(gm.dense("token_embd.weight").copy())     # (V, D)

@@ -11,7 +11,8 @@ so the runtime stays a plain loop.
 - lru-prefetch-int4: LRU + next-layer gate prefetch, everything int4
   (Mixtral-offloading).
 - static-int2 / static-int4: uniform precision, LRU.
-- dymoe: per-token importance picks each expert's precision: the experts
+- dymoe: the layer's floor sets each expert's precision; with importance
+  (`dymoe-with-importance`, off by default) per-token importance picks it: the experts
   holding the first `high_share` of the router's mass run one level above
   the layer's floor (and at least int8; full precision where the floor is
   int8), the tail runs at the floor (int4, or int2 where measured
@@ -20,8 +21,9 @@ so the runtime stays a plain loop.
   MoE layers and any layer that uses every expert (dense / shared) at int8
   and lets the rest go to int4, never int2. A prompt (prefill) reads each
   missing expert once for all its tokens at the layer's low precision,
-  since prompt positions are not sampled from. Residency by a calibration-
-  free prior (running gate frequency + weight-norm score), look-ahead
+  since prompt positions are not sampled from. Residency by expected next
+  use (running gate frequency; plus a weight-norm prior with
+  `dymoe-with-prior`, off by default), look-ahead
   prefetch during prompts. Not for single tokens: there the flash is the
   bottleneck (~0.19 s of reads a token against ~0.04 s of compute to hide
   them behind), and a read of a wrong guess holds the queue when the
@@ -29,28 +31,57 @@ so the runtime stays a plain loop.
   TPOT 0.255-0.262 s with decode prefetch (only guesses of at least the
   uniform importance share; all guesses was worse: 17 % more bytes),
   0.238-0.241 s without, agreement the same.
-- dymoe-no-{evict,prior,importance,prefetch,batch}: dymoe with one
-  mechanism switched off (ablations for the benchmark): LRU instead of
-  next-use eviction; no weight-norm prior (warm start and flash order by
-  id); every expert at the layer's floor whatever its gate weight; demand
-  reads only; one storage request per expert.
+  A budget that holds every expert at higher floors is not a reason to
+  quantise: floors are lifted, all layers together, as far as every expert
+  still fits (`afforded`); at a budget that holds everything at full
+  precision dymoe reads nothing and computes what resident-fp computes.
+- dymoe-no-X / dymoe-with-X, X in {evict, prior, importance, prefetch,
+  batch}: dymoe with one mechanism switched off / on (the benchmark's
+  ablations): LRU instead of next-use eviction; no weight-norm prior (warm
+  start and flash order by id); every expert at the layer's floor whatever
+  its gate weight; demand reads only; one storage request per expert.
+  `DEFAULT_ON` says which dymoe has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edge.moe.bits import FP
 
 LADDER = (2, 4, 8, FP)
-ABLATIONS = ("evict", "prior", "importance", "prefetch", "batch")
-POLICIES = ("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-int2", "static-int4",
-            "dymoe") + tuple(f"dymoe-no-{a}" for a in ABLATIONS)
-_DYMOE = dict(high_bits=8, low_bits=2, high_share=0.5, prefetch=True, prior=True,
-              evict_next_use=True, prefill_low=True, high_above_floor=True, native=True,
-              batch_reads=True, prefill_lookahead=2, prefetch_decode=False)
-_ABLATE = {"evict": dict(evict_next_use=False), "prior": dict(prior=False),
-           "importance": dict(importance=False), "prefetch": dict(prefetch=False),
-           "batch": dict(batch_reads=False)}
+# DyMoE's mechanisms, each the PolicyConfig field that switches it. A
+# mechanism is on in `dymoe` only where it beat dymoe without it by more than
+# the runs' spread in `tandem-bench moe` (docs/dymoe.md); the others stay
+# selectable: `dymoe-with-X` turns X on, `dymoe-no-X` off.
+MECHANISMS = {"evict": "evict_next_use", "prior": "prior", "importance": "importance",
+              "prefetch": "prefetch", "batch": "batch_reads"}
+# Measured with `tandem-bench moe --quick` (25 %, SD card, medians of 3 runs
+# with min-max; four runs, docs/dymoe.md), each mechanism against the
+# default it would join: next-use eviction beat LRU on TPOT in all four;
+# batched reads beat their ablation on TTFT in the last three (0.84 against
+# 0.62 s in the last). Prompt prefetch beat an eviction-only dymoe on TTFT
+# (0.88 against 1.01 s), sat inside the spread in the third run and beat
+# its ablation on TPOT and TTFT in the fourth: on. The weight-norm prior
+# never beat its ablation; importance cost TPOT beyond the spread with
+# everything on, flipped in the later runs, and at 25 % upgrades one layer
+# at most: both off.
+DEFAULT_ON = ("evict", "prefetch", "batch")
+# dymoe with one mechanism toggled against its default: what the benchmark compares.
+TOGGLES = tuple(f"dymoe-no-{m}" if m in DEFAULT_ON else f"dymoe-with-{m}" for m in MECHANISMS)
+POLICIES = (("resident-fp", "lru-fp", "lru-native", "lru-prefetch-int4", "static-int2", "static-int4",
+             "dymoe") + tuple(f"dymoe-no-{m}" for m in MECHANISMS)
+            + tuple(f"dymoe-with-{m}" for m in MECHANISMS))
+_DYMOE = dict(high_bits=8, low_bits=2, high_share=0.5, prefill_low=True, high_above_floor=True,
+              native=True, prefill_lookahead=2, prefetch_decode=False, afford=True,
+              **{f: m in DEFAULT_ON for m, f in MECHANISMS.items()})
+
+
+def toggled(name: str) -> tuple[str, bool] | None:
+    """(mechanism, on) for `dymoe-no-X` / `dymoe-with-X`, else None."""
+    for prefix, on in (("dymoe-no-", False), ("dymoe-with-", True)):
+        if name.startswith(prefix) and name.removeprefix(prefix) in MECHANISMS:
+            return name.removeprefix(prefix), on
+    return None
 
 
 @dataclass
@@ -70,6 +101,7 @@ class PolicyConfig:
     batch_reads: bool = False    # adjacent experts of one layer in one storage request
     prefill_lookahead: int = 1   # layers hinted ahead during a prompt
     prefetch_decode: bool = True # look ahead for single tokens too (else only in prompts)
+    afford: bool = False         # lift floors as far as every expert still fits the budget
     floors: dict[int, int] = field(default_factory=dict)   # layer -> min bits
 
     @classmethod
@@ -83,8 +115,9 @@ class PolicyConfig:
             "static-int4": dict(high_bits=4, low_bits=4),
             "dymoe": _DYMOE,
         }
-        for a, off in _ABLATE.items():
-            table[f"dymoe-no-{a}"] = {**_DYMOE, **off}
+        for m, f in MECHANISMS.items():
+            table[f"dymoe-no-{m}"] = {**_DYMOE, f: False}
+            table[f"dymoe-with-{m}"] = {**_DYMOE, f: True}
         if name not in table:
             raise ValueError(f"unknown MoE policy {name!r}; known: {', '.join(POLICIES)}")
         dymoe = name.startswith("dymoe")
@@ -105,6 +138,12 @@ class PolicyConfig:
             floor = LADDER[min(LADDER.index(floor) + 1, len(LADDER) - 1)] if floor in LADDER else FP
         return max(self.high_bits, floor)
 
+    @property
+    def uniform(self) -> bool:
+        """Every expert is computed at one precision whatever the budget: the
+        budget changes what is resident and read, never the logits."""
+        return self.high_bits == self.low_bits and not self.floors and not self.afford
+
     def bits_all(self) -> set[int]:
         return {self.high_bits, self.low_bits} | set(self.floors.values())
 
@@ -119,6 +158,29 @@ class PolicyConfig:
             return self.low_for(layer)
         high = imp_sorted_rank == 0 or cum_before < self.high_share
         return self.high_for(layer) if high else self.low_for(layer)
+
+    def afforded(self, layers: list[int], fits) -> "PolicyConfig":
+        """This policy with every layer's floor lifted one ladder step at a
+        time, all layers together, while every expert of every layer still
+        fits the budget at the lifted floors (`fits(floors)`). Below that
+        point experts are evicted and a lower floor buys reads; above it
+        a low-bit copy saves nothing and costs agreement. At a budget that
+        holds every expert at full precision this is full precision
+        throughout. Unchanged without `afford`."""
+        if not self.afford or self.low_bits == FP:
+            return self
+        floors = {l: self.low_for(l) for l in layers}
+        lifted = False
+        while not all(b == FP for b in floors.values()):
+            up = {l: LADDER[min(LADDER.index(b) + 1, len(LADDER) - 1)] for l, b in floors.items()}
+            if not fits(up):
+                break
+            floors, lifted = up, True
+        if not lifted:
+            return self
+        if all(b == FP for b in floors.values()):
+            return replace(self, floors=floors, low_bits=FP, high_bits=FP)
+        return replace(self, floors=floors)
 
     def acceptable(self, resident_bits: int, need_bits: int) -> bool:
         """A resident copy at higher precision than needed is always fine."""

@@ -85,6 +85,8 @@ class OffloadedExperts(Experts):
                 f"{'full precision' if policy.min_bits() == FP else f'int{policy.min_bits()}'} "
                 f"under policy {policy.name}); raise --expert-budget-mb/--expert-budget-pct")
         self.budget_bytes = budget_bytes
+        policy = self.policy = policy.afforded(
+            c.moe_layers, lambda fl: sum(store.nbytes(l, b) for l, b in fl.items()) * c.n_expert <= budget_bytes)
         if policy.high_above_floor:
             # Important experts above the floor only while every expert fits
             # at that precision: below that, each upgrade is a full-size read
@@ -107,6 +109,10 @@ class OffloadedExperts(Experts):
         self._predicted: dict[int, set[int]] = {}
         self.io = IOQueue(store, self._on_read, batch=policy.batch_reads)
         self._warm_start(prior)
+        # Every expert resident at the highest precision any token asks of it
+        # (a budget that holds them all): nothing is ever read, so routing
+        # layers ahead to prefetch would be pure overhead on a prompt.
+        self._complete = self._holds_everything()
 
     # ---- setup ------------------------------------------------------------
     def _warm_start(self, prior) -> None:
@@ -125,6 +131,16 @@ class OffloadedExperts(Experts):
                 if (cur is None or cur.w.bits < b) and self.cache.fits_without_eviction(extra):
                     self.cache.admit((l, e), self.store.resident_copy(l, e, b))
 
+    def _holds_everything(self) -> bool:
+        """Every expert resident at the highest precision a token can ask of it."""
+        c, p = self.gm.cfg, self.policy
+        for l in c.moe_layers:
+            for e in range(c.n_expert):
+                cur = self.cache.get((l, e))
+                if cur is None or not p.acceptable(cur.w.bits, max(p.high_for(l), p.low_for(l))):
+                    return False
+        return True
+
     def _on_read(self, key, w: ExpertWeights, prefetched: bool, busy: float) -> None:
         self.io_busy_s += busy
         self.stats[key[0]].bytes_read += w.nbytes
@@ -134,7 +150,7 @@ class OffloadedExperts(Experts):
 
     # ---- Experts interface ------------------------------------------------
     def wants_hints(self) -> bool:
-        return self.policy.prefetch
+        return self.policy.prefetch and not self._complete
 
     def hint_depth(self, tokens: int) -> int:
         """A prompt needs nearly every expert of every layer, so guessing two
@@ -142,7 +158,7 @@ class OffloadedExperts(Experts):
         behind layers that were mostly resident; a decode token looks one
         layer ahead, where the guess is good, if the policy prefetches for
         single tokens at all."""
-        if not self.policy.prefetch:
+        if not self.wants_hints():
             return 0
         if tokens > 1:
             return self.policy.prefill_lookahead

@@ -340,16 +340,27 @@ class ExpertStore:
         # compared: low-bit records are rounded through float16 by
         # `working_copy`, and an F16 file's values are float16 values; other
         # full-precision types stay float32.
-        out = []
+        half = self.cfg.dtype is torch.float16
+        out, records = [], {}
         for i, kind in enumerate(KINDS):
             b = self.matrix_bits(layer, kind, bits)
             if b == FP:
                 raw, ttype = self.gm.expert_raw(layer, kind, e)
-                w = torch.from_numpy(expert_to_f32(raw, ttype).copy())
-                out.append(w.to(self.cfg.dtype) if ttype == gguf.GGMLQuantizationType.F16 else w)
+                if ttype == gguf.GGMLQuantizationType.F16:
+                    # The file's own float16 values: no float32 detour when computing in half.
+                    w = torch.from_numpy(np.array(raw))
+                    out.append(w if half else w.to(self.cfg.dtype))
+                else:
+                    out.append(torch.from_numpy(expert_to_f32(raw, ttype).copy()))
             else:
-                out.append(working_copy(self._quantised(layer, e, b)[i]).to(self.cfg.dtype))
+                if b not in records:                    # one read of the expert's record per precision
+                    records[b] = self._quantised(layer, e, b)
+                q = records[b][i]
+                # float16(code * scale + min), as `working_copy` rounds it.
+                out.append(quant.dequantize(q).to(torch.float16) if half
+                           else working_copy(q).to(self.cfg.dtype))
         return fuse_gate_up(out[0], out[1]), out[2].contiguous()
+
 
     def resident_copy(self, layer: int, e: int, bits: int) -> ExpertWeights:
         """Weights without any device charge (for warm starts and references)."""
