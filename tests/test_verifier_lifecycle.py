@@ -68,13 +68,20 @@ def test_close_frees_the_slot(single, tokenizer):
     stub.Close(pb.CloseRequest(session=r2.session), metadata=meta(r2)[1:])
 
 
-def test_close_during_a_stream_ends_it_and_frees_the_slot(single, tokenizer):
-    stub, _, _ = single
+def live_stream(stub, tokenizer):
+    """An opened session with a Speculate stream that has had one verdict and waits for more
+    blocks: (OpenReply, the queue that feeds the stream (None ends it), the call)."""
     r = open_when_free(stub, tokenizer)
     q: queue.Queue = queue.Queue()
     call = stub.Speculate(iter(q.get, None), metadata=meta(r))
     q.put(draft(tokenizer))
     assert next(call).start == len(tokenizer.encode(PROMPT))
+    return r, q, call
+
+
+def test_close_during_a_stream_ends_it_and_frees_the_slot(single, tokenizer):
+    stub, _, _ = single
+    r, q, call = live_stream(stub, tokenizer)
     stub.Close(pb.CloseRequest(session=r.session), metadata=meta(r)[1:])   # the stream waits for a block
     with pytest.raises(grpc.RpcError) as e:
         next(call)
@@ -86,11 +93,7 @@ def test_close_during_a_stream_ends_it_and_frees_the_slot(single, tokenizer):
 
 def test_cancelled_stream_frees_the_slot(single, tokenizer):
     stub, _, _ = single
-    r = open_when_free(stub, tokenizer)
-    q: queue.Queue = queue.Queue()
-    call = stub.Speculate(iter(q.get, None), metadata=meta(r))
-    q.put(draft(tokenizer))
-    assert next(call).start == len(tokenizer.encode(PROMPT))
+    _, _, call = live_stream(stub, tokenizer)
     call.cancel()
     r2 = open_when_free(stub, tokenizer)
     stub.Close(pb.CloseRequest(session=r2.session), metadata=meta(r2)[1:])
