@@ -33,7 +33,9 @@ EPILOG = """examples:
 threads and wait policy: on a machine of its own the verifier is fastest with
 llama.cpp's threads spinning between passes; next to another busy process
 (an edge on the same cores, in tests) spinning starves it. --threads 0
-measures 1 and 2 threads at start-up and keeps the faster.
+measures 1, 2, 4 ... threads at start-up, then keeps choosing while it serves:
+every so often it runs a few passes with another count and keeps whichever ran
+the same-sized passes faster (tandem_verifier_threads in /metrics).
 
 exactness: at start-up the verifier decodes a few sequences with mixed block
 lengths in one batched pass and compares every logit with one-token decoding.
@@ -56,7 +58,8 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
     ap.add_argument("--model", type=Path, help="target GGUF (default: the shipped SmolLM2-135M-Instruct)")
     ap.add_argument("--n-ctx", type=int, default=2048, help="context window per session (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="llama.cpp threads; 0 = measure 1 and 2 at start-up, keep the faster (default: %(default)s)")
+                    help="llama.cpp threads; 0 = choose: probe at start-up, then keep the count the passes being served "
+                         "run fastest with (default: %(default)s)")
     ap.add_argument("--wait-policy", choices=WAIT_POLICIES, default="auto",
                     help="idle llama.cpp threads spin (active) or sleep (passive); auto = spin briefly, then "
                          "sleep (default: %(default)s)")

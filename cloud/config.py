@@ -12,7 +12,7 @@ class VerifierConfig:
     listen: str = "127.0.0.1:50051"
     model: Path | None = None           # None: the shipped SmolLM2-135M
     n_ctx: int = 2048                   # per session
-    threads: int = 0                    # llama.cpp threads; 0: measure 1 and 2 at start-up, keep the faster
+    threads: int = 0                    # llama.cpp threads; 0: probe at start-up, then keep choosing while serving
     wait_policy: str = "auto"           # OpenMP idle threads: spin (active) or sleep (passive); auto: see cli
     max_sessions: int = 8               # every RPC that holds a sequence counts (Open'ed sessions, Generate)
     max_draft: int = 32

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from cloud.scheduler import Scheduler
 from cloud.server import SERVICE, VerifierService
 from cloud.startup import bind_problem
 from cloud.target import Target, measure_pass
+from cloud.threads import ThreadTuner, candidates
 from common.address import join_host_port, split_host_port
 from common.errors import StartupError
 from proto import tandem_pb2 as pb
@@ -41,17 +43,37 @@ class Built:
     exact: str          # what the start-up check found, for the ready line
 
 
-def pick_threads(target: Target, seq: int) -> int:
-    """The faster of 1 and 2 llama.cpp threads for a typical pass here (8 tokens)."""
+def pick_threads(target: Target, seq: int, counts: tuple[int, ...]) -> int:
+    """The fastest thread count for a typical pass here (8 tokens), on the machine as it
+    is at start-up: the first guess, which `ThreadTuner` revises while serving."""
     timing = {}
-    for n in (1, 2):
+    for n in counts:
         target.set_threads(n)
         measure_pass(target, seq, 8, 2)                       # warm-up
         timing[n] = measure_pass(target, seq, 8, 5)
     best = min(timing, key=timing.get)
-    log.info("threads: 1 -> %.1f ms, 2 -> %.1f ms per 8-token pass; using %d",
-             timing[1] * 1e3, timing[2] * 1e3, best)
+    log.info("threads at start-up: %s per 8-token pass; starting with %d",
+             ", ".join(f"{n} -> {t * 1e3:.1f} ms" for n, t in timing.items()), best)
     return best
+
+
+def thread_keeper(target: Target, metrics: Metrics, counts: tuple[int, ...]):
+    """The scheduler's per-pass hook with --threads 0: metrics, then the thread count the
+    passes being served run fastest with (cloud/threads.py). Runs on the scheduler's thread,
+    the model's only user, between passes."""
+    tuner = ThreadTuner(counts, current=target.n_threads)
+    metrics.threads.set(target.n_threads)
+
+    def on_pass(s):
+        metrics.observe_pass(s)
+        switches = tuner.switches
+        n = tuner.observe(s.tokens, s.seconds)
+        if n != target.n_threads:
+            target.set_threads(n)
+            metrics.threads.set(n)
+        if tuner.switches != switches:
+            log.info("threads: now %d (same-sized passes ran faster with it)", n)
+    return on_pass
 
 
 def pass_model(target: Target, seq: int, emulate: LatencyProfile | None) -> tuple[float, float]:
@@ -100,10 +122,15 @@ async def build(cfg: VerifierConfig, model: Path) -> Built:
                     max_batch_tokens=cfg.max_batch_tokens, gpu_layers=cfg.gpu_layers, kv_unified=cfg.kv_unified)
     metrics = Metrics()
     cfg, exact = check_exactness(target, cfg, metrics)
+    on_pass = metrics.observe_pass
     if cfg.threads == 0:
-        target.set_threads(pick_threads(target, 0))
+        counts = candidates(os.cpu_count() or 1)
+        target.set_threads(pick_threads(target, 0, counts))
+        on_pass = thread_keeper(target, metrics, counts)
+    else:
+        metrics.threads.set(cfg.threads)
     model_ab = pass_model(target, 0, emulate)
-    scheduler = Scheduler(target, batching=cfg.batching, emulate=emulate, on_pass=metrics.observe_pass)
+    scheduler = Scheduler(target, batching=cfg.batching, emulate=emulate, on_pass=on_pass)
     scheduler.start()
     service = VerifierService(cfg, target, scheduler, emulate, model_ab, metrics, exact)
     metrics.queue.set_function(lambda: scheduler.queued)

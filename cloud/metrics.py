@@ -27,6 +27,7 @@ class Metrics:
                                    "decoding", registry=r)
         self.exact_max_diff = Gauge("tandem_verifier_exact_max_logit_diff",
                                     "largest logit difference the start-up check found (0: bitwise)", registry=r)
+        self.threads = Gauge("tandem_verifier_threads", "llama.cpp threads the passes run with now", registry=r)
         self.refused = Counter("tandem_verifier_refusals", "RPCs refused, by status code", ["code"], registry=r)
 
     def observe_pass(self, s: PassStats) -> None:
