@@ -54,7 +54,7 @@ class SloAdmission:
         if streaming:
             return Demand(1.0, 1, prompt_len)
         s = self.spec
-        if s.passes:
+        if s.passes and s.gained:
             return Demand(s.gained / s.passes, s.pass_tokens / s.passes, prompt_len)
         return Demand(PRIOR_TAU, PRIOR_BLOCK, prompt_len)
 
@@ -84,9 +84,9 @@ class SloAdmission:
 
     def observe(self, sess: Session, n_in: int, gained: int, speculative: bool) -> None:
         """A decode step of `sess` is done (its counters already hold it): learn the prior."""
-        if speculative and n_in:
+        if speculative:                         # counted as the session's own counters are
             s = self.spec
-            s.passes, s.pass_tokens, s.gained = s.passes + 1, s.pass_tokens + n_in, s.gained + gained
+            s.passes, s.pass_tokens, s.gained = s.passes + (1 if n_in else 0), s.pass_tokens + n_in, s.gained + gained
 
     def refresh(self, held: Iterable[Session]) -> int:
         """Predict for the sessions held now; returns the batch budget that keeps the

@@ -103,8 +103,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         if self.slo is None:
             return
         self.sched.set_budget(self.slo.refresh(self.sessions.held()))
-        rate = self.slo.now.min_rate
-        self.metrics.predicted_min_rate.set(rate)
+        self.metrics.predicted_min_rate.set(self.slo.now.min_rate)
         self.metrics.batch_budget.set(self.slo.budget)
 
     def _served(self, sess: Session, steps: list[Step], before: int, speculative: bool = True) -> None:

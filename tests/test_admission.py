@@ -46,9 +46,11 @@ def allowed_at_prior(kv: int) -> int:
 
 
 class Verifier:
-    def __init__(self, *extra: str):
+    """A real verifier daemon (emulating PROFILE unless told None) with its metrics."""
+
+    def __init__(self, *extra: str, emulate: str | None = PROFILE):
         self.metrics_port = free_port()
-        self.daemon = start_cloud("--threads", "1", "--emulate-target", PROFILE,
+        self.daemon = start_cloud("--threads", "1", *(("--emulate-target", emulate) if emulate else ()),
                                   "--metrics", f"127.0.0.1:{self.metrics_port}", *extra)
         self.channel = grpc.insecure_channel(self.daemon.address)
         self.stub = pb_grpc.VerifierStub(self.channel)
@@ -170,6 +172,22 @@ def test_without_the_flag_admission_is_unchanged(tokenizer):
             v.close(r)
     finally:
         v.stop()
+
+
+def test_a_real_target_is_priced_by_the_pass_time_it_measured(tokenizer):
+    """No emulation: the start-up measurement prices passes. Only SLOs no machine can miss
+    or meet are used, so the outcome never depends on how fast this one is (a pass takes
+    at least 0.1 ms as measured, so no session gains 10^9 tokens/s)."""
+    for slo, admitted in [("1e9", False), ("1e-3", True)]:
+        v = Verifier("--slo-tokens-per-s", slo, emulate=None)
+        try:
+            assert v.metric("tandem_verifier_predicted_min_tokens_per_s") == float("inf")
+            if admitted:
+                v.close(v.open(tokenizer))
+            else:
+                assert "SLO" in refused(lambda: v.open(tokenizer)).details()
+        finally:
+            v.stop()
 
 
 # -- the verifier's bookkeeping, driven without a model --------------------------------
