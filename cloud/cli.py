@@ -29,6 +29,7 @@ EPILOG = """examples:
   cloud-verifier --listen 127.0.0.1:50051 --max-sessions 16 --metrics 127.0.0.1:9100
   cloud-verifier --emulate-target qwen3-32b-a100     # real tokens, 32B-on-A100 timing
   cloud-verifier --no-batching                       # one session per pass, for comparison
+  cloud-verifier --emulate-target llama-70b-a100 --slo-tokens-per-s 5   # admit while all keep 5 tok/s
 
 threads and wait policy: on a machine of its own the verifier is fastest with
 llama.cpp's threads spinning between passes; next to another busy process
@@ -66,6 +67,11 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
     ap.add_argument("--max-sessions", type=int, default=8,
                     help="concurrent sessions (Open'ed or streaming Generate) before RESOURCE_EXHAUSTED "
                          "(default: %(default)s)")
+    ap.add_argument("--slo-tokens-per-s", type=float, metavar="S",
+                    help="admit a session only while the cost model (the emulated target's profile, or the pass "
+                         "time measured at start-up) predicts that every session keeps S tokens/s, from the "
+                         "acceptance measured so far; otherwise RESOURCE_EXHAUSTED as when full. Also bounds "
+                         "the tokens per pass (default: no SLO)")
     ap.add_argument("--max-draft", type=int, default=32, help="longest accepted draft block (default: %(default)s)")
     ap.add_argument("--tree-seqs", type=int, default=3,
                     help="scratch sequences for draft trees: a tree's branches off its main chain are verified in "
@@ -129,7 +135,8 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                           gpu_layers=a.gpu_layers, kv_unified=a.kv_unified, require_bitwise=a.require_bitwise,
                           idle_timeout_s=a.idle_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
                           tls_client_ca=a.tls_client_ca, insecure=a.insecure,
-                          emulate_target=a.emulate_target, metrics=a.metrics), a
+                          emulate_target=a.emulate_target, metrics=a.metrics,
+                          slo_tokens_per_s=a.slo_tokens_per_s), a
 
 
 def main(argv: list[str] | None = None) -> int:

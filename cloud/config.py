@@ -34,6 +34,7 @@ class VerifierConfig:
     metrics: str | None = None          # HOST:PORT for Prometheus metrics
     max_message_bytes: int = 1 << 20    # largest request accepted
     retry_after_s: float = 2.0          # hint sent with RESOURCE_EXHAUSTED
+    slo_tokens_per_s: float | None = None   # admit a session only while every one is predicted to keep this
     grace_s: float = 5.0
 
     def __post_init__(self):
@@ -54,5 +55,7 @@ class VerifierConfig:
             raise ValueError(f"wait_policy must be one of {', '.join(WAIT_POLICIES)}")
         if self.n_ctx < 16:
             raise ValueError("n_ctx must be >= 16")
+        if self.slo_tokens_per_s is not None and not self.slo_tokens_per_s > 0:
+            raise ValueError("slo_tokens_per_s must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

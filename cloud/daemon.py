@@ -174,6 +174,10 @@ async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> 
              b.service.target_label, address, b.target.n_vocab, b.target.fingerprint,
              b.service.ar_token_s * 1e3, b.target.n_threads, "on" if cfg.batching else "off",
              (", mutual TLS" if cfg.tls_client_ca else ", TLS") if cfg.tls_cert else "")
+    if b.service.slo is not None:
+        slo = b.service.slo
+        log.info("admission: every session to keep %g tokens/s as %s predicts (%s); a pass carries at most "
+                 "%d tokens", slo.slo, slo.profile.name, slo.profile.source, slo.budget)
     print(f"cloud-verifier listening on {address} ({b.exact})", flush=True)
     status = None
     if mqtt and mqtt[0]:                     # (url, id, interval): the retained MQTT status (cloud/status.py)

@@ -29,6 +29,14 @@ class Metrics:
                                     "largest logit difference the start-up check found (0: bitwise)", registry=r)
         self.threads = Gauge("tandem_verifier_threads", "llama.cpp threads the passes run with now", registry=r)
         self.refused = Counter("tandem_verifier_refusals", "RPCs refused, by status code", ["code"], registry=r)
+        # admission by SLO (--slo-tokens-per-s; 0 without it)
+        self.slo = Gauge("tandem_verifier_slo_tokens_per_s", "tokens/s every admitted session is to keep",
+                         registry=r)
+        self.predicted_min_rate = Gauge("tandem_verifier_predicted_min_tokens_per_s",
+                                        "cost model's tokens/s for the slowest session held (+Inf: none)",
+                                        registry=r)
+        self.batch_budget = Gauge("tandem_verifier_batch_budget_tokens",
+                                  "tokens a pass may carry so that the slowest session keeps the SLO", registry=r)
 
     def observe_pass(self, s: PassStats) -> None:
         self.pass_tokens.observe(s.tokens)

@@ -78,6 +78,7 @@ class Scheduler:
         self.target, self.batching, self.emulate = target, batching, emulate
         self.budget = target.max_batch_tokens
         self.prefill_chunk = max(1, min(prefill_chunk, self.budget))
+        self._chunk_cap = prefill_chunk
         self.on_pass = on_pass
         self._queue: collections.deque[Step] = collections.deque()
         self._cv = threading.Condition()
@@ -118,6 +119,17 @@ class Scheduler:
             for s in [s for s in self._queue if s.seq == seq]:
                 self._queue.remove(s)
                 s.future.cancel()
+
+    def set_budget(self, n_tokens: int) -> None:
+        """Carry at most `n_tokens` per pass from now on (an SLO's budget), never more than
+        the target's batch. Below two prefill chunks a prompt gets half the pass, so
+        decodes keep room beside it."""
+        n = max(1, min(n_tokens, self.target.max_batch_tokens))
+        if n == self.budget:
+            return
+        with self._cv:
+            self.budget = n
+            self.prefill_chunk = max(1, min(self._chunk_cap, n // 2))
 
     def run_now(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the model's thread between passes (e.g. freeing a sequence)."""

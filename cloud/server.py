@@ -22,6 +22,7 @@ import uuid
 import grpc
 import numpy as np
 
+from cloud.admission import SloAdmission
 from cloud.auth import sanitize_log_field
 from cloud.config import VerifierConfig
 from cloud.inbox import CLOSED, END, LEAD, Inbox, StreamError
@@ -63,12 +64,21 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.exact = exact                  # the start-up check's finding (cloud/exactness.py)
         self.width = packing.token_width(target_info.n_vocab)
         self.limits = Limits(target_info.n_vocab, cfg.n_ctx, cfg.max_draft, self.width, cfg.p_top_k, cfg.p_tail)
-        self.sessions = Registry(cfg.max_sessions, scheduler, target_info.clear, metrics.sessions.set)
+        self.sessions = Registry(cfg.max_sessions, scheduler, target_info.clear, self._count)
         # Draft trees' branches run in these, copied from the session's sequence in the pass
         # that needs them; the scheduler never puts two steps of one sequence in a pass.
         self.scratch = list(range(cfg.max_sessions, cfg.max_sessions + cfg.tree_seqs))
         self.pass_a_s, self.pass_b_s = pass_model
         self.ar_token_s = self.pass_a_s + self.pass_b_s
+        self.slo = None
+        if cfg.slo_tokens_per_s:
+            # a real target is priced by the pass time it measured at start-up (pass_model)
+            profile = emulate or LatencyProfile("measured", self.pass_a_s, self.pass_b_s,
+                                                "this verifier's pass time, measured at start-up")
+            self.slo = SloAdmission(cfg.slo_tokens_per_s, profile, cap=scheduler.budget,
+                                    floor=cfg.max_draft + 2, batched=cfg.batching)
+            metrics.slo.set(cfg.slo_tokens_per_s)
+            self._refresh_slo()
 
     @property
     def target_label(self) -> str:
@@ -80,7 +90,30 @@ class VerifierService(pb_grpc.VerifierServicer):
         return {"target": self.target_label, "emulated": self.emulate is not None, "sessions": n,
                 "max_sessions": self.cfg.max_sessions, "queue": self.sched.queued,
                 "load": round(n / self.cfg.max_sessions, 3), "batching": self.cfg.batching,
-                "exact": self.exact.removeprefix("exact: ")}
+                "exact": self.exact.removeprefix("exact: "), **(self.slo.status() if self.slo else {})}
+
+    # -- admission by SLO --------------------------------------------------------
+    def _count(self, n: int) -> None:
+        """The sessions held changed (an Open, or a session ended)."""
+        self.metrics.sessions.set(n)
+        self._refresh_slo()
+
+    def _refresh_slo(self) -> None:
+        """Predict for the sessions held now; the scheduler's budget follows."""
+        if self.slo is None:
+            return
+        self.sched.set_budget(self.slo.refresh(self.sessions.held()))
+        self.metrics.predicted_min_rate.set(self.slo.now.min_rate)
+        self.metrics.batch_budget.set(self.slo.budget)
+
+    def _served(self, sess: Session, steps: list[Step], before: int, speculative: bool = True) -> None:
+        """A decode step of `sess` is done: count its pass for its acceptance (and the SLO)."""
+        n_in = sum(len(s.tokens) if s.charged is None else s.charged for s in steps)
+        gained = len(sess.tokens) - before
+        sess.count.served(n_in, gained)
+        if self.slo is not None:
+            self.slo.observe(sess, n_in, gained, speculative)
+            self._refresh_slo()
 
     # -- plumbing --------------------------------------------------------------
     async def _rows(self, step: Step) -> np.ndarray:
@@ -103,16 +136,23 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.metrics.refused.labels(code.name).inc()
         await context.abort(code, message)
 
-    async def _admit(self, context, make, streaming: bool = False) -> Session:
-        """A new session from `make(seq)`, or RESOURCE_EXHAUSTED with a retry hint."""
+    async def _admit(self, context, make, prompt_len: int, streaming: bool = False) -> Session:
+        """A new session from `make(seq)`, or RESOURCE_EXHAUSTED with a retry hint: when
+        every sequence is taken, and with an SLO when one more session would miss it."""
+        new = self.slo.prior(streaming, prompt_len) if self.slo else None
+        admit = (lambda: self.slo.check(self.sessions.held(), new)) if self.slo else (lambda: None)
         try:
-            return await self.sessions.open(make, streaming)
-        except Full:
+            sess = await self.sessions.open(make, streaming, admit)
+        except Full as e:
             retry_ms = int(self.cfg.retry_after_s * 1000)
             context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
+            why = str(e) or f"verifier full: {self.cfg.max_sessions}/{self.cfg.max_sessions} sessions"
             await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"verifier full: {self.cfg.max_sessions}/{self.cfg.max_sessions} sessions; "
-                               f"retry in {retry_ms / 1000:.0f} s")
+                               f"{why}; retry in {retry_ms / 1000:.0f} s")
+        if self.slo is not None:
+            self.slo.admitted(sess, streaming)
+            self._refresh_slo()
+        return sess
 
     async def _attach(self, context, sess: Session, on_close=lambda: None) -> None:
         try:
@@ -171,7 +211,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         eos = None if request.ignore_eos else self.info.eos
         sess = await self._admit(context, lambda seq: Session(
             uuid.uuid4().hex[:12], seq, sampling, Codec(request.codec), self.limits, eos=eos,
-            client=printable(request.client or context.peer()), lead=lead))
+            client=printable(request.client or context.peer()), lead=lead), len(prompt))
         extra = await self._prefill(context, sess, prompt, request.lead_in_reply)
         if not self.sessions.opened(sess):
             await self._closed_under(context, sess)
@@ -241,8 +281,9 @@ class VerifierService(pb_grpc.VerifierServicer):
     async def _answer(self, sess: Session, arrived: float, item) -> list[pb.Verdict]:
         """The verdicts for one inbox item: a lead token, or blocks to verify."""
         if item is LEAD:
-            work = sess.lead_step()
+            work, before = sess.lead_step(), len(sess.tokens)
             v = sess.apply_lead(work, await self._rows(work.step))
+            self._served(sess, [work.step], before)
             await self._pass_end(work.step)
             return [pb.Verdict(epoch=v.epoch, start=v.start, token=v.token, lead=True, verify_us=int(v.verify_s * 1e6))]
         self.metrics.bytes_in.inc(sum(d.ByteSize() for d in item))
@@ -268,7 +309,9 @@ class VerifierService(pb_grpc.VerifierServicer):
                                 group[-1].want_bonus)
         if work is None:
             return []
+        before = len(sess.tokens)
         v = sess.apply_chain(work, await self._rows(work.step))
+        self._served(sess, [work.step], before)
         await self._pass_end(work.step)
         self.metrics.drafted.inc(sum(len(b) - d.fixed for d, b in zip(group, blocks)) - v.overlap)
         self.metrics.accepted.inc(v.accepted - v.overlap)
@@ -291,7 +334,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         work = sess.verify_tree_step(d0.epoch, d0.start, tree, q_sparse, group[-1].want_bonus, self.scratch)
         if work is None:
             return []
+        before = len(sess.tokens)
         v = sess.apply_tree(work, list(await asyncio.gather(*(self._rows(s) for s in work.steps))))
+        self._served(sess, work.steps, before)
         await self._pass_end(*work.steps)
         self.metrics.drafted.inc(len(tree) - v.overlap)
         self.metrics.accepted.inc(v.accepted - v.overlap)
@@ -317,7 +362,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         else:
             sess = await self._admit(context, lambda seq: Session(
                 "gen-" + uuid.uuid4().hex[:8], seq, sampling, Codec.P, self.limits, eos=self.info.eos,
-                client=printable(request.client or context.peer())), streaming=True)
+                client=printable(request.client or context.peer())), len(prompt), streaming=True)
         sess.restart_from(prompt, sampling)
         emulated = self.emulate is not None
         n_out, reason = 0, "length"
@@ -329,8 +374,9 @@ class VerifierService(pb_grpc.VerifierServicer):
                     reason = "context"
                     break
                 try:
-                    work = sess.stream_step()
+                    work, before = sess.stream_step(), len(sess.tokens)
                     tok = sess.apply_stream(work, await self._rows(work.step))
+                    self._served(sess, [work.step], before, speculative=False)
                     await self._pass_end(work.step)
                 except TargetError as e:
                     await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier pass failed: {e}")

@@ -187,6 +187,19 @@ class Counters:
     drafted: int = 0
     accepted: int = 0
     leads: int = 0
+    # decode passes (verify, lead, stream) this session took part in, the tokens it put in
+    # them, and the tokens it gained from them: what admission by SLO predicts from
+    passes: int = 0
+    pass_tokens: int = 0
+    gained: int = 0
+
+    def served(self, n_in: int, gained: int) -> None:
+        """One decode step done: `n_in` tokens evaluated (0: it needed no pass, as a lead
+        token whose distribution the last pass gave), `gained` tokens decided."""
+        if n_in:
+            self.passes += 1
+            self.pass_tokens += n_in
+        self.gained += gained
 
 
 @dataclass

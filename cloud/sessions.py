@@ -41,7 +41,7 @@ class SessionState(enum.Enum):
 
 
 class Full(Exception):
-    """Every sequence is taken."""
+    """Every sequence is taken, or (with a reason) admission refuses one more session."""
 
 
 class Busy(Exception):
@@ -63,6 +63,10 @@ class Registry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def held(self) -> list[Session]:
+        """Every session holding a sequence, whatever its state."""
+        return list(self._sessions.values())
+
     def get(self, sid: str) -> Session | None:
         return self._sessions.get(sid)
 
@@ -75,9 +79,12 @@ class Registry:
         return self.state(sess) is SessionState.CLOSING
 
     # -- transitions -------------------------------------------------------
-    async def open(self, make: Callable[[int], Session], streaming: bool = False) -> Session:
+    async def open(self, make: Callable[[int], Session], streaming: bool = False,
+                   admit: Callable[[], None] = lambda: None) -> Session:
         """A new session on a free sequence (`make(seq)` builds it): PREFILLING, or STREAMING
-        for a stream that opens its own session. Raises Full when none is free."""
+        for a stream that opens its own session. Raises Full when none is free, or when
+        `admit()` (called just before the sequence is taken, so no other Open comes
+        between its decision and the session it admits) raises it."""
         if not self._free and self._releasing:
             # a session just ended (an edge switching from speculation to streaming
             # re-opens at once): its sequence is free after the scheduler's next pass
@@ -88,6 +95,7 @@ class Registry:
                 pass
         if not self._free:
             raise Full()
+        admit()
         sess = make(self._free.pop())
         self._sessions[sess.sid] = sess
         self._state[sess.sid] = SessionState.STREAMING if streaming else SessionState.PREFILLING

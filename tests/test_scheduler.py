@@ -25,13 +25,15 @@ def tokens(n: int, seed: int = 0) -> list[int]:
     return [int(x) for x in np.random.default_rng(seed).integers(100, 40000, size=n)]
 
 
-def run(target, steps, **kw) -> tuple[list[PassStats], list[str], dict]:
+def run(target, steps, budget: int | None = None, **kw) -> tuple[list[PassStats], list[str], dict]:
     for s in range(target.n_seqs):
         target.clear(s)
     passes: list[PassStats] = []
     order: list[str] = []
     done_in: dict = {}
     sched = Scheduler(target, on_pass=passes.append, **kw)
+    if budget is not None:
+        sched.set_budget(budget)
 
     def done(name):
         def record(_):                      # on the scheduler's thread, as the step resolves
@@ -62,6 +64,16 @@ def test_a_pass_keeps_to_the_token_budget(target):
     steps = [(f"s{i}", Step(i, 0, tokens(30, i), 30)) for i in range(4)]   # 120 tokens, budget 64
     passes, _, _ = run(target, steps)
     assert [p.tokens for p in passes] == [60, 60], "two whole blocks per pass, never a split block"
+
+
+def test_a_budget_set_later_bounds_passes_and_keeps_room_for_decodes(target):
+    """An SLO's budget of 40 (under two 32-token prefill chunks): a prompt gets 20 tokens a
+    pass, and each 15-token block rides beside a chunk instead of waiting for the prompt."""
+    prompt = Step(0, 0, tokens(100), 1, prefill=True)
+    blocks = [(f"b{i}", Step(i, 0, tokens(15, i), 15)) for i in (1, 2)]
+    passes, _, done_in = run(target, [("prompt", prompt), *blocks], budget=40, prefill_chunk=32)
+    assert [p.tokens for p in passes] == [35, 35, 20, 20, 20]
+    assert (done_in["b1"], done_in["b2"]) == (0, 1), "one block in each of the first two passes"
 
 
 def test_no_batching_runs_one_step_per_pass(target):
