@@ -216,10 +216,11 @@ def run_sessions(address: str, tok, work: list[Work], cfg, n: int) -> list[dict]
             c = agent.generate(w.prompt, cfg, lambda t: stamps.extend([time.monotonic()] * len(t)))
             results[i] = {"t0": t0, "t1": time.monotonic(), "tokens": len(c.tokens), "stamps": stamps,
                           "verified": c.stats.verified, "accepted": c.stats.accepted,
-                          "fallback": c.stats.fallback, "error": None}
+                          "fallback": c.stats.fallback, "bytes_up": c.stats.bytes_up,
+                          "bytes_down": c.stats.bytes_down, "error": None}
         except Exception as e:  # noqa: BLE001 - a failed session is reported, not fatal to the run
             results[i] = {"t0": t0, "t1": time.monotonic(), "tokens": 0, "stamps": [], "verified": 0,
-                          "accepted": 0, "fallback": None, "error": str(e)}
+                          "accepted": 0, "fallback": None, "bytes_up": 0, "bytes_down": 0, "error": str(e)}
         finally:
             client.close()
 
@@ -291,6 +292,9 @@ def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int
             "passes_over_model_share": ratio(over, passes) if over is not None else None,
             "target_cache_hit_rate": ratio(hits, (hits or 0.0) + (misses or 0.0)) if hits is not None else None,
             "acceptance_rate": sum(r["accepted"] for r in results) / verified if verified else None,
+            # what all sessions together sent over their link: a shared link-sim must stay far above it
+            "link_up_mbit_s": sum(r["bytes_up"] for r in results) * 8e-6 / span,
+            "link_down_mbit_s": sum(r["bytes_down"] for r in results) * 8e-6 / span,
             "fallbacks": sum(r["fallback"] is not None for r in results), "failed": len(errors),
             "loadgen_cpu_share": cpu_share, "machine_cpu_busy": busy,
             "loadgen_kept_up": cpu_share is not None and cpu_share < LOADGEN_MAX_CPU_SHARE,

@@ -6,7 +6,7 @@ import pytest
 
 from bench.capacity import capacity, capacity_cells, gpus_of, ramp, ramp_capacity
 from bench.cli import main
-from bench.report import build_report
+from bench.report import build_report, headlines
 
 
 def row(n, p10, mode="picospec", dataset="mtbench", profile="picospec-wan", target="emulated:qwen3-32b-a100",
@@ -83,6 +83,7 @@ def test_tiny_real_run_writes_consistent_json(tmp_path):
         assert r["aggregate_tokens_per_s"] * r["wall_s"] == pytest.approx(r["n_sessions"] * n_tokens)
         assert r["tokens_per_pass"] >= 1 and r["verifier_passes_per_s"] > 0 and r["inter_token_p99_s"] >= 0
         assert r["real_over_modelled"] is None or r["real_over_modelled"] > 0
+        assert r["modelled_pass_s"] > 0 and r["link_up_mbit_s"] > 0 and r["link_down_mbit_s"] > 0
         assert isinstance(r["loadgen_kept_up"], bool) and r["loadgen_cpu_share"] >= 0
         if r["mode"] == "cloud-only":
             assert r["acceptance_rate"] is None
@@ -93,3 +94,10 @@ def test_tiny_real_run_writes_consistent_json(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000 and "## Rows" in out.with_suffix(".md").read_text()
     page, _ = build_report(tmp_path)                  # `tandem-bench report` gathers it like any suite
     assert "## capacity" in page and "### capacity: capacity_cells" in page and "| picospec |" in page
+
+
+def test_report_headline_names_capacity_per_target_and_mode():
+    data = {"rows": [], "capacity": {"emulated:llama-70b-a100": {"cloud-only": {"10": 0, "20": 0},
+                                                                 "picospec": {"10": 6, "20": 1}}}}
+    (line,) = headlines({"capacity": data})
+    assert "llama-70b-a100: cloud-only 0, picospec 6" in line and "emulated" in line
