@@ -19,7 +19,12 @@ profile (the smallest), the table has it per dataset and profile too.
 --quick: emulated Qwen3-32B on A100, MT-bench, picospec-wan, N = 1 2 4 8 16 32,
 24 tokens per session, the three modes (under 10 minutes on 2 cores). The full
 run: both targets, MT-bench and HumanEval, picospec-wan and lte, N up to 64,
-64 tokens per session.
+64 tokens per session (tens of minutes: computing the replayed paths alone
+takes minutes per dataset on 2 cores).
+
+Writes --json PATH: {"rows": [...], "capacity": {TARGET: {MODE: {"10": N,
+"20": N}}}, "capacity_cells": [per dataset and profile, with goodput],
+"meta": {...}}, and PATH's .md table and .png plot (p10 against N per mode).
 
 Reading it: on a CPU, a real pass for many sessions can take longer than the
 modelled GPU pass, and then the figure measures the machine, not the GPU
@@ -32,11 +37,13 @@ the generator itself needed most of a core, so sessions waited for it.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench import datasets
+from common.procs import ROOT
 from bench.loadgen import DEVICE, replay_work, run_cell, start_stack
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from sim.latency import TARGETS as LATENCY_TARGETS
@@ -173,6 +180,11 @@ def plan(args) -> dict:
             "slos": sorted(args.slo)}
 
 
+def verifier_has_target_cache() -> bool:
+    out = subprocess.run([sys.executable, "-m", "cloud.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    return "--target-cache" in out.stdout
+
+
 def gen_config(mode: str, n_tokens: int):
     from edge.config import GenConfig
     return GenConfig(mode=mode, max_tokens=n_tokens, stop_at_eos=False, require_cloud=True,
@@ -189,6 +201,11 @@ def run(args) -> int:
     def say(line: str) -> None:
         print(f"[capacity] {line}  [{time.monotonic() - t_start:.0f}s]", file=sys.stderr, flush=True)
 
+    if args.target_cache and not verifier_has_target_cache():
+        # say so now, not after minutes of computing paths, and in one line
+        print("tandem-bench capacity: this cloud-verifier has no --target-cache; run without it "
+              "(rows then say how far real passes exceeded the model)", file=sys.stderr)
+        return 2
     tok = Tokenizer(shipped_gguf())
     work = {}
     for name in g["datasets"]:
