@@ -104,11 +104,11 @@ def capacity_cells(rows: list[dict], slos=SLOS) -> list[dict]:
     for r in rows:
         groups.setdefault((r["target"], r["dataset"], r["profile"], r["mode"]), []).append(r)
     out = []
-    for (target, dataset, profile, mode), ramp in groups.items():
-        tried = max(r["n_sessions"] for r in ramp)
+    for (target, dataset, profile, mode), steps in groups.items():
+        tried = max(r["n_sessions"] for r in steps)
         for slo in slos:
-            n, at = ramp_capacity(ramp, slo)
-            below = [r for r in ramp if r["n_sessions"] <= n]
+            n, at = ramp_capacity(steps, slo)
+            below = [r for r in steps if r["n_sessions"] <= n]
             out.append({"target": target, "dataset": dataset, "profile": profile, "mode": mode,
                         "slo_tokens_per_s": slo, "capacity": n,
                         # every N tried met the SLO: the verifier carries at least this many
