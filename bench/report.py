@@ -96,8 +96,8 @@ def plot_rows(title: str, rows: list[dict], path: Path) -> Path | None:
 def headlines(results: dict[str, object]) -> list[str]:
     """One line per suite that has results: the figures worth a README."""
     lines = []
-    for suite, fn in (("spec", _spec_headline), ("moe", _moe_headline), ("link", _link_headline),
-                      ("serve", _serve_headline)):
+    for suite, fn in (("spec", _spec_headline), ("capacity", _capacity_headline), ("moe", _moe_headline),
+                      ("link", _link_headline), ("serve", _serve_headline)):
         if suite in results:
             try:
                 line = fn(results[suite])
@@ -124,6 +124,15 @@ def _spec_headline(data) -> str | None:
         parts.append(f"{b['speedup']:.2f}x with the real SmolLM2-135M target on this CPU ({b['profile']}, "
                      f"{b['drafter']})")
     return "; ".join(parts) or None
+
+
+def _capacity_headline(data) -> str | None:
+    parts = [f"{target.split(':', 1)[-1]}: " + ", ".join(f"{mode} {v['10']}" for mode, v in modes.items())
+             for target, modes in data["capacity"].items()]
+    if not parts:
+        return None
+    return ("sessions one emulated GPU verifier carries with every session's p10 >= 10 tok/s: " + "; ".join(parts)
+            + " (emulated targets; on a CPU box a figure measures the machine where real_over_modelled > 1)")
 
 
 def _moe_headline(data) -> str | None:
