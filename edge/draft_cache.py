@@ -8,14 +8,19 @@ a `common.rowstore.RowStore`, keyed by the exact token prefix (the same store an
 keys as the verifier's `--target-cache`). A step whose row is stored costs no
 model call at all.
 
-Lazy evaluation, replayed exactly. The wrapper keeps the *logical* sequence (the
-tokens of every `eval` since the last cut, each position tagged with the call
-that evaluated it); the model itself only catches up when a row is missing. It
-then replays the very calls the logical sequence is made of, each with the tokens
-it had, in order, cutting back where the sequence was cut inside a call, so the
-model's cache holds bit for bit what it would hold had every call reached it
-(llama.cpp's rows can differ in their last bits with the number of tokens in a
-call; a replay never changes that number).
+Lazy evaluation. The wrapper keeps the *logical* sequence (the tokens of every
+`eval` since the last cut, each position tagged with the call that evaluated it);
+the model itself only catches up when a row is missing, and then evaluates the
+stretch its cache lacks. Its cells must hold bit for bit what they would hold had
+every call reached the model, and llama.cpp's rows can differ in their last bits
+with the number of tokens evaluated together. Up to INVARIANT_BATCH (32) tokens
+they do not: with flash attention on, a token evaluated alone or inside a batch
+of up to 32 gives the same row (the verifier measures this at start-up on every
+build, docs/exactness.md; tests/test_target_cache.py checks the drafter's
+catch-up against the model without a cache). So draft steps (a token or a few
+each) are replayed merged, up to 32 tokens per call; a longer call (a prompt's
+prefill) is replayed as it was, whole, with the tokens it had, and cut back where
+the sequence was cut inside it.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import numpy as np
 
 from common.rowstore import PrefixKeys, RowStore, model_identity
 from edge.drafter import Drafter
+
+INVARIANT_BATCH = 32      # as cloud/target.py: rows are batch-invariant up to this many tokens per call
 
 
 class CachedDrafter(Drafter):
@@ -92,26 +99,39 @@ class CachedDrafter(Drafter):
         c = 0
         while c < min(len(real), len(logical)) and real[c] == logical[c]:
             c += 1
-        # resuming inside a call would evaluate its rest as a call of its own: replay it whole
-        c = min(c, self._calls[logical[c]][0]) if c < len(logical) else c
+        # resuming inside a long call would evaluate its rest as a call of its own: replay it whole
+        if c < len(logical) and self._long(logical[c]):
+            c = min(c, self._calls[logical[c]][0])
         self.inner.truncate(c)
         del real[c:]
         row = None
         while c < len(logical):
             call = logical[c]
             start, tokens = self._calls[call]
-            end = c
-            while end < len(logical) and logical[end] == call:
-                end += 1
-            row = self.inner.eval(list(tokens))            # the call as it was, even a tail cut since
-            real.extend([call] * len(tokens))
-            if end < start + len(tokens):
-                self.inner.truncate(end)
-                del real[end:]
-                row = None
+            if self._long(call):
+                end = c
+                while end < len(logical) and logical[end] == call:
+                    end += 1
+                row = self.inner.eval(list(tokens))        # the call as it was, even a tail cut since
+                real.extend([call] * len(tokens))
+                if end < start + len(tokens):
+                    self.inner.truncate(end)
+                    del real[end:]
+                    row = None
+            else:
+                # short calls, merged up to one invariant batch (they give the same rows as when
+                # made one by one: see the module docstring)
+                end = c
+                while end < len(logical) and end - c < INVARIANT_BATCH and not self._long(logical[end]):
+                    end += 1
+                row = self.inner.eval(self._tokens[c:end])
+                real.extend(logical[c:end])
             c = end
         assert row is not None, "the last call is whole, so its row was computed"
         return row
+
+    def _long(self, call: int) -> bool:
+        return len(self._calls[call][1]) > INVARIANT_BATCH
 
     def stats(self) -> dict:
         s = dict(self.inner.stats())

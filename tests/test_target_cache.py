@@ -146,3 +146,61 @@ def test_a_cache_dir_of_another_model_is_refused_or_kept_apart(identity, tmp_pat
         RowStore(tmp_path, identity, 8)
     with pytest.raises(RowStoreError, match="not a directory"):
         RowStore(a.dir / "meta.json", identity, 8)
+
+
+# -- the drafter's cache (edge/draft_cache.py) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def draft_path():
+    from edge.derive import DEFAULT_DRAFT, ensure
+    return ensure(DEFAULT_DRAFT, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def draft_pair(draft_path):
+    """(the drafter alone, the model a CachedDrafter wraps): two instances of one GGUF."""
+    from edge.llama_model import LlamaDrafter
+    a, b = LlamaDrafter(draft_path, n_threads=1), LlamaDrafter(draft_path, n_threads=1)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def draft_script(tail: list[int]) -> list[tuple]:
+    """What the speculative loop does to a drafter: a prefill, one-token draft steps, a probe
+    rolled back, a rejection's rollback, a correction with lead tokens, a second request that
+    shares part of the prompt."""
+    p = PROMPT
+    ops = [("prefill", p), ("eval", [7]), ("truncate", len(p))]
+    ops += [("eval", [t]) for t in (11, 12, 13, 14, 15)]
+    ops += [("truncate", len(p) + 2), ("eval", [21, 22, 23])]
+    ops += [("eval", [t]) for t in tail]
+    ops += [("prefill", p[:30] + [5, 6, 7])] + [("eval", [t]) for t in tail[:3]]
+    return ops
+
+
+def run_drafter(d, ops) -> list[np.ndarray]:
+    rows = []
+    for op, arg in ops:
+        if op == "truncate":
+            d.truncate(arg)
+        else:
+            rows.append(getattr(d, op)(arg).copy())
+    return rows
+
+
+def test_drafter_rows_are_the_models_when_a_miss_follows_hits(draft_pair, draft_path, tmp_path):
+    """A warm store serves the shared start without touching the model; the new tail's misses
+    make it catch up (the prompt replayed whole, draft steps merged) to the very same rows."""
+    from edge.draft_cache import cached_drafter
+    from edge.llama_model import LlamaDrafter
+    plain, inner = draft_pair
+    first = draft_script([30, 31, 32, 33])
+    cold = cached_drafter(inner, draft_path, tmp_path, **LlamaDrafter.ROW_SETTINGS)
+    assert_same(run_drafter(cold, first), run_drafter(plain, first))
+    assert cold.hits == 0
+    cold.store.close()
+    second = draft_script([30, 31, 900, 901])
+    warm = cached_drafter(inner, draft_path, tmp_path, **LlamaDrafter.ROW_SETTINGS)
+    assert_same(run_drafter(warm, second), run_drafter(plain, second))
+    assert warm.hits > 0 and warm.misses == 2 + 1, (warm.hits, warm.misses)
