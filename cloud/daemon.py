@@ -182,5 +182,8 @@ async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> 
     reaper.cancel()
     await b.server.stop(cfg.grace_s)
     b.scheduler.stop()
+    hits, misses = b.target.cache_counts()
+    if hits or misses:
+        log.info("target cache: %d rows served, %d computed (hit rate %.3f)", hits, misses, hits / (hits + misses))
     log.info("stopped after %.1f s", time.monotonic() - t0)
     return 0

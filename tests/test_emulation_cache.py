@@ -4,7 +4,7 @@ without the caches, greedy and seeded T>0, and a warm second run that computes n
 Every run below is against an emulated verifier with an emulated edge, as the caches are
 meant; the uncached pair is the reference. Timing never decides an outcome: greedy text is
 the target's whatever the timing, the sampled runs fix gamma and window and turn cloud lead
-off (docs/exactness.md: then a seed fixes the text), and the warm run's zero misses use
+off and keep chains (docs/exactness.md: then a seed fixes the text), and the warm run's zero misses use
 stop-and-wait, whose requests do not depend on timing."""
 from __future__ import annotations
 
@@ -70,10 +70,10 @@ CONFIGS = {
                                  emulate_device=DEVICE),
     "sampled picospec Q": GenConfig(mode="picospec", codec="Q", gamma=3, window=2, adaptive=False, cloud_lead=False,
                                     sampling=SamplingConfig(temperature=0.8, top_k=8, seed=11), max_tokens=N_NEW,
-                                    stop_at_eos=False, emulate_device=DEVICE),
+                                    stop_at_eos=False, emulate_device=DEVICE, tree="off"),
     "sampled sync P": GenConfig(mode="sync", codec="P", gamma=4, adaptive=False,
                                 sampling=SamplingConfig(temperature=0.8, top_k=8, seed=5), max_tokens=N_NEW,
-                                stop_at_eos=False, emulate_device=DEVICE),
+                                stop_at_eos=False, emulate_device=DEVICE, tree="off"),
 }
 
 
