@@ -102,6 +102,12 @@ def test_a_warm_run_computes_no_row_and_reports_real_against_modelled(verifiers,
     assert d["tandem_verifier_target_cache_misses"] == 0 and d["tandem_verifier_target_cache_hits"] > 0
     assert warm.stats.drafter["draft_cache_misses"] == drafted["draft_cache_misses"], "the drafter computed nothing"
     assert d["tandem_verifier_pass_modelled_seconds"] > 0
+    from urllib.request import urlopen
+    with urlopen(f"http://{metrics}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for name in ("pass_real_seconds", "pass_modelled_seconds", "passes_over_model", "target_cache_hits",
+                 "target_cache_misses"):       # the names other tools read (docs/operations.md)
+        assert f"\ntandem_verifier_{name}_total " in text, name
     s = warm.stats.as_dict()
     assert s["draft_steps"] > 0 and s["draft_modelled_s"] > 0 and s["draft_real_over_modelled"] is not None
 
