@@ -68,6 +68,8 @@ def generate(address: str, drafter, tokenizer, prompt: str, cfg: GenConfig):
 CONFIGS = {
     "greedy picospec": GenConfig(mode="picospec", max_tokens=N_NEW, stop_at_eos=False, adaptive=False,
                                  emulate_device=DEVICE),
+    "greedy trees": GenConfig(mode="picospec", gamma=4, window=2, tree="always", adaptive=False, max_tokens=N_NEW,
+                              stop_at_eos=False, emulate_device=DEVICE),      # branches in scratch sequences
     "sampled picospec Q": GenConfig(mode="picospec", codec="Q", gamma=3, window=2, adaptive=False, cloud_lead=False,
                                     sampling=SamplingConfig(temperature=0.8, top_k=8, seed=11), max_tokens=N_NEW,
                                     stop_at_eos=False, emulate_device=DEVICE, tree="off"),
