@@ -108,6 +108,23 @@ def test_a_miss_after_hits_catches_up_the_lagging_cells(plain, raw, identity, tm
     assert hits > 0 and misses == 3 + 2, (hits, misses)     # the new tail's rows, the new branch's
 
 
+def test_a_rollback_served_from_the_store_is_not_copied_from_stale_cells(plain, raw, identity, tmp_path):
+    """Cells evaluated past a rollback hold the old tokens; a branch copied from that sequence
+    must not take them for the new ones the store served."""
+    n = len(PROMPT)
+    warm = CachedTarget(raw, RowStore(tmp_path, identity, raw.n_vocab))
+    run(warm, [[Chunk(0, 0, PROMPT, 1)], [Chunk(0, n, [5, 6, 9, 10], 4)]])
+    warm.store.close()
+    passes = [[Chunk(0, 0, PROMPT, 1)],
+              [Chunk(0, n, [5, 6, 7, 8], 4)],                   # new rows: its cells now hold 5 6 7 8
+              [Chunk(0, n + 2, [9, 10], 2)],                    # rolled back, both rows from the store
+              [Chunk(TREE_SEQ, n + 3, [300], 1, copy_from=0)]]  # a branch after 5 6 9, missing
+    want = run(plain, passes)
+    cached = CachedTarget(raw, RowStore(tmp_path, identity, raw.n_vocab))
+    assert_same(run(cached, passes), want)
+    assert cached.cache_counts()[1] == 2 + 1
+
+
 def test_store_keeps_rows_across_opens_and_cuts_a_torn_tail(identity, tmp_path):
     keys = PrefixKeys(RowStore(tmp_path, identity, 8).root)
     keys.extend([1, 2, 3])
