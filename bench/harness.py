@@ -3,6 +3,7 @@ summarises them: the shared engine of the demo and the `spec` benchmark."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import statistics
 from dataclasses import dataclass
 
@@ -13,13 +14,13 @@ from edge.config import GenConfig
 
 
 @contextlib.contextmanager
-def stack(profile: str, emulate_target: str | None = None, cloud_threads: int = 1):
+def stack(profile: str, emulate_target: str | None = None, cloud_threads: int = 1, cloud_args: tuple = ()):
     """A verifier behind link-sim with `profile`; yields (cloud, link).
 
     Edge and cloud share this machine's cores: one thread each stands in for
     two machines (with two each, a drafting edge and a verifying cloud thrash)."""
     extra = ["--threads", str(cloud_threads)] + (["--emulate-target", emulate_target] if emulate_target else [])
-    cloud = start_cloud(*extra)
+    cloud = start_cloud(*extra, *cloud_args)
     link: Daemon | None = None
     try:
         link = start_link(cloud.address, "--profile", profile)
@@ -47,6 +48,10 @@ class CellResult:
     siblings: int = 0             # tree siblings sent
     sibling_hits: int = 0         # ... taken by the verifier
     tree_shapes: dict = None      # shape -> blocks sent with it
+    draft_real_s: float = 0.0     # emulated draft steps: the drafter's real compute ...
+    draft_modelled_s: float = 0.0  # ... and the device's modelled time
+    draft_hits: int = 0           # rows from the drafter's row cache (--draft-cache)
+    draft_misses: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,6 +78,8 @@ class Cell:
         self._ttfts: list[float] = []
 
     def run(self, prompt: list[int]) -> None:
+        drafter = self.agent.drafter
+        before = drafter.stats() if drafter is not None else {}     # a drafter's counters are over its life
         c = self.agent.generate(prompt, self.cfg, self.on_tokens)
         s, res = c.stats, self.result
         res.tokens += s.tokens
@@ -94,11 +101,42 @@ class Cell:
         for shape, n in tree.get("shapes", {}).items():
             res.tree_shapes[shape] = res.tree_shapes.get(shape, 0) + n
         res.ttft_s = statistics.median(self._ttfts)
+        res.draft_real_s += s.draft_real_s
+        res.draft_modelled_s += s.draft_modelled_s
+        for name, field in (("draft_cache_hits", "draft_hits"), ("draft_cache_misses", "draft_misses")):
+            setattr(res, field, getattr(res, field) + s.drafter.get(name, 0) - before.get(name, 0))
 
     def close(self) -> CellResult:
         if self.client is not None:
             self.client.close()
         return self.result
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a daemon's --metrics)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# the verifier's counters a benchmark reads around each completion (cloud/metrics.py)
+VERIFIER_COUNTERS = ("tandem_verifier_pass_real_seconds", "tandem_verifier_pass_modelled_seconds",
+                     "tandem_verifier_passes_over_model", "tandem_verifier_target_cache_hits",
+                     "tandem_verifier_target_cache_misses")
+
+
+def verifier_counters(metrics_address: str) -> dict[str, float]:
+    """The verifier's compute counters now, read from its Prometheus endpoint."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+    with urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = dict.fromkeys(VERIFIER_COUNTERS, 0.0)
+    for fam in text_string_to_metric_families(text):
+        if fam.name in out:
+            out[fam.name] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    return out
 
 
 def run_cell(address: str | None, drafter, tokenizer, prompts: list[list[int]], cfg: GenConfig,

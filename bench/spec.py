@@ -28,6 +28,14 @@ the chain's own (a position whose sibling was taken counts as a rejection of
 the chain's token), so it compares with chain rows. Codec P carries no trees
 at T>0 (kernels/tree.py says why).
 
+Emulated cells run with row caches on both sides (`cloud-verifier --target-cache`,
+the drafter behind `edge.draft_cache`, in --cache-dir, kept across cells and runs),
+so a step whose rows were computed before costs only its modelled time, whatever
+the load of this machine. Each emulated row reports real over modelled compute:
+real_over_modelled for the verifier's passes, draft_real_over_modelled for draft
+steps (above 1, the figure measured this machine, not the modelled hardware),
+with both caches' hit rates. --no-cache measures as before.
+
 --quick: the PicoSpec WAN only, the real and the emulated 32B target,
 HumanEval and MT-bench, 4 prompts x 64 tokens per cell, drafter draft-l29.
 """
@@ -38,7 +46,7 @@ import time
 from pathlib import Path
 
 from bench import datasets
-from bench.harness import Cell, stack
+from bench.harness import VERIFIER_COUNTERS, Cell, free_port, stack, verifier_counters
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from edge.config import GenConfig
 from kernels.sampling import SamplingConfig
@@ -53,7 +61,7 @@ TREE_MODES = {"picospec-Q": ["off", "auto"]}   # chain and tree rows (--trees); 
 SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, seed=7)
 COLUMNS = ["dataset", "profile", "mode", "tree", "target", "drafter", "tokens_per_s", "speedup", "ttft_s",
            "acceptance_rate", "accepted_per_pass", "bytes_up_per_token", "bytes_up_per_drafted_token",
-           "bytes_down_per_token", "emulated"]
+           "bytes_down_per_token", "emulated", "real_over_modelled", "draft_real_over_modelled"]
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -72,6 +80,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", type=Path, default=RESULTS / "spec.json", help="output JSON (default: %(default)s)")
     ap.add_argument("--profiles", nargs="+", default=PROFILES, help="link-sim profiles to run")
     ap.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
+    ap.add_argument("--cache-dir", type=Path, default=RESULTS / "cache",
+                    help="row caches of the emulated target and drafter, reused across cells and runs "
+                         "(default: %(default)s)")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="emulated cells compute every row for real (as before the caches)")
 
 
 QUICK_PROFILES = ["picospec-wan"]
@@ -116,6 +129,12 @@ def run(args) -> int:
     from edge.model_files import shipped_gguf
     tok = Tokenizer(shipped_gguf())
     drafters = {name: LlamaDrafter(ensure(name), n_threads=1) for name in DRAFTERS}
+    emulated_drafters = drafters
+    if not args.no_cache:      # their own instances: a cached drafter's model must see only its own calls
+        from edge.draft_cache import cached_drafter
+        emulated_drafters = {name: cached_drafter(LlamaDrafter(ensure(name), n_threads=1), ensure(name),
+                                                  args.cache_dir, **LlamaDrafter.ROW_SETTINGS)
+                             for name in (args.drafters or (QUICK_DRAFTERS if args.quick else DRAFTERS))}
     rows: list[dict] = []
     edge_only_cache: dict = {}
     t_start = time.monotonic()
@@ -130,10 +149,15 @@ def run(args) -> int:
     done, total = 0, len(cells) * len(sets)
     for (target, profile), group in by_stack.items():
         emulated = target.startswith("emulated:")
-        with stack(profile, emulate_target=target.split(":", 1)[1] if emulated else None) as (cloud, link):
+        metrics = f"127.0.0.1:{free_port()}"
+        cloud_args = ["--metrics", metrics] + (["--target-cache", str(args.cache_dir)]
+                                               if emulated and not args.no_cache else [])
+        with stack(profile, emulate_target=target.split(":", 1)[1] if emulated else None,
+                   cloud_args=cloud_args) as (cloud, link):
             for dataset, prompts in sets.items():
                 done = _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tokens, link,
-                                    drafters, tok, edge_only_cache, t_start, done, total)
+                                    emulated_drafters if emulated else drafters, tok, edge_only_cache, t_start,
+                                    done, total, metrics)
     for row in rows:
         base = next((x for x in rows if x["mode"] == "cloud-only" and x["profile"] == row["profile"]
                      and x["target"] == row["target"] and x["dataset"] == row["dataset"]), None)
@@ -144,7 +168,7 @@ def run(args) -> int:
 
 
 def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tokens, link, drafters, tok,
-                 edge_only_cache, t_start, done, total) -> int:
+                 edge_only_cache, t_start, done, total, metrics: str) -> int:
     """Every cell of one stack on one dataset's prompts, taking turns prompt by prompt."""
     n_prompts = len(prompts)
     todo = []                          # (mode, drafter, tree, cache key, Cell or cached result)
@@ -157,11 +181,16 @@ def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tok
                                                   None if mode == "cloud-only" else drafters[dname], tok,
                                                   gen_config(mode, emulated, n_tokens, tree))))
     running = [c for *_, c in todo if isinstance(c, Cell)]
+    verifier = {id(c): dict.fromkeys(VERIFIER_COUNTERS, 0.0) for c in running}   # each cell's share of passes
     try:
         # Prompt by prompt, every mode in turn: the modes compared share the same moments of the box.
         for i, p in enumerate(prompts):
             for c in running:
+                before = verifier_counters(metrics)
                 c.run(p)
+                after = verifier_counters(metrics)
+                for k in VERIFIER_COUNTERS:
+                    verifier[id(c)][k] += after[k] - before[k]
             print(f"[spec {profile} {target} {dataset}: prompt {i + 1}/{len(prompts)} in every mode, "
                   f"{time.monotonic() - t_start:5.0f}s]", flush=True)
     finally:
@@ -172,6 +201,7 @@ def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tok
         r = c.result if isinstance(c, Cell) else c
         if mode == "edge-only":
             edge_only_cache[key] = r
+        v = verifier.get(id(c)) if isinstance(c, Cell) else None
         row = {"dataset": dataset, "profile": profile, "mode": mode, "tree": tree_label(r),
                "tree_setting": tree, "target": target, "drafter": dname or "none",
                "tokens_per_s": round(r.tokens_per_s, 3), "ttft_s": round(r.ttft_s, 4),
@@ -182,13 +212,33 @@ def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tok
                "emulated": emulated, "prompts": n_prompts, "max_tokens": n_tokens,
                "fallbacks": r.fallbacks, "passes": r.passes, "siblings": r.siblings,
                "sibling_hits": r.sibling_hits,
-               "accepted_per_pass": round((r.accepted + r.sibling_hits) / r.passes, 3) if r.passes else None}
+               "accepted_per_pass": round((r.accepted + r.sibling_hits) / r.passes, 3) if r.passes else None,
+               **compute_fields(r, v)}
         rows.append(row)
         print(f"[spec {done}/{total} {time.monotonic() - t_start:5.0f}s] {dataset:<9} {profile:<13} {mode:<11} "
               f"{row['tree']:<9} {target:<24} {dname or '-':<10} {r.tokens_per_s:6.1f} tok/s  "
-              f"ttft {r.ttft_s * 1e3:5.0f} ms  accept {row['acceptance_rate']}  per pass {row['accepted_per_pass']}",
+              f"ttft {r.ttft_s * 1e3:5.0f} ms  accept {row['acceptance_rate']}  per pass {row['accepted_per_pass']}"
+              f"  real/model verifier {row['real_over_modelled']} draft {row['draft_real_over_modelled']}"
+              f"  cache hits {row['target_cache_hit_rate']}/{row['draft_cache_hit_rate']}",
               flush=True)
     return done
+
+
+def compute_fields(r, v: dict | None) -> dict:
+    """Real compute over modelled, verifier and drafter, with the row caches' hit rates (None where
+    nothing was modelled)."""
+    def ratio(a, b):
+        return round(a / b, 3) if b else None
+    out = {"draft_real_over_modelled": ratio(r.draft_real_s, r.draft_modelled_s),
+           "draft_cache_hit_rate": ratio(r.draft_hits, r.draft_hits + r.draft_misses)}
+    v = v or dict.fromkeys(VERIFIER_COUNTERS, 0.0)
+    out.update(real_over_modelled=ratio(v["tandem_verifier_pass_real_seconds"],
+                                        v["tandem_verifier_pass_modelled_seconds"]),
+               passes_over_model=int(v["tandem_verifier_passes_over_model"]),
+               target_cache_hit_rate=ratio(v["tandem_verifier_target_cache_hits"],
+                                           v["tandem_verifier_target_cache_hits"]
+                                           + v["tandem_verifier_target_cache_misses"]))
+    return out
 
 
 def write_outputs(rows: list[dict], path: Path) -> None:

@@ -28,6 +28,7 @@ EPILOG = """examples:
       --tls-cert server.pem --tls-key server.key          # what a reachable verifier needs
   cloud-verifier --listen 127.0.0.1:50051 --max-sessions 16 --metrics 127.0.0.1:9100
   cloud-verifier --emulate-target qwen3-32b-a100     # real tokens, 32B-on-A100 timing
+  cloud-verifier --emulate-target qwen3-32b-a100 --target-cache ~/.cache/tandem   # rows seen before cost no CPU
   cloud-verifier --no-batching                       # one session per pass, for comparison
   cloud-verifier --emulate-target llama-70b-a100 --slo-tokens-per-s 5   # admit while all keep 5 tok/s
 
@@ -103,6 +104,10 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                     help="serve on a non-loopback address without authentication (announced loudly)")
     ap.add_argument("--emulate-target", choices=sorted(TARGETS),
                     help="hold every pass to a bigger target's modelled time (outputs say 'emulated')")
+    ap.add_argument("--target-cache", type=Path, metavar="DIR",
+                    help="with --emulate-target: memoise the target's output rows in DIR, keyed by the exact token "
+                         "prefix, so a pass whose rows are all there costs only its modelled time (one row is "
+                         "n_vocab float32, ~196 KB for SmolLM2; a store per model inside DIR)")
     ap.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT")
     ap.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     # -- MQTT status and config files (issue 14) --
@@ -135,7 +140,7 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                           gpu_layers=a.gpu_layers, kv_unified=a.kv_unified, require_bitwise=a.require_bitwise,
                           idle_timeout_s=a.idle_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
                           tls_client_ca=a.tls_client_ca, insecure=a.insecure,
-                          emulate_target=a.emulate_target, metrics=a.metrics,
+                          emulate_target=a.emulate_target, target_cache=a.target_cache, metrics=a.metrics,
                           slo_tokens_per_s=a.slo_tokens_per_s), a
 
 

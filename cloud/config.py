@@ -31,6 +31,7 @@ class VerifierConfig:
     tls_client_ca: Path | None = None   # mutual TLS: clients need a certificate from this CA
     insecure: bool = False              # serve off loopback without authentication, on purpose
     emulate_target: str | None = None   # a sim.latency TARGETS profile
+    target_cache: Path | None = None    # memoise the emulated target's rows here (cloud/target_cache.py)
     metrics: str | None = None          # HOST:PORT for Prometheus metrics
     max_message_bytes: int = 1 << 20    # largest request accepted
     retry_after_s: float = 2.0          # hint sent with RESOURCE_EXHAUSTED
@@ -57,5 +58,8 @@ class VerifierConfig:
             raise ValueError("n_ctx must be >= 16")
         if self.slo_tokens_per_s is not None and not self.slo_tokens_per_s > 0:
             raise ValueError("slo_tokens_per_s must be > 0")
+        if self.target_cache is not None and self.emulate_target is None:
+            raise ValueError("--target-cache needs --emulate-target: it skips the target's real compute, "
+                             "which only an emulated target's modelled time stands in for")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

@@ -21,10 +21,12 @@ from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler
 from cloud.server import SERVICE, VerifierService
 from cloud.startup import bind_problem
-from cloud.target import Target, measure_pass
+from cloud.target import INVARIANT_BATCH, Target, measure_pass
+from cloud.target_cache import CachedTarget
 from cloud.threads import ThreadTuner, candidates
 from common.address import join_host_port, split_host_port
 from common.errors import StartupError
+from common.rowstore import RowStore, RowStoreError, model_identity
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from sim.latency import TARGETS, LatencyProfile, lookup
@@ -38,7 +40,7 @@ class Built:
     service: VerifierService
     health: health_aio.HealthServicer
     scheduler: Scheduler
-    target: Target
+    target: Target | CachedTarget
     port: int
     exact: str          # what the start-up check found, for the ready line
 
@@ -66,8 +68,10 @@ def thread_keeper(target: Target, metrics: Metrics, counts: tuple[int, ...]):
 
     def on_pass(s):
         metrics.observe_pass(s)
+        if s.cache_misses == 0 and s.cache_hits:
+            return                          # served from the row cache: the model did not run
         switches = tuner.switches
-        n = tuner.observe(s.tokens, s.seconds)
+        n = tuner.observe(s.tokens, s.real_s)   # real compute: an emulated hold would hide it
         if n != target.n_threads:
             target.set_threads(n)
             metrics.threads.set(n)
@@ -115,6 +119,23 @@ def check_exactness(target: Target, cfg: VerifierConfig, metrics: Metrics) -> tu
     return replace(cfg, batching=False), f"exact: {alone.label()}, batching off (batched: {found.label()})"
 
 
+def cached_target(target: Target, cfg: VerifierConfig, exact: str) -> CachedTarget:
+    """The target behind its row cache. A stored row is reused in passes of any make-up, which
+    is exact only where batched passes are bitwise (docs/exactness.md): refuse otherwise."""
+    if not cfg.batching or not exact.startswith("exact: bitwise"):
+        raise StartupError(f"--target-cache reuses rows across passes of any make-up, which needs batched "
+                           f"passes bit-identical to one-token decoding; this verifier serves {exact}")
+    identity = model_identity(target.path, "target", flash_attn=True, ubatch=INVARIANT_BATCH,
+                              kv_unified=target.kv_unified, gpu_layers=target.gpu_layers)
+    try:
+        store = RowStore(cfg.target_cache, identity, target.n_vocab)
+    except RowStoreError as e:
+        raise StartupError(str(e)) from None
+    log.info("target cache: %s, %d rows (%.1f GB)%s", store.dir, len(store), store.size_bytes / 1e9,
+             "" if store.writable else ", read-only (another process writes it)")
+    return CachedTarget(target, store)
+
+
 async def build(cfg: VerifierConfig, model: Path) -> Built:
     creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)   # file problems: before any work
     emulate = lookup(TARGETS, cfg.emulate_target, "target") if cfg.emulate_target else None
@@ -130,6 +151,8 @@ async def build(cfg: VerifierConfig, model: Path) -> Built:
     else:
         metrics.threads.set(cfg.threads)
     model_ab = pass_model(target, 0, emulate)
+    if cfg.target_cache is not None:
+        target = cached_target(target, cfg, exact)
     scheduler = Scheduler(target, batching=cfg.batching, emulate=emulate, on_pass=on_pass)
     scheduler.start()
     service = VerifierService(cfg, target, scheduler, emulate, model_ab, metrics, exact)
@@ -192,5 +215,8 @@ async def serve(cfg: VerifierConfig, model: Path, mqtt: tuple | None = None) -> 
     reaper.cancel()
     await b.server.stop(cfg.grace_s)
     b.scheduler.stop()
+    hits, misses = b.target.cache_counts()
+    if hits or misses:
+        log.info("target cache: %d rows served, %d computed (hit rate %.3f)", hits, misses, hits / (hits + misses))
     log.info("stopped after %.1f s", time.monotonic() - t0)
     return 0

@@ -28,6 +28,19 @@ class Metrics:
         self.exact_max_diff = Gauge("tandem_verifier_exact_max_logit_diff",
                                     "largest logit difference the start-up check found (0: bitwise)", registry=r)
         self.threads = Gauge("tandem_verifier_threads", "llama.cpp threads the passes run with now", registry=r)
+        # real compute against the model, per pass: where real exceeds modelled, an emulated
+        # figure measures this machine instead of the modelled GPU (docs/emulation.md)
+        self.pass_real = Counter("tandem_verifier_pass_real_seconds",
+                                 "the target's real compute in passes (llama_decode and row-cache reads)", registry=r)
+        self.pass_modelled = Counter("tandem_verifier_pass_modelled_seconds",
+                                     "what the emulated target's model charges for the passes (0 when not emulated)",
+                                     registry=r)
+        self.over_model = Counter("tandem_verifier_passes_over_model",
+                                  "emulated passes whose real compute exceeded the modelled time", registry=r)
+        self.cache_hits = Counter("tandem_verifier_target_cache_hits",
+                                  "rows served from the target's row cache (--target-cache)", registry=r)
+        self.cache_misses = Counter("tandem_verifier_target_cache_misses",
+                                    "rows the target computed with a row cache on (--target-cache)", registry=r)
         self.refused = Counter("tandem_verifier_refusals", "RPCs refused, by status code", ["code"], registry=r)
         # admission by SLO (--slo-tokens-per-s; 0 without it)
         self.slo = Gauge("tandem_verifier_slo_tokens_per_s", "tokens/s every admitted session is to keep",
@@ -42,6 +55,11 @@ class Metrics:
         self.pass_tokens.observe(s.tokens)
         self.pass_seconds.observe(s.seconds)
         self.pass_steps.observe(s.steps)
+        self.pass_real.inc(s.real_s)
+        self.pass_modelled.inc(s.modelled_s)
+        self.over_model.inc(s.over_model)
+        self.cache_hits.inc(s.cache_hits)
+        self.cache_misses.inc(s.cache_misses)
 
     def serve(self, hostport: str) -> None:
         host, port = split_host_port(hostport)

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from cloud.target import INVARIANT_BATCH, Chunk, Target
+from cloud.target_cache import CachedTarget
 from sim.latency import Hold, LatencyProfile
 
 log = logging.getLogger("tandem.cloud")
@@ -68,11 +69,20 @@ def no_rows(n_vocab: int) -> np.ndarray:
 class PassStats:
     tokens: int
     steps: int
-    seconds: float
+    seconds: float              # wall time of the pass, its emulated hold included
+    real_s: float = 0.0         # the target's real compute in it (llama_decode, row-cache reads)
+    modelled_s: float = 0.0     # what the emulated target's model charges for it (0: not emulated)
+    cache_hits: int = 0         # rows served from the target's row cache (cloud/target_cache.py)
+    cache_misses: int = 0       # rows the model computed for it
+
+    @property
+    def over_model(self) -> bool:
+        """The real compute outran the model: this pass measured the machine, not the modelled GPU."""
+        return self.modelled_s > 0 and self.real_s > self.modelled_s
 
 
 class Scheduler:
-    def __init__(self, target: Target, batching: bool = True, emulate: LatencyProfile | None = None,
+    def __init__(self, target: Target | CachedTarget, batching: bool = True, emulate: LatencyProfile | None = None,
                  prefill_chunk: int = 2 * INVARIANT_BATCH,
                  on_pass: Callable[[PassStats], None] = lambda s: None):
         self.target, self.batching, self.emulate = target, batching, emulate
@@ -85,6 +95,10 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.passes = 0
+        # totals over every pass, for the status and logs (read from other threads: plain floats)
+        self.real_s = 0.0
+        self.modelled_s = 0.0
+        self.over_model = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -205,7 +219,9 @@ class Scheduler:
         # what a GPU's attention reads: each sequence's whole cache once (one chunk per sequence)
         kv_tokens = sum(c.start + len(c.tokens) for c in chunks if c.seq >= 0)
         hold = Hold(self.emulate if n_tokens else None, n_charged, kv_tokens)
+        hits0, misses0 = self.target.cache_counts()
         with hold:
+            t_real = time.perf_counter()
             try:
                 # Branches copied from a sequence this pass writes go in a second decode, after
                 # it: they then evaluate their own nodes only, not the path they share with it.
@@ -216,6 +232,7 @@ class Scheduler:
                     part = [c for c, late in live if late == second]
                     out.update(zip(map(id, part), self.target.decode(part) if part else []))
                 rows = iter([out[id(c)] for c, _ in live])
+                real_s = time.perf_counter() - t_real
             except Exception as e:  # noqa: BLE001 - a failed pass fails its steps, not the loop
                 log.warning("pass of %d tokens failed: %s", n_tokens, e)
                 for s, _ in batch:
@@ -236,7 +253,13 @@ class Scheduler:
                 else:
                     _resolve(s.future, _joined(s.rows), ok=True)
         if n_tokens:
-            self.on_pass(PassStats(n_tokens, len(batch), time.monotonic() - t0))
+            hits, misses = self.target.cache_counts()
+            stats = PassStats(n_tokens, len(batch), time.monotonic() - t0, real_s, hold.modelled_s,
+                              hits - hits0, misses - misses0)
+            self.real_s += stats.real_s
+            self.modelled_s += stats.modelled_s
+            self.over_model += stats.over_model
+            self.on_pass(stats)
 
 
 def _joined(rows: list[np.ndarray]) -> np.ndarray:

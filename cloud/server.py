@@ -90,7 +90,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         return {"target": self.target_label, "emulated": self.emulate is not None, "sessions": n,
                 "max_sessions": self.cfg.max_sessions, "queue": self.sched.queued,
                 "load": round(n / self.cfg.max_sessions, 3), "batching": self.cfg.batching,
-                "exact": self.exact.removeprefix("exact: "), **(self.slo.status() if self.slo else {})}
+                "exact": self.exact.removeprefix("exact: "), **(self.slo.status() if self.slo else {}),
+                **self._compute_status()}
 
     # -- admission by SLO --------------------------------------------------------
     def _count(self, n: int) -> None:
@@ -114,6 +115,16 @@ class VerifierService(pb_grpc.VerifierServicer):
         if self.slo is not None:
             self.slo.observe(sess, n_in, gained, speculative)
             self._refresh_slo()
+
+    def _compute_status(self) -> dict:
+        """Real compute against the emulated model, and the row cache's hits, so far."""
+        s = self.sched
+        out = {"pass_real_s": round(s.real_s, 3), "pass_modelled_s": round(s.modelled_s, 3),
+               "passes_over_model": s.over_model}
+        hits, misses = self.info.cache_counts()
+        if hits or misses:
+            out["target_cache"] = {"hits": hits, "misses": misses, "hit_rate": round(hits / (hits + misses), 4)}
+        return out
 
     # -- plumbing --------------------------------------------------------------
     async def _rows(self, step: Step) -> np.ndarray:

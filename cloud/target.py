@@ -134,6 +134,10 @@ class Target:
     def seq_len(self, seq: int) -> int:
         return self._seq_len[seq]
 
+    def cache_counts(self) -> tuple[int, int]:
+        """(rows served from a row cache, rows computed for it): none here (cloud/target_cache.py)."""
+        return 0, 0
+
     def clear(self, seq: int) -> None:
         self._ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
         self._seq_len[seq] = 0

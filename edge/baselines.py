@@ -60,7 +60,8 @@ def edge_only(drafter: Drafter, prompt: list[int], cfg: GenConfig, eos: int, on_
         on_tokens([tok])
         if (tok == eos and cfg.stop_at_eos) or (stop is not None and stop()):
             break
-        with Hold(device, 1):
+        with Hold(device, 1) as hold:
             logits = drafter.eval([tok])
+        stats.note_draft_step(hold)
         pos += 1
     return out

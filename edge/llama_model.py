@@ -60,6 +60,9 @@ class Tokenizer:
 class LlamaDrafter(Drafter):
     """A dense GGUF model as the drafter (the default: a derived, cheaper SmolLM2)."""
 
+    # the context settings (load_llama) that decide its rows, for a row cache's identity
+    ROW_SETTINGS = {"flash_attn": True, "n_batch": 512}
+
     def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int = 2):
         import llama_cpp
         self.llm = load_llama(path, n_ctx=n_ctx, n_threads=n_threads)

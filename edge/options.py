@@ -52,6 +52,10 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--emulate-device", type=device_profile, metavar="|".join(sorted(DEVICES)) + "|custom:A+B",
                     help="hold each draft step to a device's modelled time t(n) = A + B*n seconds "
                          "(outputs say 'emulated')")
+    ap.add_argument("--draft-cache", type=Path, metavar="DIR",
+                    help="with --emulate-device and the dense drafter: memoise the drafter's output rows in DIR, "
+                         "keyed by the exact token prefix, so a draft step seen before costs only the device's "
+                         "modelled time, not this CPU's (one row is n_vocab float32, ~196 KB; a store per model)")
     ap.add_argument("--require-cloud", action="store_true",
                     help="fail (exit 3) when the verifier is unreachable or lost, instead of going on edge-only "
                          "with the draft model (marked in the output and warned on stderr) until it is back")
@@ -72,9 +76,31 @@ def build_drafter(a):
     if a.mode == "cloud-only":
         return None, shipped_gguf()
     if a.drafter == "moe":
+        check_draft_cache(a)
         from edge.moe.cli import build_drafter as build_moe
         from edge.moe.cli import default_model
         return build_moe(a), Path(a.moe_model or default_model())
     from edge.llama_model import LlamaDrafter
+    check_draft_cache(a)
     path = a.draft_model or ensure(DEFAULT_DRAFT)
-    return LlamaDrafter(path, n_threads=a.threads), path
+    drafter = LlamaDrafter(path, n_threads=a.threads)
+    if getattr(a, "draft_cache", None) is not None:
+        from common.rowstore import RowStoreError
+        from edge.draft_cache import cached_drafter
+        try:
+            drafter = cached_drafter(drafter, path, a.draft_cache, **LlamaDrafter.ROW_SETTINGS)
+        except RowStoreError as e:
+            drafter.close()
+            raise ValueError(f"--draft-cache: {e}") from None
+    return drafter, path
+
+
+def check_draft_cache(a) -> None:
+    """--draft-cache stands in for the drafter's compute only where a device's model prices it."""
+    if getattr(a, "draft_cache", None) is None:
+        return
+    if a.emulate_device is None:
+        raise ValueError("--draft-cache needs --emulate-device: it skips the drafter's real compute, which only "
+                         "an emulated device's modelled time stands in for")
+    if a.drafter != "dense":
+        raise ValueError("--draft-cache memoises the dense drafter only (--drafter dense)")

@@ -166,10 +166,11 @@ class Speculator:
             self.fixed_next = None
         t = time.monotonic()
         todo = self.context[self.drafter.n_past:]
-        with Hold(self.device if todo else None, len(todo)):   # a draft step samples inside its time
+        with Hold(self.device if todo else None, len(todo)) as hold:   # a draft step samples inside its time
             if todo:
                 self.logits = self.drafter.eval(todo)
             x, q, alt = self._draw(len(self.context))
+        self.stats.note_draft_step(hold)
         self.planner.observe_draft(time.monotonic() - t)
         self.context.append(x)
         self.cur.drafted.append(x)

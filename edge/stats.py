@@ -36,6 +36,22 @@ class GenStats:
     resume_bytes: int = 0         # prefix bytes those re-opens sent (zstd where it was smaller) ...
     resume_bytes_plain: int = 0   # ... and what the plain token ids would have taken
     busy_retries: int = 0         # times the verifier was full (RESOURCE_EXHAUSTED) and the edge waited
+    # emulated draft steps: the drafter's real compute against the device's modelled time; where
+    # real exceeds modelled, the figures measure this machine, not the device (docs/emulation.md)
+    draft_steps: int = 0
+    draft_real_s: float = 0.0
+    draft_modelled_s: float = 0.0
+
+    def note_draft_step(self, hold) -> None:
+        """Count one draft step held by an emulated device (sim.latency.Hold); others are not modelled."""
+        if hold.profile is not None:
+            self.draft_steps += 1
+            self.draft_real_s += hold.real_s
+            self.draft_modelled_s += hold.modelled_s
+
+    @property
+    def draft_real_over_modelled(self) -> float | None:
+        return self.draft_real_s / self.draft_modelled_s if self.draft_modelled_s else None
 
     def note_segment(self, mode: str, n: int) -> None:
         if n <= 0:
@@ -67,6 +83,10 @@ class GenStats:
              "wall_s": round(self.wall_s, 4), "segments": [dict(x) for x in self.segments],
              "reconnects": self.reconnects, "resume_bytes": self.resume_bytes,
              "resume_bytes_plain": self.resume_bytes_plain, "busy_retries": self.busy_retries}
+        if self.draft_steps:
+            d.update(draft_steps=self.draft_steps, draft_real_s=round(self.draft_real_s, 4),
+                     draft_modelled_s=round(self.draft_modelled_s, 4),
+                     draft_real_over_modelled=round(self.draft_real_over_modelled, 3))
         if self.drafter:
             d["drafter_stats"] = self.drafter
         return d

@@ -151,10 +151,12 @@ class Hold:
         self.t0 = time.monotonic()
         # when the modelled computation ends (0 without a profile): work that runs beside the
         # hold, such as using a pass's results, can answer no earlier than this
-        self.ends_at = self.t0 + self.profile.forward_s(self.n, self.kv) if self.profile is not None else 0.0
+        self.modelled_s = self.profile.forward_s(self.n, self.kv) if self.profile is not None else 0.0
+        self.ends_at = self.t0 + self.modelled_s if self.profile is not None else 0.0
         return self
 
     def __exit__(self, *exc):
+        self.real_s = time.monotonic() - self.t0        # the real computation alone, before any wait
         if self.profile is not None and exc[0] is None:
             left = self.ends_at - time.monotonic()
             if left > 0:

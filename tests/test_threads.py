@@ -93,7 +93,8 @@ def test_the_verifier_switches_its_model_to_the_faster_count():
         seen = set()
         for n in itertools.islice(itertools.cycle((1, 8)), 600):
             seen.add(target.n_threads)
-            on_pass(PassStats(n, 1, loaded(target.n_threads, n)))
+            t = loaded(target.n_threads, n)
+            on_pass(PassStats(n, 1, max(t, 0.5), real_s=t))   # an emulated hold hides the real time
         assert target.n_threads == 1 and seen == {1, 2}
         assert metrics.registry.get_sample_value("tandem_verifier_threads") == 1
     finally:
