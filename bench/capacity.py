@@ -37,13 +37,13 @@ the generator itself needed most of a core, so sessions waited for it.
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
+import platform
 import sys
 import time
 from pathlib import Path
 
 from bench import datasets
-from common.procs import ROOT
 from bench.loadgen import DEVICE, replay_work, run_cell, start_stack
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from sim.latency import TARGETS as LATENCY_TARGETS
@@ -162,10 +162,13 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokens", type=int, help="tokens per session (default: 24 quick, 64 full)")
     ap.add_argument("--slo", type=float, nargs="+", default=SLOS, metavar="TOK_S",
                     help="per-session tokens/s SLOs; a ramp stops below the lowest (default: 10 20)")
-    ap.add_argument("--target-cache", type=Path, metavar="DIR",
-                    help="passed to cloud-verifier --target-cache: memoised target rows, so an emulated pass "
-                         "costs only its modelled time and figures stay faithful at high N (default: none; "
-                         "needs a verifier with that flag)")
+    ap.add_argument("--target-cache", type=Path, metavar="DIR", default=RESULTS / "cache",
+                    help="cloud-verifier --target-cache: memoised target rows, so that an emulated pass costs "
+                         "only its modelled time and figures stay faithful at high N; the first run fills it "
+                         "(default: %(default)s, shared with tandem-bench spec)")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="the verifier computes every row for real: past a few sessions, rows then measure "
+                         "this CPU (real_over_modelled > 1)")
 
 
 def plan(args) -> dict:
@@ -178,11 +181,6 @@ def plan(args) -> dict:
             "ns": sorted(set(args.sessions or (QUICK_N if quick else FULL_N))),
             "tokens": args.tokens or (24 if quick else 64),
             "slos": sorted(args.slo)}
-
-
-def verifier_has_target_cache() -> bool:
-    out = subprocess.run([sys.executable, "-m", "cloud.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
-    return "--target-cache" in out.stdout
 
 
 def gen_config(mode: str, n_tokens: int):
@@ -201,11 +199,8 @@ def run(args) -> int:
     def say(line: str) -> None:
         print(f"[capacity] {line}  [{time.monotonic() - t_start:.0f}s]", file=sys.stderr, flush=True)
 
-    if args.target_cache and not verifier_has_target_cache():
-        # say so now, not after minutes of computing paths, and in one line
-        print("tandem-bench capacity: this cloud-verifier has no --target-cache; run without it "
-              "(rows then say how far real passes exceeded the model)", file=sys.stderr)
-        return 2
+    cache = None if args.no_cache else args.target_cache
+    g["target_cache"] = str(cache) if cache else None
     tok = Tokenizer(shipped_gguf())
     work = {}
     for name in g["datasets"]:
@@ -214,7 +209,7 @@ def run(args) -> int:
         work[name] = replay_work(prompts, n_tokens)
     # a context per session that holds the longest prompt and its continuation, no more: N sequences of it
     n_ctx = max(len(w.prompt) for ws in work.values() for w in ws) + n_tokens + 64
-    extra = ["--n-ctx", str(n_ctx)] + (["--target-cache", str(args.target_cache)] if args.target_cache else [])
+    extra = ["--n-ctx", str(n_ctx)] + (["--target-cache", str(cache)] if cache else [])
     rows: list[dict] = []
     for target in g["targets"]:
         gpu, gpus = gpus_of(target)
@@ -246,6 +241,10 @@ def run(args) -> int:
     return 0
 
 
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.system()}"
+
+
 def write_outputs(rows: list[dict], g: dict, path: Path, seconds: float) -> None:
     cells = capacity_cells(rows, g["slos"])
     cap = capacity(rows, g["slos"])
@@ -254,7 +253,7 @@ def write_outputs(rows: list[dict], g: dict, path: Path, seconds: float) -> None
                               "draft-step timing; the sessions of a link profile share one link-sim",
             "real_over_modelled": "present" if any(r["real_over_modelled"] is not None for r in rows)
                                   else "not exported by this verifier (pass_s_mean: wall time per pass)",
-            "machine": "2 CPU cores (shared)", "seconds": round(seconds, 1)}
+            "machine": machine(), "target_cache": g.get("target_cache"), "seconds": round(seconds, 1)}
     write_json({"rows": rows, "capacity": cap, "capacity_cells": cells, "meta": meta}, path)
     head = ["| target | mode | " + " | ".join(f"sessions at {slo_key(s)} tok/s" for s in g["slos"]) + " |",
             "|---|---|" + "---|" * len(g["slos"])]

@@ -68,9 +68,11 @@ def test_tiny_real_run_writes_consistent_json(tmp_path):
     # an SLO no running session misses, so both N of both modes run whatever the machine's speed
     assert main(["capacity", "--targets", "emulated:qwen3-32b-a100", "--datasets", "mtbench", "--profiles",
                  "picospec-wan", "--modes", "cloud-only", "picospec", "--sessions", "1", "2", "--tokens",
-                 str(n_tokens), "--slo", "0.001", "0.002", "--json", str(out)]) == 0
+                 str(n_tokens), "--slo", "0.001", "0.002", "--json", str(out),
+                 "--target-cache", str(tmp_path / "cache")]) == 0
     data = json.loads(out.read_text())
     assert set(data) == {"rows", "capacity", "capacity_cells", "meta"}
+    assert data["meta"]["target_cache"] == str(tmp_path / "cache")
     rows = data["rows"]
     assert [(r["mode"], r["n_sessions"]) for r in rows] == [
         ("cloud-only", 1), ("picospec", 1), ("cloud-only", 2), ("picospec", 2)]
@@ -82,7 +84,7 @@ def test_tiny_real_run_writes_consistent_json(tmp_path):
         # every session produced exactly its tokens, over the cell's wall time
         assert r["aggregate_tokens_per_s"] * r["wall_s"] == pytest.approx(r["n_sessions"] * n_tokens)
         assert r["tokens_per_pass"] >= 1 and r["verifier_passes_per_s"] > 0 and r["inter_token_p99_s"] >= 0
-        assert r["real_over_modelled"] is None or r["real_over_modelled"] > 0
+        assert r["real_over_modelled"] > 0 and 0 <= r["target_cache_hit_rate"] <= 1
         assert r["modelled_pass_s"] > 0 and r["link_up_mbit_s"] > 0 and r["link_down_mbit_s"] > 0
         assert isinstance(r["loadgen_kept_up"], bool) and r["loadgen_cpu_share"] >= 0
         if r["mode"] == "cloud-only":
