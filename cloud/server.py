@@ -377,27 +377,46 @@ class VerifierService(pb_grpc.VerifierServicer):
         sess.restart_from(prompt, sampling)
         emulated = self.emulate is not None
         n_out, reason = 0, "length"
+        nxt = None                         # (work, rows task) of the next token, already queued
+
+        def stop_after(tok: int) -> str | None:
+            if tok == self.info.eos and not request.ignore_eos:
+                return "eos"
+            if n_out >= request.max_tokens:
+                return "length"
+            return "context" if len(sess.tokens) + 1 >= self.cfg.n_ctx else None
+
         try:
-            while n_out < request.max_tokens:
+            if len(sess.tokens) + 1 >= self.cfg.n_ctx:
+                reason = "context"
+            while reason != "context" and n_out < request.max_tokens:
                 if self.sessions.closing(sess):
                     await self._closed_under(context, sess)
-                if len(sess.tokens) + 1 >= self.cfg.n_ctx:
-                    reason = "context"
-                    break
                 try:
-                    work, before = sess.stream_step(), len(sess.tokens)
-                    tok = sess.apply_stream(work, await self._rows(work.step))
+                    work, rows = nxt or (lambda w: (w, self._rows(w.step)))(sess.stream_step())
+                    before = len(sess.tokens)
+                    tok = sess.apply_stream(work, await rows)
                     self._served(sess, [work.step], before, speculative=False)
+                    n_out += 1
+                    reason = stop_after(tok) or reason
+                    # The next token's step is known now: queue it before this pass's modelled
+                    # end, as every streaming session does, so that they share the next pass.
+                    # Queued after the end instead, the first to arrive starts a pass alone and
+                    # the others take turns (measured: 2 sessions got half the rate of 1 each).
+                    nxt = None
+                    if stop_after(tok) is None:
+                        w = sess.stream_step()
+                        nxt = (w, asyncio.ensure_future(self._rows(w.step)))
                     await self._pass_end(work.step)
                 except TargetError as e:
                     await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier pass failed: {e}")
-                n_out += 1
                 yield pb.GenerateChunk(tokens=[tok], emulated=emulated)
-                if tok == self.info.eos and not request.ignore_eos:
-                    reason = "eos"
+                if stop_after(tok) is not None:
                     break
             yield pb.GenerateChunk(done=True, finish_reason=reason, emulated=emulated)
         finally:
+            if nxt is not None:
+                nxt[1].cancel()
             self.sessions.detach(sess)
             log.info("generate: client=%s prompt=%d tokens, %d out (%s)", sess.client, len(prompt), n_out, reason)
 
