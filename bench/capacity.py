@@ -55,6 +55,9 @@ PROFILES = ["picospec-wan", "lte"]
 FULL_N = [1, 2, 4, 8, 16, 32, 64]
 QUICK_N = [1, 2, 4, 8, 16, 32]
 SLOS = [10.0, 20.0]
+# A cell whose real compute exceeded this share of the modelled time is measured again,
+# once, with the target cache it just filled (the first run's ratio stays in the row).
+WARM_RETRY_ABOVE = 0.5
 COLUMNS = ["target", "gpu", "dataset", "profile", "mode", "n_sessions", "session_tokens_per_s_p50",
            "session_tokens_per_s_p10", "inter_token_p99_s", "ttft_s_p50", "aggregate_tokens_per_s",
            "verifier_passes_per_s", "tokens_per_pass", "acceptance_rate", "real_over_modelled", "pass_s_mean",
@@ -220,11 +223,20 @@ def run(args) -> int:
             for dataset in g["datasets"]:
                 for profile in g["profiles"]:
                     def measure(mode: str, n: int) -> dict:
-                        r = run_cell(stack.links[profile].address, tok, work[dataset], gen_config(mode, n_tokens),
-                                     n, stack.metrics_port, tag="capacity")
+                        def cell() -> dict:
+                            return run_cell(stack.links[profile].address, tok, work[dataset],
+                                            gen_config(mode, n_tokens), n, stack.metrics_port, tag="capacity")
+                        r, first = cell(), None
+                        if cache and (r["real_over_modelled"] or 0) > WARM_RETRY_ABOVE:
+                            # this CPU, not the modelled GPU, set the pace: measure again with the
+                            # rows the cell just cached (cloud-only and accepted drafts hit; rows
+                            # after a rejected draft token depend on timing and may miss again)
+                            say(f"{mode} N={n}: real/modelled {r['real_over_modelled']:.2f}, measuring again warm")
+                            r, first = cell(), r["real_over_modelled"]
                         r = {"target": target, "gpu": gpu, "gpus": gpus, "dataset": dataset, "profile": profile,
                              "mode": mode, **r, "modelled_pass_s": modelled_pass_s(target, r["tokens_per_pass"]),
-                             "tokens_per_session": n_tokens, "emulated": True, "verifier_threads": stack.threads}
+                             "tokens_per_session": n_tokens, "emulated": True, "verifier_threads": stack.threads,
+                             "cold_real_over_modelled": first}
                         rom = r["real_over_modelled"]
                         say(f"{target} {dataset} {profile} {mode} N={n}: p10 {r['session_tokens_per_s_p10']:.1f} "
                             f"p50 {r['session_tokens_per_s_p50']:.1f} tok/s/session, "
