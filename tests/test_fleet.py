@@ -207,3 +207,16 @@ def test_default_table_names_a_source_for_every_entry():
     for r in rows:
         by_kind[r["kind"]] += r["share"]
     assert all(v == pytest.approx(1.0) for v in by_kind.values())
+
+
+def test_a_mix_from_the_command_line_is_normalised_and_checked():
+    mix = F.parse_mix("wifi=3, lte=1", {"wifi", "lte", "3g"}, "link")
+    assert [(s.name, s.weight) for s in mix] == [("wifi", 0.75), ("lte", 0.25)]
+    assert [s.weight for s in F.parse_mix("wifi", {"wifi"}, "link")] == [1.0]
+    for bad, why in (("wifi=x", "not NAME=SHARE"), ("moon=1", "unknown link 'moon'"), ("wifi=0", "must be > 0"),
+                     ("", "empty")):
+        with pytest.raises(ValueError, match=why):
+            F.parse_mix(bad, {"wifi"}, "link")
+    devs = F.population(20, links=F.parse_mix("wifi=1", {"wifi"}, "link"),
+                        devices=F.parse_mix("jetson-orin=1", {"jetson-orin"}, "device"))
+    assert {(d.link.name, d.device) for d in devs} == {("wifi", "jetson-orin")}
