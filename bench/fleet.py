@@ -57,6 +57,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpu-price-per-hour", type=float,
                     help="USD per GPU-hour (default, ASSUMED on-demand prices: "
                          + ", ".join(f"{g} {p:.2f}" for g, p in GPU_PRICE_PER_HOUR.items()) + ")")
+    ap.add_argument("--links", metavar="NAME=SHARE,...",
+                    help="link mix instead of the default (profiles of sim/link_profiles.toml with a fixed rate), "
+                         "e.g. wifi=0.5,lte=0.5")
+    ap.add_argument("--device-mix", metavar="NAME=SHARE,...",
+                    help="draft-device mix instead of the default (sim/latency.py DEVICES), e.g. jetson-orin=1")
     ap.add_argument("--window", type=float, default=20.0, help="seconds of model time measured (default: %(default)s)")
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds of model time before the window (default: %(default)s)")
@@ -82,6 +87,18 @@ def run(args) -> int:
     devices = 1000 if args.quick and args.devices == DEVICES else args.devices
     window = 10.0 if args.quick and args.window == 20.0 else args.window
     sim = dict(warmup_s=args.warmup, window_s=window, seed=args.seed)
+    from sim.link.profiles import load_profiles
+    try:
+        mix = {"links": F.parse_mix(args.links, {n for n, p in load_profiles().items() if not p.up.trace},
+                                    "link") if args.links else F.LINK_MIX,
+               "devices": F.parse_mix(args.device_mix, latency.DEVICES, "device") if args.device_mix
+               else F.DEVICE_MIX}
+    except ValueError as e:
+        print(f"tandem-bench fleet: {e}", file=sys.stderr)
+        return 2
+
+    def devices_of(n: int):
+        return F.population(n, devices=mix["devices"], links=mix["links"])
     rows = []
     for name in args.targets:
         target = latency.lookup(latency.TARGETS, name, "target")
@@ -98,7 +115,7 @@ def run(args) -> int:
 
             def one_replica(n: int):
                 if n not in tried:
-                    tried[n] = F.replica_sample(n, target, mode, **sim)
+                    tried[n] = F.replica_sample(n, target, mode, devices_of=devices_of, **sim)
                     r = tried[n]
                     print(f"[fleet {name} {mode}] {r.replicas} replicas of {n} sessions: p10 {r.p10:.1f} tok/s, "
                           f"p50 {r.p50:.1f}  ({r.cpu_s:.2f}s CPU)  [{time.monotonic() - t_start:.0f}s]", flush=True)
@@ -120,7 +137,7 @@ def run(args) -> int:
                     R = F.replicas_needed(devices, per)
                     print(f"[fleet {name} {mode} SLO {slo:g}] {per} sessions per replica -> {R} replicas; "
                           f"simulating all {devices} devices ...", flush=True)
-                    r = F.simulate(F.population(devices), R, target, mode, F.Admission(max_sessions=per), **sim)
+                    r = F.simulate(devices_of(devices), R, target, mode, F.Admission(max_sessions=per), **sim)
                     print(f"[fleet {name} {mode} SLO {slo:g}] {devices} devices on {R} replicas: p10 {r.p10:.1f} "
                           f"tok/s, p50 {r.p50:.1f}, aggregate {r.aggregate_tokens_per_s:.0f} tok/s, "
                           f"{r.cpu_s:.1f}s CPU  [{time.monotonic() - t_start:.0f}s]", flush=True)
@@ -143,7 +160,7 @@ def run(args) -> int:
                                 if args.gpu_price_per_hour is None else "--gpu-price-per-hour",
             "model": "sim/fleet.py (SimPy), simulated: see docs/fleet.md",
             "seconds": round(time.monotonic() - t_start, 1)}
-    write_json({"meta": meta, "rows": rows, "defaults": F.default_table()}, args.json)
+    write_json({"meta": meta, "rows": rows, "mix": F.default_table(devices=mix["devices"], links=mix["links"])}, args.json)
     md = [f"# tandem-bench fleet (simulated)\n\n{devices} devices; p10/p50: per-session tokens/s over a "
           f"{window:g} s window; USD per million tokens at the GPU price per hour in the JSON.\n",
           markdown_table(rows, COLUMNS, floats=2)]

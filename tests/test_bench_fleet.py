@@ -26,17 +26,25 @@ def test_fleet_is_a_bench_suite_with_help(capsys):
     assert "--gpu-price-per-hour" in out and "--validate" in out and "--capacity-json" in out
 
 
+def test_a_bad_mix_is_one_line_and_exit_2(tmp_path, capsys):
+    assert bench_main(["fleet", "--links", "moon=1", "--json", str(tmp_path / "f.json")]) == 2
+    assert capsys.readouterr().err.strip() == ("tandem-bench fleet: link mix: unknown link 'moon'; known: "
+                                               "3g, 5g, lan, lte, picospec-wan, satellite, wifi")
+
+
 def test_fleet_sizes_a_small_fleet_end_to_end(tmp_path, capsys):
     out = tmp_path / "fleet.json"
     assert bench_main(["fleet", "--devices", "60", "--slo", "10", "--window", "3", "--warmup", "1",
-                       "--json", str(out)]) == 0
+                       "--links", "wifi=2,lte=1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {r["mode"]: r for r in data["rows"]}
     assert set(rows) == {"cloud-only", "picospec"}
     for r in rows.values():
         assert r["replicas"] == math.ceil(60 / r["sessions_per_replica"]) and r["gpus"] == r["replicas"]
         assert r["usd_per_million_tokens"] > 0 and r["admitted"] + r["refused"] == 60
-    assert data["defaults"] and "| cloud-only |" in capsys.readouterr().out
+    links = {r["name"]: r["share"] for r in data["mix"] if r["kind"] == "link (RTT, s)"}
+    assert links == pytest.approx({"wifi": 2 / 3, "lte": 1 / 3})
+    assert "| cloud-only |" in capsys.readouterr().out
 
 
 CAPACITY = {
