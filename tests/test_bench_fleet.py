@@ -35,7 +35,7 @@ def test_a_bad_mix_is_one_line_and_exit_2(tmp_path, capsys):
 def test_fleet_sizes_a_small_fleet_end_to_end(tmp_path, capsys):
     out = tmp_path / "fleet.json"
     assert bench_main(["fleet", "--devices", "60", "--slo", "10", "--window", "3", "--warmup", "1",
-                       "--links", "wifi=2,lte=1", "--json", str(out)]) == 0
+                       "--links", "wifi=2,lte=1", "--sample", "120", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {r["mode"]: r for r in data["rows"]}
     assert set(rows) == {"cloud-only", "picospec"}
