@@ -361,7 +361,7 @@ class Replica:
             if env.now > self.fleet.t_start:
                 self.passes += 1
                 self.pass_tokens += n
-                self.busy_s += dt
+                self.busy_s += min(dt, env.now - self.fleet.t_start)    # the part inside the window
             for s in batch:
                 self.fleet.on_pass(s)
 

@@ -65,6 +65,8 @@ def test_picospec_with_full_acceptance_and_no_rtt_runs_at_the_slower_of_drafting
     r = F.simulate([device(t_draft)], 1, LIN, "picospec", plan_of=fixed(g, 2), **LONG)
     expect = g / max(g * t_draft, LIN.forward_s(g))      # 20.0 (draft-bound), 51.5 (verify-bound)
     assert r.rates[0] == pytest.approx(expect, rel=0.01)
+    # the replica is busy t(g) of every block's cycle: 39 % while the edge drafts slower, 100 % else
+    assert r.utilisation == pytest.approx(LIN.forward_s(g) / max(g * t_draft, LIN.forward_s(g)), rel=0.01)
 
 
 def test_stop_and_wait_with_full_acceptance_gets_the_bonus_every_cycle():
