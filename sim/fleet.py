@@ -367,7 +367,8 @@ class Replica:
 
 
 class Fleet:
-    """Devices behind a least-sessions balancer in front of R replicas, in one SimPy env."""
+    """Devices, arriving in a random order, behind a least-sessions balancer in front of R
+    replicas, in one SimPy env."""
 
     def __init__(self, devices: list[Device], replicas: int, target, mode: str, admission: Admission,
                  warmup_s: float, window_s: float, seed: int, budget: int = MAX_BATCH_TOKENS,
@@ -382,7 +383,11 @@ class Fleet:
         rng = np.random.default_rng(seed)
         plans: dict[Device, Plan] = {}
         heap = [(0, i) for i in range(replicas)]   # (sessions, replica): least sessions first
-        for dev in devices:
+        # Devices arrive in a random order. In the population's own order (interleaved cells) a
+        # balancer filling replicas in turn would alias with its period: some replicas would get
+        # only one workload or link, a correlation no real fleet has.
+        for j in rng.permutation(len(devices)):
+            dev = devices[j]
             if mode == "cloud-only":
                 p = Plan("cloud-only", 0, 0, 0.0)
             else:
