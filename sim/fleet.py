@@ -404,8 +404,9 @@ class Fleet:
             # start at a random phase, so that sessions do not move in lockstep
             self.env.timeout(float(rng.uniform(0, 0.1))).callbacks.append(lambda _, s=s: self._start(s))
 
-    # A session is driven by its timers' callbacks rather than a process of its own: a process
-    # costs a generator resume per event, and a fleet of 10,000 devices runs millions of them.
+    # A session is driven by its timers' callbacks: a rejection cancels the block being drafted
+    # by its id (`draft_id`) instead of interrupting a process, and a full window simply leaves
+    # the edge idle until a verdict calls `_draft` again.
     def _start(self, s: Session) -> None:
         if s.plan.mode == "cloud-only":
             s.replica.submit(Step(s, 1))
