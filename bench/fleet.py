@@ -63,7 +63,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device-mix", metavar="NAME=SHARE,...",
                     help="draft-device mix instead of the default (sim/latency.py DEVICES), e.g. jetson-orin=1")
     ap.add_argument("--window", type=float, default=20.0, help="seconds of model time measured (default: %(default)s)")
-    ap.add_argument("--warmup", type=float, default=5.0,
+    ap.add_argument("--warmup", type=float, default=3.0,
                     help="seconds of model time before the window (default: %(default)s)")
     ap.add_argument("--sample", type=int, default=1000,
                     help="devices each sizing try simulates, on replicas of the size tried (default: %(default)s; "
@@ -209,7 +209,7 @@ def pct(sim: float, measured: float | None) -> float | None:
     return 100.0 * (sim - measured) / measured if measured else None
 
 
-def validate(capacity: dict, warmup_s: float = 5.0, window_s: float = 20.0, seed: int = 0) -> tuple[list, list]:
+def validate(capacity: dict, warmup_s: float = 3.0, window_s: float = 20.0, seed: int = 0) -> tuple[list, list]:
     """(validation rows, skipped rows with why) for each measured row of a capacity run."""
     from sim import fleet as F
     from sim import latency
