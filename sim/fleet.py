@@ -50,6 +50,7 @@ heavily loaded replica.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import math
@@ -315,21 +316,21 @@ class Replica:
     """One verifier: a queue of steps and the scheduler's rule (cloud/scheduler.py): each pass
     takes every queued step that fits the token budget, oldest first, one per session, a block
     never split; steps of a stale epoch are dropped. The pass lasts target.forward_s(n, K), K
-    the KV cache its sessions hold."""
+    the KV cache its sessions hold. Like the sessions, it runs on its timer's callback: a pass
+    ends, its steps are answered, the next pass gathers what is queued by then."""
 
-    def __init__(self, env: simpy.Environment, target, fleet: "Fleet", budget: int = MAX_BATCH_TOKENS):
-        self.env, self.target, self.fleet, self.budget = env, target, fleet, budget
+    def __init__(self, env: simpy.Environment, fleet: "Fleet", budget: int = MAX_BATCH_TOKENS):
+        self.env, self.fleet, self.budget = env, fleet, budget
         self.queue: list[Step] = []
         self.sessions = 0
-        self.wake: simpy.Event | None = None
+        self.busy = False
         self.passes = self.pass_tokens = 0
         self.busy_s = 0.0
-        env.process(self._loop())
 
     def submit(self, step: Step) -> None:
         self.queue.append(step)
-        if self.wake is not None and not self.wake.triggered:
-            self.wake.succeed()
+        if not self.busy:
+            self._next()
 
     def _gather(self) -> list[Step]:
         taken, keep, room, seen = [], [], self.budget, set()
@@ -345,25 +346,25 @@ class Replica:
         self.queue = keep
         return taken
 
-    def _loop(self):
-        env = self.env
-        while True:
-            batch = self._gather()
-            if not batch:
-                self.wake = env.event()
-                yield self.wake
-                self.wake = None
-                continue
-            n = sum(s.n for s in batch)
-            kv = sum(s.session.context + s.n for s in batch)
-            dt = self.target.forward_s(n, kv)
-            yield env.timeout(dt)
-            if env.now > self.fleet.t_start:
-                self.passes += 1
-                self.pass_tokens += n
-                self.busy_s += min(dt, env.now - self.fleet.t_start)    # the part inside the window
-            for s in batch:
-                self.fleet.on_pass(s)
+    def _next(self) -> None:
+        batch = self._gather()
+        self.busy = bool(batch)
+        if not batch:
+            return
+        n = sum(s.n for s in batch)
+        kv = sum(s.session.context + s.n for s in batch)
+        dt = self.fleet.pass_s(n, kv)
+        self.env.timeout(dt).callbacks.append(lambda _: self._done(batch, n, dt))
+
+    def _done(self, batch: list[Step], n: int, dt: float) -> None:
+        now, t_start = self.env.now, self.fleet.t_start
+        if now > t_start:
+            self.passes += 1
+            self.pass_tokens += n
+            self.busy_s += min(dt, now - t_start)   # the part inside the window
+        for s in batch:
+            self.fleet.on_pass(s)
+        self._next()
 
 
 class Fleet:
@@ -377,7 +378,10 @@ class Fleet:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.env = simpy.Environment()
         self.t_start, self.t_end = warmup_s, warmup_s + window_s
-        self.replicas = [Replica(self.env, target, self, budget) for _ in range(replicas)]
+        self.replicas = [Replica(self.env, self, budget) for _ in range(replicas)]
+        # Pass times repeat (a replica of few sessions sees the same n and K again and again) and
+        # the cost model rebuilds every term per call: memoised, per fleet.
+        self.pass_s = functools.lru_cache(maxsize=1 << 16)(target.forward_s)
         self.sessions: list[Session] = []
         self.refused = 0
         rng = np.random.default_rng(seed)
@@ -434,8 +438,9 @@ class Fleet:
         s.restart = s.carry = False
         s.in_flight += 1
         step = Step(s, g + fixed, g, s.epoch_edge)
-        self.env.timeout(s.dev.link.up_s(BLOCK_BYTES + TOKEN_BYTES * (g + fixed))).callbacks.append(
-            lambda _: self._arrive(step))
+        if step.epoch == s.epoch_cloud:             # else the verifier has moved on: it would drop it
+            self.env.timeout(s.dev.link.up_s(BLOCK_BYTES + TOKEN_BYTES * (g + fixed))).callbacks.append(
+                lambda _: self._arrive(step))
         self._draft(s)
 
     def _arrive(self, step: Step) -> None:
