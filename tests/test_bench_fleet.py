@@ -1,0 +1,125 @@
+"""`tandem-bench fleet`: sizing a fleet end to end, --validate against a capacity run, a missing extra."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import fleet as bench_fleet
+from bench.cli import main as bench_main
+from sim import fleet as F
+from sim.latency import TARGETS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fleet_is_a_bench_suite_with_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main(["fleet", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--gpu-price-per-hour" in out and "--validate" in out and "--capacity-json" in out
+
+
+def test_a_bad_mix_is_one_line_and_exit_2(tmp_path, capsys):
+    assert bench_main(["fleet", "--links", "moon=1", "--json", str(tmp_path / "f.json")]) == 2
+    assert capsys.readouterr().err.strip() == ("tandem-bench fleet: link mix: unknown link 'moon'; known: "
+                                               "3g, 5g, lan, lte, picospec-wan, satellite, wifi")
+
+
+def test_fleet_sizes_a_small_fleet_end_to_end(tmp_path, capsys):
+    out = tmp_path / "fleet.json"
+    assert bench_main(["fleet", "--devices", "60", "--slo", "10", "--window", "3", "--warmup", "1",
+                       "--links", "wifi=2,lte=1", "--sample", "120", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == {"cloud-only", "picospec"}
+    for r in rows.values():
+        assert r["replicas"] == math.ceil(60 / r["sessions_per_replica"]) and r["gpus"] == r["replicas"]
+        assert r["usd_per_million_tokens"] > 0 and r["admitted"] + r["refused"] == 60
+    links = {r["name"]: r["share"] for r in data["mix"] if r["kind"] == "link (RTT, s)"}
+    assert links == pytest.approx({"wifi": 2 / 3, "lte": 1 / 3})
+    assert "| cloud-only |" in capsys.readouterr().out
+
+
+CAPACITY = {
+    "rows": [
+        {"target": "emulated:qwen3-32b-a100", "gpu": "a100-80gb", "dataset": "humaneval", "profile": "picospec-wan",
+         "mode": "cloud-only", "n_sessions": 4, "session_tokens_per_s_p50": 13.0, "session_tokens_per_s_p10": 12.8,
+         "aggregate_tokens_per_s": 52.0, "acceptance_rate": None, "inter_token_p99_s": 0.09,
+         "tokens_per_pass": 4.0, "real_over_modelled": 1.02},
+        {"target": "emulated:qwen3-32b-a100", "gpu": "a100-80gb", "dataset": "humaneval", "profile": "picospec-wan",
+         "mode": "picospec", "n_sessions": 4, "session_tokens_per_s_p50": 25.0, "session_tokens_per_s_p10": 21.0,
+         "aggregate_tokens_per_s": 96.0, "acceptance_rate": 0.85, "inter_token_p99_s": 0.3,
+         "tokens_per_pass": 14.0, "real_over_modelled": 1.05},
+        {"target": "smollm2-135m", "gpu": None, "dataset": "humaneval", "profile": "picospec-wan",
+         "mode": "cloud-only", "n_sessions": 4, "session_tokens_per_s_p50": 40.0, "session_tokens_per_s_p10": 38.0,
+         "aggregate_tokens_per_s": 150.0, "acceptance_rate": None, "inter_token_p99_s": 0.05,
+         "tokens_per_pass": 4.0, "real_over_modelled": None},
+    ],
+    "capacity": {"cloud-only": 8, "picospec": 12},
+}
+
+
+def validate_args(tmp_path, capacity_json):
+    ap = argparse.ArgumentParser()
+    bench_fleet.add_args(ap)
+    return ap.parse_args(["--validate", "--capacity-json", str(capacity_json), "--json", str(tmp_path / "v.json"),
+                          "--window", "10"])
+
+
+def test_validate_writes_measured_beside_simulated(tmp_path):
+    cap = tmp_path / "capacity.json"
+    cap.write_text(json.dumps(CAPACITY))
+    never = lambda path: pytest.fail("capacity exists: it must not be run")      # noqa: E731
+    assert bench_fleet.run_validate(validate_args(tmp_path, cap), make=never) == 0
+    data = json.loads((tmp_path / "v.json").read_text())
+    rows = data["validation"]
+    assert [r["mode"] for r in rows] == ["cloud-only", "picospec"]
+    for r in rows:
+        assert {"mode", "n_sessions", "measured_tokens_per_s", "simulated_tokens_per_s", "measured_p10",
+                "simulated_p10"} <= set(r)
+    cloud = rows[0]
+    t4 = TARGETS["qwen3-32b-a100"].forward_s(4, 4 * F.CONTEXT0)
+    assert cloud["simulated_tokens_per_s"] == pytest.approx(4 / t4, rel=0.03)
+    assert cloud["measured_tokens_per_s"] == 52.0
+    assert cloud["error_tokens_per_s_pct"] == pytest.approx(100 * (cloud["simulated_tokens_per_s"] - 52) / 52)
+    assert rows[1]["simulated_tokens_per_s"] > cloud["simulated_tokens_per_s"]      # speculation pays here
+    assert [s["target"] for s in data["skipped"]] == ["smollm2-135m"]
+
+
+def test_validate_says_what_to_do_when_capacity_cannot_run(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    ran = []
+
+    def failing(path):
+        ran.append(path)
+        return subprocess.CompletedProcess([], 2, "", "tandem-bench: error: argument suite: invalid choice: "
+                                                      "'capacity'\n")
+    assert bench_fleet.run_validate(validate_args(tmp_path, missing), make=failing) == 2
+    assert ran == [missing]
+    err = capsys.readouterr().err
+    assert f"no capacity results at {missing}" in err and "invalid choice: 'capacity'" in err
+    assert "--capacity-json FILE" in err and not (tmp_path / "v.json").exists()
+
+
+def test_validate_rejects_a_file_that_is_not_a_capacity_run(tmp_path, capsys):
+    bad = tmp_path / "capacity.json"
+    bad.write_text(json.dumps([{"mode": "cloud-only"}]))
+    assert bench_fleet.run_validate(validate_args(tmp_path, bad)) == 2
+    assert "no `rows` list" in capsys.readouterr().err
+
+
+def test_without_simpy_the_suite_names_the_extra_in_one_line():
+    script = ("import sys; sys.modules['simpy'] = None\n"
+              "from bench.cli import main\n"
+              "sys.exit(main(['fleet', '--devices', '1', '--json', '/nonexistent/fleet.json']))\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == ["tandem-bench fleet: this needs simpy, which is not installed: "
+                                             "pip install 'tandem[bench]'"]
