@@ -62,6 +62,7 @@ import numpy as np
 import simpy
 
 from sim import latency
+from sim.admission import Demand, predict
 from sim.link.profiles import load_profiles
 
 MODES = ("cloud-only", "picospec")
@@ -273,14 +274,14 @@ def admits(sessions: int, S: Admission) -> bool:
       putting S.step_tokens into every pass and getting S.yield_tokens out of it, a pass costs
       t(n·step, n·context) and each session gets yield / t(...) tokens/s; admit while that is
       >= the objective. For cloud-only sessions (1 / 1) this is 1 / t(n) >= SLO.
-    Written to be unified with the verifier's own `--slo-tokens-per-s` admission: same inputs
-    (sessions now, the policy), same answer for one more session."""
+    The prediction is the verifier's own (`sim.admission.predict`, behind
+    `cloud-verifier --slo-tokens-per-s`), for n sessions of the same demand."""
     n = sessions + 1
     if S.max_sessions is not None and n > S.max_sessions:
         return False
     if S.slo_tokens_per_s is not None:
-        t = S.target.forward_s(max(1, round(n * S.step_tokens)), n * S.context)
-        if S.yield_tokens / t < S.slo_tokens_per_s:
+        one = Demand(tau=S.yield_tokens, tokens=S.step_tokens, kv=S.context)
+        if predict(S.target, [one] * n).min_rate < S.slo_tokens_per_s:
             return False
     return True
 
