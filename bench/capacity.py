@@ -55,9 +55,11 @@ PROFILES = ["picospec-wan", "lte"]
 FULL_N = [1, 2, 4, 8, 16, 32, 64]
 QUICK_N = [1, 2, 4, 8, 16, 32]
 SLOS = [10.0, 20.0]
-# A cell whose real compute exceeded this share of the modelled time is measured again,
-# once, with the target cache it just filled (the first run's ratio stays in the row).
+# A cell whose real compute exceeded this share of the modelled time is measured again, up
+# to WARM_RETRIES times, with the target cache it just filled (the first run's ratio stays
+# in the row as cold_real_over_modelled).
 WARM_RETRY_ABOVE = 0.5
+WARM_RETRIES = 3
 COLUMNS = ["target", "gpu", "dataset", "profile", "mode", "n_sessions", "session_tokens_per_s_p50",
            "session_tokens_per_s_p10", "inter_token_p99_s", "ttft_s_p50", "aggregate_tokens_per_s",
            "verifier_passes_per_s", "tokens_per_pass", "acceptance_rate", "real_over_modelled", "pass_s_mean",
@@ -227,12 +229,16 @@ def run(args) -> int:
                             return run_cell(stack.links[profile].address, tok, work[dataset],
                                             gen_config(mode, n_tokens), n, stack.metrics_port, tag="capacity")
                         r, first = cell(), None
-                        if cache and (r["real_over_modelled"] or 0) > WARM_RETRY_ABOVE:
+                        for _ in range(WARM_RETRIES if cache else 0):
+                            if (r["real_over_modelled"] or 0) <= WARM_RETRY_ABOVE:
+                                break
                             # this CPU, not the modelled GPU, set the pace: measure again with the
                             # rows the cell just cached (cloud-only and accepted drafts hit; rows
-                            # after a rejected draft token depend on timing and may miss again)
+                            # after a rejected draft token are keyed by where blocks happened to
+                            # start, which timing decides, so they fill over a few runs)
                             say(f"{mode} N={n}: real/modelled {r['real_over_modelled']:.2f}, measuring again warm")
-                            r, first = cell(), r["real_over_modelled"]
+                            first = first if first is not None else r["real_over_modelled"]
+                            r = cell()
                         r = {"target": target, "gpu": gpu, "gpus": gpus, "dataset": dataset, "profile": profile,
                              "mode": mode, **r, "modelled_pass_s": modelled_pass_s(target, r["tokens_per_pass"]),
                              "tokens_per_session": n_tokens, "emulated": True, "verifier_threads": stack.threads,
