@@ -36,6 +36,7 @@ from cloud.target_cache import CachedTarget
 from sim.latency import Hold, LatencyProfile
 
 log = logging.getLogger("tandem.cloud")
+FOLLOW_MAX_S = 0.02      # the longest a pass waits for sessions that go on at once
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Step:
     queued_at: float = field(default_factory=time.monotonic)
     chore: Callable[[], object] | None = None
     ready_at: float = 0.0                       # monotonic end of its pass as modelled (0: not emulated)
+    follows: bool = False                       # its session queues its next step as soon as it resolves
 
 
 def no_rows(n_vocab: int) -> np.ndarray:
@@ -84,7 +86,8 @@ class PassStats:
 class Scheduler:
     def __init__(self, target: Target | CachedTarget, batching: bool = True, emulate: LatencyProfile | None = None,
                  prefill_chunk: int = 2 * INVARIANT_BATCH,
-                 on_pass: Callable[[PassStats], None] = lambda s: None):
+                 on_pass: Callable[[PassStats], None] = lambda s: None,
+                 follow_s: float = 0.004, follow_max_s: float = FOLLOW_MAX_S):
         self.target, self.batching, self.emulate = target, batching, emulate
         self.budget = target.max_batch_tokens
         self.prefill_chunk = max(1, min(prefill_chunk, self.budget))
@@ -94,6 +97,9 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.follow_s, self.follow_max_s = follow_s, follow_max_s
+        self._expect: set[int] = set()              # sequences whose next step is due at once
+        self._expect_until = 0.0
         self.passes = 0
         # totals over every pass, for the status and logs (read from other threads: plain floats)
         self.real_s = 0.0
@@ -157,8 +163,25 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping and not self._queue:
                     return
+                self._await_followers()
                 batch = self._gather()
             self._run(batch)
+
+    def _await_followers(self) -> None:
+        """Hold the next pass briefly for the sessions whose steps just resolved and that
+        go on at once (a cloud lead's next token). They all answer at the same pass end and
+        queue their next steps one after another; starting the pass with the first to
+        arrive would leave the others to the pass after, and the sessions would take turns
+        instead of sharing passes (a serving loop keeps its running sequences in the next
+        batch for the same reason). Called under the lock; waits at most a few ms."""
+        while self._expect and self.batching and not self._stopping:
+            if self._expect <= {s.seq for s in self._queue}:
+                break
+            left = self._expect_until - time.monotonic()
+            if left <= 0:
+                break
+            self._cv.wait(left)
+        self._expect = set()
 
     def _gather(self) -> list[tuple[Step, int]]:
         """(step, tokens to evaluate now) for the next pass; called under the lock."""
@@ -260,6 +283,10 @@ class Scheduler:
             self.modelled_s += stats.modelled_s
             self.over_model += stats.over_model
             self.on_pass(stats)
+        self._expect = {s.seq for s, _ in batch if s.follows and s.done >= len(s.tokens) and not s.future.cancelled()}
+        # their sessions answer at the modelled pass end, then queue ~0.5 ms apart
+        self._expect_until = max(hold.ends_at, time.monotonic()) + min(self.follow_max_s,
+                                                                     self.follow_s + 0.0005 * len(self._expect))
 
 
 def _joined(rows: list[np.ndarray]) -> np.ndarray:

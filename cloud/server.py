@@ -293,6 +293,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         """The verdicts for one inbox item: a lead token, or blocks to verify."""
         if item is LEAD:
             work, before = sess.lead_step(), len(sess.tokens)
+            work.step.follows = True       # a leading session leads on at once: see Scheduler._await_followers
             v = sess.apply_lead(work, await self._rows(work.step))
             self._served(sess, [work.step], before)
             await self._pass_end(work.step)

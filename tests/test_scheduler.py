@@ -5,6 +5,8 @@ before the loop starts (or all at once), so what shares a pass is decided by
 the rules, never by timing."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,44 @@ def test_an_emulated_pass_tells_its_steps_when_it_ends(target):
     finally:
         sched.stop()
         target.clear(0)
+
+
+def _follow_up(sched: Scheduler, first: Step, nxt: Step, delay_s: float) -> None:
+    """When `first` resolves, queue `nxt` after `delay_s` (as a session's event loop would)."""
+    def go(_):
+        threading.Timer(delay_s, sched.submit, (nxt,)).start()
+    first.future.add_done_callback(go)
+
+
+def test_sessions_that_go_on_at_once_share_the_next_pass(target):
+    """Two leading sessions answer at the same pass end and queue their next steps one after
+    the other: the next pass waits for both instead of starting with the first."""
+    for s in range(2):
+        target.clear(s)
+    passes: list[PassStats] = []
+    sched = Scheduler(target, on_pass=passes.append, follow_s=30.0, follow_max_s=30.0)
+    a, b = Step(0, 0, tokens(3, 0), 1, follows=True), Step(1, 0, tokens(3, 1), 1, follows=True)
+    a2, b2 = Step(0, 3, [11], 1, follows=True), Step(1, 3, [12], 1, follows=True)
+    _follow_up(sched, a, a2, 0.0)
+    _follow_up(sched, b, b2, 0.3)               # the second session is late: the pass waits for it
+    sched.submit_many([a, b])
+    sched.start()
+    for st in (a, b, a2, b2):
+        st.future.result(timeout=120)
+    sched.stop()
+    assert [p.steps for p in passes] == [2, 2]
+
+
+def test_a_session_that_does_not_go_on_holds_the_next_pass_only_briefly(target):
+    for s in range(2):
+        target.clear(s)
+    passes: list[PassStats] = []
+    sched = Scheduler(target, on_pass=passes.append, follow_s=0.05, follow_max_s=0.05)
+    a, b = Step(0, 0, tokens(3, 0), 1, follows=True), Step(1, 0, tokens(3, 1), 1, follows=True)
+    a2 = Step(0, 3, [11], 1, follows=True)
+    _follow_up(sched, a, a2, 0.0)               # b's session stops leading: nothing follows it
+    sched.submit_many([a, b])
+    sched.start()
+    a2.future.result(timeout=120)
+    sched.stop()
+    assert [p.steps for p in passes] == [2, 1]
