@@ -20,7 +20,9 @@ def default_model() -> Path:
 
 
 def calib_cache() -> Path:
-    return models_dir() / "moe-calib.json"
+    from edge.moe.calib_text import VERSION
+    # Versioned name: a checkout with other calibration text keeps its own cache.
+    return models_dir() / f"moe-calib-v{VERSION}.json"
 
 
 # ---- moeify -----------------------------------------------------------------
