@@ -71,7 +71,7 @@ lock:
 models: $(STAMP)
 	@$(PY) -m edge.derive --out-dir $(MODELS)
 
-# The DyMoE test bed: a MoE carved and trained from SmolLM2 (~6 min on 2 cores, once;
+# The DyMoE test bed: a MoE carved and trained from SmolLM2 (~12 min of CPU, once;
 # built again when the code that fits it changes), then its per-layer precision floors
 # (stored beside it; measured again when the calibration's code or its fixed tokens
 # change: the same floors on any machine).

@@ -37,7 +37,7 @@ from edge.moe.model import rms_norm, rope
 @dataclass
 class MoeifyConfig:
     n_expert: int = 8
-    top_k: int = 4
+    top_k: int = 6
     marker_quantile: float = 0.75      # "top 25 % activation" markers
     kmeans_iters: int = 8
     cluster_tokens: int = 3000
