@@ -71,11 +71,12 @@ lock:
 models: $(STAMP)
 	@$(PY) -m edge.derive --out-dir $(MODELS)
 
-# The DyMoE test bed: a MoE carved and trained from SmolLM2 (~6 min on 2 cores, once),
-# then its per-layer precision floors (stored beside it; measured again when the
-# calibration's code or its fixed tokens change: the same floors on any machine).
-$(MOE): $(STAMP)
-	@$(VENV)/bin/edge-agent moeify --out $@
+# The DyMoE test bed: a MoE carved and trained from SmolLM2 (~12 min of CPU, once;
+# built again when the code that fits it changes), then its per-layer precision floors
+# (stored beside it; measured again when the calibration's code or its fixed tokens
+# change: the same floors on any machine).
+$(MOE): $(STAMP) edge/moe/moeify.py edge/moe/calib_text.py
+	@$(VENV)/bin/edge-agent moeify --force --out $@
 
 $(MOE_FLOORS): $(MOE) edge/moe/sensitivity.py edge/moe/fixed_calib_tokens.json kernels/grid.py
 	@$(VENV)/bin/edge-agent moe-calibrate --moe-model $(MOE)

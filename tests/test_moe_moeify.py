@@ -8,7 +8,7 @@ from edge.model_files import shipped_gguf
 from edge.moe.gguf_loader import GGUFModel
 from edge.moe.gguf_writer import copy_tokenizer, write_moe
 from edge.moe.model import MoETransformer
-from edge.moe.moeify import Dense, MoeifyConfig, _to_gguf, dense_logits
+from edge.moe.moeify import Dense, MoeifyConfig, _to_gguf, dense_logits, fit_rows, moeify
 
 
 D, NFF, LAYERS, VOCAB = 64, 256, 2, 49152
@@ -60,3 +60,49 @@ def test_all_experts_on_equals_dense(tmp_path):
         llm.close()
     assert np.abs(outs[0] - outs[1]).max() < 1e-2
     assert np.abs(outs[1] - moe.numpy()).max() < 5e-2
+
+
+def test_shared_prefix_is_fitted_once():
+    # Three chat-like texts sharing a 3-token system prefix: its rows are kept
+    # in the first text only; every other token is fitted.
+    texts = [[1, 2, 3, 10, 11], [1, 2, 3, 20], [1, 2, 3, 30, 31, 32]]
+    assert fit_rows(texts).tolist() == [0, 1, 2, 3, 4, 8, 12, 13, 14]
+    # Nothing shared: every row.
+    assert fit_rows([[5, 6], [7, 8]]).tolist() == [0, 1, 2, 3]
+
+
+def test_moeify_is_deterministic_and_beats_carving_alone(tmp_path):
+    """Two builds from the same texts write the same file (fixed seeds), and the
+    fitted MoE is closer to its dense source on those texts than a carving unfitted."""
+    dense_path = tmp_path / "dense.gguf"
+    write_dense(dense_path)
+    gen = torch.Generator().manual_seed(3)
+    texts = [[1, 2, 3] + torch.randint(0, VOCAB, (60,), generator=gen).tolist() for _ in range(6)]
+    cfg = MoeifyConfig(n_expert=4, top_k=2, dense_layers=(0,), dtype="f32", cluster_tokens=200,
+                       router_steps=20)
+    paths = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+    for p in paths:
+        moeify(dense_path, p, texts, cfg, log=lambda *_: None)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    # Against the same layer split into contiguous experts, zero router (top-k by
+    # index), the source's down-projections: carving alone, nothing fitted.
+    src = Dense(dense_path)
+    spec, tensors = _to_gguf(src, {}, cfg, lambda *_: None)
+    write_moe(tmp_path / "unfitted.gguf", spec, tensors, dense_path, dtype=np.float32)
+    err = {}
+    for name in ("a", "unfitted"):
+        m = MoETransformer(GGUFModel(tmp_path / f"{name}.gguf"), max_ctx=64)
+        err[name] = 0.0
+        for s in texts:
+            m.truncate(0)
+            err[name] += (m.forward(torch.tensor(s)) - dense_logits(src, s)).norm().item()
+    assert err["a"] < 0.5 * err["unfitted"], err
+
+
+def test_fitting_prompts_are_not_the_ones_acceptance_is_measured_on():
+    from bench.datasets import BUILTIN
+    from edge.moe.calib_text import CALIB_PROMPTS, DISTIL_PROMPTS, HELDOUT_PROMPTS
+    from tests.conftest import PROMPTS
+    fitted = {p.lower() for p in CALIB_PROMPTS + DISTIL_PROMPTS}
+    for name, judged in (("builtin", BUILTIN), ("tests", PROMPTS), ("held-out", HELDOUT_PROMPTS)):
+        assert not fitted & {p.lower() for p in judged}, name

@@ -20,14 +20,16 @@ def default_model() -> Path:
 
 
 def calib_cache() -> Path:
-    return models_dir() / "moe-calib.json"
+    from edge.moe.calib_text import VERSION
+    # Versioned name: a checkout with other calibration text keeps its own cache.
+    return models_dir() / f"moe-calib-v{VERSION}.json"
 
 
 # ---- moeify -----------------------------------------------------------------
 def add_moeify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help=f"output GGUF (default models/{DEFAULT_NAME})")
     p.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
-    p.add_argument("--top-k", type=int, default=4, help="experts per token (default 4)")
+    p.add_argument("--top-k", type=int, default=6, help="experts per token (default 6)")
     p.add_argument("--source", type=Path, default=None, help="dense llama GGUF (default: shipped SmolLM2)")
     p.add_argument("--carve-layer0", action="store_true", help="carve layer 0 too (default: keep it dense)")
     p.add_argument("--f32", action="store_true", help="write F32 instead of F16 weights")

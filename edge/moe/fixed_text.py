@@ -1,6 +1,6 @@
 """Fixed tokens for `moe-calibrate`: the same text on every machine.
 
-`models/moe-calib.json` is written by the target on the machine that builds
+`models/moe-calib-v*.json` is written by the target on the machine that builds
 the model (llama.cpp sampling and greedy decoding, whose near-ties follow
 the CPU), so floors measured on it would follow the machine, not the model
 file. `fixed_calib_tokens.json` freezes the target's greedy answers to four

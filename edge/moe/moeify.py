@@ -37,7 +37,7 @@ from edge.moe.model import rms_norm, rope
 @dataclass
 class MoeifyConfig:
     n_expert: int = 8
-    top_k: int = 4
+    top_k: int = 6
     marker_quantile: float = 0.75      # "top 25 % activation" markers
     kmeans_iters: int = 8
     cluster_tokens: int = 3000
@@ -47,6 +47,7 @@ class MoeifyConfig:
     router_spread: float = 1e-3        # max logit spread llama.cpp sees after scaling
     dtype: str = "f16"
     seed: int = 0
+    dedupe_prefix: bool = True         # fit the texts' shared prefix once (fit_rows)
 
 
 # ---------------------------------------------------------------------------
@@ -182,9 +183,15 @@ class LayerFit:
 
 
 def fit_layer(src: Dense, i: int, x: torch.Tensor, target: torch.Tensor, wt: torch.Tensor,
-              cfg: MoeifyConfig, gen: torch.Generator) -> tuple[LayerFit, torch.Tensor]:
+              cfg: MoeifyConfig, gen: torch.Generator, rows: torch.Tensor | None = None
+              ) -> tuple[LayerFit, torch.Tensor]:
+    """Fit one layer on the tokens `rows` (default all); the MoE FFN's output for every token."""
     E, k = cfg.n_expert, cfg.top_k
-    a = src.ffn_act(i, x)                                                # (N, F)
+    x_all, a_all = x, src.ffn_act(i, x)                                  # (N, F)
+    if rows is not None:
+        x, target, wt, a = x[rows], target[rows], wt[rows], a_all[rows]
+    else:
+        a = a_all
     n_ff = a.shape[1]
     f = n_ff // E
     sub = torch.randperm(a.shape[0], generator=gen)[:cfg.cluster_tokens]
@@ -201,9 +208,24 @@ def fit_layer(src: Dense, i: int, x: torch.Tensor, target: torch.Tensor, wt: tor
     sel = logits.topk(k, dim=1).indices                                  # (N, k)
     mask = torch.zeros(a.shape[0], E).scatter_(1, sel, 1.0)[:, assign]   # (N, F)
     new_down = refit_down(a, mask, target, wt, down, cfg.ridge)
-    out = (a * mask) @ new_down.T
     spread = (logits.max(1).values - logits.min(1).values).max().item()
-    return LayerFit(order, router, new_down, spread), out
+    sel = (x_all @ router.T).topk(k, dim=1).indices
+    mask = torch.zeros(a_all.shape[0], E).scatter_(1, sel, 1.0)[:, assign]
+    return LayerFit(order, router, new_down, spread), (a_all * mask) @ new_down.T
+
+
+def fit_rows(texts: list[list[int]]) -> torch.Tensor:
+    """Row ids of the concatenated texts to fit on: every token once. Chat-formatted
+    texts share a prefix (the system prompt), whose residuals are the same in every
+    text; fitted once, it would otherwise weigh as many times as there are texts."""
+    first = texts[0]
+    shared = min((next((j for j, (a, b) in enumerate(zip(first, s)) if a != b), min(len(first), len(s)))
+                  for s in texts[1:]), default=0)
+    keep, o = [], 0
+    for n, s in enumerate(texts):
+        keep.append(torch.arange(o + (shared if n else 0), o + len(s)))
+        o += len(s)
+    return torch.cat(keep)
 
 
 # ---------------------------------------------------------------------------
@@ -224,6 +246,7 @@ def moeify(source: Path, out: Path, texts: list[list[int]], cfg: MoeifyConfig, l
     hs = dense_residuals(src, texts)
     log(f"[moeify] dense pass done ({time.time() - t0:.0f}s)")
     lens = [len(s) for s in texts]
+    rows = fit_rows(texts) if cfg.dedupe_prefix else None
     h = hs[0]
     fits: dict[int, LayerFit] = {}
     for i in range(src.n_layer):
@@ -236,7 +259,7 @@ def moeify(source: Path, out: Path, texts: list[list[int]], cfg: MoeifyConfig, l
         target = hs[i + 1] - mid        # dense FFN output + error accumulated so far
         wt = 1.0 / mid.pow(2).sum(-1)
         wt = wt / wt.mean()
-        fits[i], ffn_out = fit_layer(src, i, x, target, wt, cfg, gen)
+        fits[i], ffn_out = fit_layer(src, i, x, target, wt, cfg, gen, rows)
         h = mid + ffn_out
         rel = ((hs[i + 1] - h).norm() / hs[i + 1].norm()).item()
         log(f"[moeify] layer {i:2d}: carved, routed, refit; residual error {rel:.3f} "
