@@ -63,7 +63,7 @@ WARM_RETRIES = 3
 COLUMNS = ["target", "gpu", "dataset", "profile", "mode", "n_sessions", "session_tokens_per_s_p50",
            "session_tokens_per_s_p10", "inter_token_p99_s", "ttft_s_p50", "aggregate_tokens_per_s",
            "verifier_passes_per_s", "tokens_per_pass", "acceptance_rate", "real_over_modelled", "pass_s_mean",
-           "modelled_pass_s", "target_cache_hit_rate", "failed", "loadgen_cpu_share", "loadgen_kept_up"]
+           "modelled_pass_s", "target_cache_hit_rate", "failed", "served_tokens_per_s_p10", "loadgen_cpu_share", "loadgen_kept_up"]
 CAPACITY_COLUMNS = ["target", "dataset", "profile", "mode", "slo_tokens_per_s", "capacity", "lower_bound",
                     "goodput_tokens_per_s_per_gpu", "largest_n_tried", "loadgen_kept_up"]
 
@@ -171,6 +171,10 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="cloud-verifier --target-cache: memoised target rows, so that an emulated pass costs "
                          "only its modelled time and figures stay faithful at high N; the first run fills it "
                          "(default: %(default)s, shared with tandem-bench spec)")
+    ap.add_argument("--admission-slo", type=float, metavar="TOK_S",
+                    help="start the verifier with --slo-tokens-per-s TOK_S (admission by SLO) and run every N "
+                         "given, past the capacity point: refused edges count as failed, and "
+                         "served_tokens_per_s_p10 is the p10 of the sessions it admitted")
     ap.add_argument("--no-cache", action="store_true",
                     help="the verifier computes every row for real: past a few sessions, rows then measure "
                          "this CPU (real_over_modelled > 1)")
@@ -215,6 +219,8 @@ def run(args) -> int:
     # a context per session that holds the longest prompt and its continuation, no more: N sequences of it
     n_ctx = max(len(w.prompt) for ws in work.values() for w in ws) + n_tokens + 64
     extra = ["--n-ctx", str(n_ctx)] + (["--target-cache", str(cache)] if cache else [])
+    extra += ["--slo-tokens-per-s", f"{args.admission_slo:g}"] if args.admission_slo else []
+
     rows: list[dict] = []
     for target in g["targets"]:
         gpu, gpus = gpus_of(target)
@@ -242,17 +248,22 @@ def run(args) -> int:
                         r = {"target": target, "gpu": gpu, "gpus": gpus, "dataset": dataset, "profile": profile,
                              "mode": mode, **r, "modelled_pass_s": modelled_pass_s(target, r["tokens_per_pass"]),
                              "tokens_per_session": n_tokens, "emulated": True, "verifier_threads": stack.threads,
-                             "cold_real_over_modelled": first}
+                             "cold_real_over_modelled": first, "admission_slo": args.admission_slo}
                         rom = r["real_over_modelled"]
                         say(f"{target} {dataset} {profile} {mode} N={n}: p10 {r['session_tokens_per_s_p10']:.1f} "
                             f"p50 {r['session_tokens_per_s_p50']:.1f} tok/s/session, "
                             f"{r['aggregate_tokens_per_s']:.1f} aggregate, {r['tokens_per_pass'] or 0:.1f} tok/pass"
                             + (f", real/modelled {rom:.2f}" if rom is not None else "")
-                            + ("" if r["loadgen_kept_up"] else ", load generator saturated"))
+                            + ("" if r["loadgen_kept_up"] else ", load generator saturated")
+                            + (f"; admitted {r['served_sessions']}/{n}, their p10 {r['served_tokens_per_s_p10'] or 0:.1f}"
+                               if args.admission_slo else ""))
                         return r
 
-                    rows += ramp(g["modes"], ns, floor, measure,
-                                 lambda mode, n: say(f"{mode}: below {floor:g} tok/s at N={n}, ramp stopped"))
+                    if args.admission_slo:      # refusals are the point: every N, past the capacity point
+                        rows += [measure(mode, n) for n in ns for mode in g["modes"]]
+                    else:
+                        rows += ramp(g["modes"], ns, floor, measure,
+                                     lambda mode, n: say(f"{mode}: below {floor:g} tok/s at N={n}, ramp stopped"))
         finally:
             stack.stop()
     write_outputs(rows, g, args.json, time.monotonic() - t_start)

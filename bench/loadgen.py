@@ -260,6 +260,7 @@ def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int
     # a session that got all its tokens in one arrival has no stream rate: its whole request's
     # rate stands in (0 for a failed one, so it counts against p10)
     rates = [stream_rate(r["stamps"]) or rate for r, rate in zip(results, e2e)]
+    served = [rate for r, rate in zip(results, rates) if not r["error"]]
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     # within each session's stream: its time to first token is not a gap between tokens
     gaps = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
@@ -280,6 +281,9 @@ def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int
             "session_tokens_per_s_p50": statistics.median(rates),
             "session_tokens_per_s_p10": float(np.percentile(rates, 10)),
             "session_tokens_per_s_min": min(rates),
+            # the sessions the verifier served to the end (with SLO admission, the admitted ones)
+            "served_sessions": n - len(errors),
+            "served_tokens_per_s_p10": float(np.percentile(served, 10)) if served else None,
             "session_e2e_tokens_per_s_p50": statistics.median(e2e),
             "session_e2e_tokens_per_s_min": min(e2e),
             "ttft_s_p50": statistics.median(ttft) if ttft else None,

@@ -79,7 +79,8 @@ def test_tiny_real_run_writes_consistent_json(tmp_path):
     for r in rows:
         assert (r["target"], r["gpu"], r["dataset"], r["profile"]) == (
             "emulated:qwen3-32b-a100", "a100-80gb", "mtbench", "picospec-wan")
-        assert r["failed"] == 0 and r["emulated"]
+        assert r["failed"] == 0 and r["emulated"] and r["served_sessions"] == r["n_sessions"]
+        assert r["served_tokens_per_s_p10"] == pytest.approx(r["session_tokens_per_s_p10"])
         assert 0 < r["session_tokens_per_s_min"] <= r["session_tokens_per_s_p10"] <= r["session_tokens_per_s_p50"]
         # every session produced exactly its tokens, over the cell's wall time
         assert r["aggregate_tokens_per_s"] * r["wall_s"] == pytest.approx(r["n_sessions"] * n_tokens)
