@@ -84,6 +84,16 @@ class TargetError(RuntimeError):
     """llama.cpp refused a pass (e.g. the KV cache is full)."""
 
 
+def check_positions(chunks: Sequence[Chunk], held, n_ctx: int) -> None:
+    """What every pass refuses, cached or not: a chunk that starts past what its sequence
+    holds (`held(seq)` tokens), or that runs past the context."""
+    for c in chunks:
+        if not 0 <= c.start <= held(c.seq):
+            raise ValueError(f"sequence {c.seq}: chunk starts at {c.start}, cache holds {held(c.seq)}")
+        if c.start + len(c.tokens) > n_ctx:
+            raise TargetError(f"sequence {c.seq}: {c.start + len(c.tokens)} tokens exceed n_ctx={n_ctx}")
+
+
 class Target:
     """One model, one context of `n_seqs` sequences of up to `n_ctx` tokens each.
     Not thread-safe: the scheduler's thread is its only caller."""
@@ -158,11 +168,8 @@ class Target:
         for c in chunks:
             if c.copy_from is not None:
                 self.copy(c.copy_from, c.seq)
+        check_positions(chunks, self.seq_len, self.n_ctx)
         for c in chunks:
-            if not 0 <= c.start <= self._seq_len[c.seq]:
-                raise ValueError(f"sequence {c.seq}: chunk starts at {c.start}, cache holds {self._seq_len[c.seq]}")
-            if c.start + len(c.tokens) > self.n_ctx:
-                raise TargetError(f"sequence {c.seq}: {c.start + len(c.tokens)} tokens exceed n_ctx={self.n_ctx}")
             if c.start < self._seq_len[c.seq]:
                 self._ll.llama_memory_seq_rm(self.mem, c.seq, c.start, -1)
                 self._seq_len[c.seq] = c.start

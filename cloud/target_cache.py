@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cloud.target import Chunk, Target, TargetError
+from cloud.target import Chunk, Target, check_positions
 from common.rowstore import PrefixKeys, RowStore
 
 # A catch-up starts from a copy of another sequence's cells only where that saves at least
@@ -141,12 +141,7 @@ class CachedTarget:
         for c in chunks:
             if c.copy_from is not None:
                 self.copy(c.copy_from, c.seq)
-        for c in chunks:
-            s = self._seqs[c.seq]
-            if not 0 <= c.start <= len(s.tokens):
-                raise ValueError(f"sequence {c.seq}: chunk starts at {c.start}, cache holds {len(s.tokens)}")
-            if c.start + len(c.tokens) > self.n_ctx:
-                raise TargetError(f"sequence {c.seq}: {c.start + len(c.tokens)} tokens exceed n_ctx={self.n_ctx}")
+        check_positions(chunks, lambda seq: len(self._seqs[seq].tokens), self.n_ctx)
         out, missing = [], {}
         for c in chunks:
             s = self._seqs[c.seq]
