@@ -35,16 +35,10 @@ would have done (edge/picospec.py: _observe_unsent_sibling).
 from __future__ import annotations
 
 import copy
-import math
 from collections import deque
 from dataclasses import dataclass
 
-
-def expected_tokens(a: float, g: int, bonus: bool) -> float:
-    """Tokens a block of g drafts yields: accepted + correction/bonus."""
-    a = min(max(a, 0.0), 0.999)
-    full = (1 - a ** (g + 1)) / (1 - a)          # with a bonus after full acceptance
-    return full if bonus else full - a ** g
+from kernels import speculation_rate
 
 
 @dataclass
@@ -188,18 +182,11 @@ class Planner:
         stop-and-wait, where the cloud adds a bonus token after a full accept.
         `siblings`: tree nodes beside the chain, each a verify token more and
         `sibling_gain` tokens more per block."""
-        a, td, rtt = self.accept.value, self.t_draft.value, self.rtt
         tv = self.verify_a + self.verify_b * (g + 1) + self.sibling_s.value * siblings
-        extra = siblings * self.sibling_gain.value
-        cycle = g * td + rtt + tv
-        if w == 1:
-            return (expected_tokens(a, g, bonus=True) + extra) / cycle
-        a = min(max(a, 0.0), 0.999)
-        c = max(g * td, tv, cycle / w)
-        refill = (1 - a ** g) * (cycle - c)
-        lead_s = (1 - a ** g) * max(0.0, cycle - c - (rtt if self.lead_after_rtt else 0.0))
-        led = lead_s / self.cloud_token_s if self.lead else 0.0
-        return (expected_tokens(a, g, bonus=False) + extra + led) / (c + refill)
+        return speculation_rate.rate(self.accept.value, g, w, self.t_draft.value, self.rtt, tv,
+                                     extra=siblings * self.sibling_gain.value,
+                                     lead_token_s=self.cloud_token_s if self.lead else None,
+                                     lead_after_rtt=self.lead_after_rtt)
 
     def plan(self, lead_after_rtt: bool | None = None) -> Plan:
         """The best (g, w); pipelined sessions also weigh stop-and-wait, which
@@ -234,9 +221,5 @@ class Planner:
             return [1]
         if self.fixed_window:
             return [self.fixed_window]
-        td = self.t_draft.value
-        tv = self.verify_a + self.verify_b * (g + 1)
-        # The verifier takes every queued block in one pass, so the pipe stays
-        # full only if the edge keeps drafting for a whole cycle ahead.
-        full = math.ceil((g * td + self.rtt + tv) / max(g * td, 1e-6))
-        return sorted({1, max(2, min(self.max_window, full))})
+        return speculation_rate.windows(g, self.t_draft.value, self.rtt, self.verify_a + self.verify_b * (g + 1),
+                                        self.max_window)

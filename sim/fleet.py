@@ -39,7 +39,7 @@ Sessions
 * The edge's planner (edge/planner.py) picks g and W per device from the
   session's draft step, RTT, acceptance and the verifier's idle pass time, and
   streams cloud-only where no (g, W) is predicted at least as fast as that:
-  `plan()` repeats its formula here (sim/ may not import edge/).
+  `plan()` prices (g, W) with the planner's own formula (kernels/speculation_rate.py).
 
 What it leaves out, on purpose: prompt prefill (sessions are in steady state:
 every device generating all the time, the peak-hour case), link jitter, loss
@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from kernels import speculation_rate
 from sim import latency
 from sim.admission import Demand, predict
 from sim.link.profiles import load_profiles
@@ -208,15 +209,6 @@ def population(n: int, workloads=WORKLOADS, devices=DEVICE_MIX, links=LINK_MIX,
 
 
 # -- the planner's choice -----------------------------------------------------------------
-def expected_tokens(a: float, g: int, bonus: bool) -> float:
-    """Tokens a block of g drafts yields: accepted + correction, + the bonus after a full accept
-    when `bonus` (a block nothing follows). With bonus: (1 - a^(g+1)) / (1 - a)."""
-    if a >= 1.0:
-        return g + 1.0 if bonus else float(g)
-    full = (1 - a ** (g + 1)) / (1 - a)
-    return full if bonus else full - a ** g
-
-
 @dataclass(frozen=True)
 class Plan:
     mode: str           # picospec, or cloud-only where speculation does not pay
@@ -234,17 +226,10 @@ def plan(dev: Device, target, context: int = CONTEXT0) -> Plan:
     against cloud-only streaming at 1 / t(1); cloud-only when no (g, W) is at least as fast."""
     cloud = 1.0 / target.forward_s(1, context)
     best = Plan("cloud-only", 0, 0, cloud)
-    a = min(max(dev.accept, 0.0), 0.999)
     for g in range(1, MAX_GAMMA + 1):
         tv = target.forward_s(g + 1, context)
-        cycle = g * dev.t_draft_s + dev.link.rtt_s + tv
-        full = math.ceil(cycle / max(g * dev.t_draft_s, 1e-9))
-        for w in sorted({1, max(2, min(MAX_WINDOW, full))}):
-            if w == 1:
-                r = expected_tokens(a, g, bonus=True) / cycle
-            else:
-                c = max(g * dev.t_draft_s, tv, cycle / w)
-                r = expected_tokens(a, g, bonus=False) / (c + (1 - a ** g) * (cycle - c))
+        for w in speculation_rate.windows(g, dev.t_draft_s, dev.link.rtt_s, tv, MAX_WINDOW):
+            r = speculation_rate.rate(dev.accept, g, w, dev.t_draft_s, dev.link.rtt_s, tv)
             if r > best.predicted_tokens_per_s:
                 best = Plan("picospec", g, w, r)
     return best

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from kernels.speculation_rate import expected_tokens
 from sim import fleet as F
 from sim.latency import TARGETS, LatencyProfile
 
@@ -93,9 +94,9 @@ def test_picospec_with_no_acceptance_yields_one_token_a_round_trip():
 
 def test_expected_tokens_per_block_hand_computed():
     # a = 0.5, g = 2: P(0 accepted) = .5 -> 1 token, P(1) = .25 -> 2, P(2) = .25 -> 3 (bonus) or 2
-    assert F.expected_tokens(0.5, 2, bonus=True) == pytest.approx(0.5 * 1 + 0.25 * 2 + 0.25 * 3)   # 1.75
-    assert F.expected_tokens(0.5, 2, bonus=False) == pytest.approx(0.5 * 1 + 0.25 * 2 + 0.25 * 2)  # 1.5
-    assert F.expected_tokens(1.0, 5, bonus=True) == 6 and F.expected_tokens(0.0, 5, bonus=True) == 1
+    assert expected_tokens(0.5, 2, bonus=True) == pytest.approx(0.5 * 1 + 0.25 * 2 + 0.25 * 3)   # 1.75
+    assert expected_tokens(0.5, 2, bonus=False) == pytest.approx(0.5 * 1 + 0.25 * 2 + 0.25 * 2)  # 1.5
+    assert expected_tokens(1.0, 5, bonus=True) == 6 and expected_tokens(0.0, 5, bonus=True) == 1
 
 
 def test_drawn_acceptance_gives_the_expected_tokens_per_block():
@@ -104,7 +105,7 @@ def test_drawn_acceptance_gives_the_expected_tokens_per_block():
     g, td, a = 4, 0.010, 0.8
     r = F.simulate([device(td, accept=a)], 1, LIN, "picospec", plan_of=fixed(g, 1), warmup_s=1.0,
                    window_s=400.0, seed=3)
-    e = F.expected_tokens(a, g, bonus=True)              # 3.36
+    e = expected_tokens(a, g, bonus=True)              # 3.36
     # every cycle after the first carries a correction or bonus: g + 1 tokens to verify
     assert r.rates[0] == pytest.approx(e / (g * td + LIN.forward_s(g + 1)), rel=0.03)
 
