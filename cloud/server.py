@@ -71,6 +71,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.pass_a_s, self.pass_b_s = pass_model
         self.ar_token_s = self.pass_a_s + self.pass_b_s
         self.slo = None
+        self._slo_refresh_due = False
         if cfg.slo_tokens_per_s:
             # a real target is priced by the pass time it measured at start-up (pass_model)
             profile = emulate or LatencyProfile("measured", self.pass_a_s, self.pass_b_s,
@@ -101,6 +102,7 @@ class VerifierService(pb_grpc.VerifierServicer):
 
     def _refresh_slo(self) -> None:
         """Predict for the sessions held now; the scheduler's budget follows."""
+        self._slo_refresh_due = False
         if self.slo is None:
             return
         self.sched.set_budget(self.slo.refresh(self.sessions.held()))
@@ -114,7 +116,11 @@ class VerifierService(pb_grpc.VerifierServicer):
         sess.count.served(n_in, gained)
         if self.slo is not None:
             self.slo.observe(sess, n_in, gained, speculative)
-            self._refresh_slo()
+            if not self._slo_refresh_due:
+                # once for the burst of steps a pass resolves together, not once per session: a
+                # refresh reads every session held, so per step it would cost O(N^2) a pass
+                self._slo_refresh_due = True
+                asyncio.get_running_loop().call_soon(self._refresh_slo)
 
     def _compute_status(self) -> dict:
         """Real compute against the emulated model, and the row cache's hits, so far."""
@@ -377,49 +383,48 @@ class VerifierService(pb_grpc.VerifierServicer):
                 client=printable(request.client or context.peer())), len(prompt), streaming=True)
         sess.restart_from(prompt, sampling)
         emulated = self.emulate is not None
-        n_out, reason = 0, "length"
-        nxt = None                         # (work, rows task) of the next token, already queued
+        n_out = 0
 
-        def stop_after(tok: int) -> str | None:
-            if tok == self.info.eos and not request.ignore_eos:
+        def stop(tok: int | None) -> str | None:
+            """Why the stream ends after `tok` (None: before any token), or None to go on."""
+            if tok is not None and tok == self.info.eos and not request.ignore_eos:
                 return "eos"
             if n_out >= request.max_tokens:
                 return "length"
             return "context" if len(sess.tokens) + 1 >= self.cfg.n_ctx else None
 
+        reason = stop(None)
+        queued = None                      # the next token's (work, rows task), already in the queue
         try:
-            if len(sess.tokens) + 1 >= self.cfg.n_ctx:
-                reason = "context"
-            while reason != "context" and n_out < request.max_tokens:
+            while reason is None:
                 if self.sessions.closing(sess):
                     await self._closed_under(context, sess)
                 try:
-                    work, rows = nxt or (lambda w: (w, self._rows(w.step)))(sess.stream_step())
+                    work = queued[0] if queued else sess.stream_step()
+                    rows = await (queued[1] if queued else self._rows(work.step))
                     before = len(sess.tokens)
-                    tok = sess.apply_stream(work, await rows)
+                    tok = sess.apply_stream(work, rows)
                     self._served(sess, [work.step], before, speculative=False)
                     n_out += 1
-                    reason = stop_after(tok) or reason
-                    # The next token's step is known now: queue it before this pass's modelled
-                    # end, as every streaming session does, so that they share the next pass.
-                    # Queued after the end instead, the first to arrive starts a pass alone and
-                    # the others take turns (measured: 2 sessions got half the rate of 1 each).
-                    nxt = None
-                    if stop_after(tok) is None:
-                        w = sess.stream_step()
-                        nxt = (w, asyncio.ensure_future(self._rows(w.step)))
+                    reason, queued = stop(tok), None
+                    if reason is None:
+                        # Queue the next token's step now, before this pass's modelled end, as
+                        # every streaming session does, so that they share the next pass. Queued
+                        # after the end, the first to arrive starts a pass alone and the others
+                        # take turns (measured: 2 sessions got half the rate of 1 each).
+                        nxt = sess.stream_step()
+                        queued = (nxt, asyncio.ensure_future(self._rows(nxt.step)))
                     await self._pass_end(work.step)
                 except TargetError as e:
                     await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier pass failed: {e}")
                 yield pb.GenerateChunk(tokens=[tok], emulated=emulated)
-                if stop_after(tok) is not None:
-                    break
             yield pb.GenerateChunk(done=True, finish_reason=reason, emulated=emulated)
         finally:
-            if nxt is not None:
-                nxt[1].cancel()
+            if queued is not None:
+                queued[1].cancel()
             self.sessions.detach(sess)
-            log.info("generate: client=%s prompt=%d tokens, %d out (%s)", sess.client, len(prompt), n_out, reason)
+            log.info("generate: client=%s prompt=%d tokens, %d out (%s)", sess.client, len(prompt), n_out,
+                     reason or "ended early")
 
     async def Close(self, request, context):
         """End the session; one a stream still uses ends with that stream, which is told."""

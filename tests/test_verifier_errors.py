@@ -180,3 +180,20 @@ def test_full_verifier_refuses_with_a_retry_hint_and_frees_slots_on_close(tokeni
         ch.close()
     finally:
         d.stop()
+
+
+def test_generate_ends_at_the_context_and_at_zero_tokens_with_the_reason(tokenizer):
+    """A stream stops where one more token would fill the context ("context"), and a request
+    for no tokens gets none ("length")."""
+    from common.procs import start_cloud
+    d = start_cloud("--threads", "1", "--n-ctx", "64")
+    try:
+        with grpc.insecure_channel(d.address) as ch:
+            stub = pb_grpc.VerifierStub(ch)
+            prompt = tokenizer.encode("Hello there")
+            for max_tokens, n, reason in ((100, 64 - 1 - len(prompt), "context"), (0, 0, "length")):
+                out = list(stub.Generate(pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt=prompt,
+                                                            max_tokens=max_tokens, ignore_eos=True), timeout=120))
+                assert sum(len(c.tokens) for c in out) == n and out[-1].done and out[-1].finish_reason == reason
+    finally:
+        d.stop()
