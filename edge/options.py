@@ -75,13 +75,12 @@ def build_drafter(a):
     from edge.model_files import shipped_gguf
     if a.mode == "cloud-only":
         return None, shipped_gguf()
+    check_draft_cache(a)
     if a.drafter == "moe":
-        check_draft_cache(a)
         from edge.moe.cli import build_drafter as build_moe
         from edge.moe.cli import default_model
         return build_moe(a), Path(a.moe_model or default_model())
     from edge.llama_model import LlamaDrafter
-    check_draft_cache(a)
     path = a.draft_model or ensure(DEFAULT_DRAFT)
     drafter = LlamaDrafter(path, n_threads=a.threads)
     if getattr(a, "draft_cache", None) is not None:
