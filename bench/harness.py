@@ -3,8 +3,9 @@ summarises them: the shared engine of the demo and the `spec` benchmark."""
 from __future__ import annotations
 
 import contextlib
-import socket
+import re
 import statistics
+import urllib.request
 from dataclasses import dataclass
 
 from common.procs import Daemon, start_cloud, start_link
@@ -112,31 +113,23 @@ class Cell:
         return self.result
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (for a daemon's --metrics)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # the verifier's counters a benchmark reads around each completion (cloud/metrics.py)
 VERIFIER_COUNTERS = ("tandem_verifier_pass_real_seconds", "tandem_verifier_pass_modelled_seconds",
                      "tandem_verifier_passes_over_model", "tandem_verifier_target_cache_hits",
                      "tandem_verifier_target_cache_misses")
 
 
-def verifier_counters(metrics_address: str) -> dict[str, float]:
-    """The verifier's compute counters now, read from its Prometheus endpoint."""
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-    with urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
+def scrape(metrics_address: str) -> dict[str, float]:
+    """The verifier's unlabelled tandem_* samples (counters carry their `_total` suffix)."""
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
         text = r.read().decode()
-    out = dict.fromkeys(VERIFIER_COUNTERS, 0.0)
-    for fam in text_string_to_metric_families(text):
-        if fam.name in out:
-            out[fam.name] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
-    return out
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(tandem_\w+) ([0-9.e+-]+)$", text, re.M)}
+
+
+def verifier_counters(metrics_address: str) -> dict[str, float]:
+    """The verifier's compute counters now (0 where it does not export one)."""
+    now = scrape(metrics_address)
+    return {name: now.get(name + "_total", 0.0) for name in VERIFIER_COUNTERS}
 
 
 def run_cell(address: str | None, drafter, tokenizer, prompts: list[list[int]], cfg: GenConfig,

@@ -19,18 +19,17 @@ and the cell says so (`loadgen_kept_up` false).
 from __future__ import annotations
 
 import re
-import socket
 import statistics
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from common.procs import Daemon, start_cloud, start_link
+from bench.harness import scrape
+from common.procs import Daemon, free_port, start_cloud, start_link
 from edge.drafter import Drafter
 
 DEVICE = "jetson-orin"
@@ -118,23 +117,11 @@ def replay_work(prompts: list[list[int]], n_tokens: int) -> list[Work]:
         drafter.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The verifier's unlabelled tandem_* samples (counters carry their `_total` suffix)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(tandem_\w+) ([0-9.e+-]+)$", text, re.M)}
-
-
 def wait_idle(port: int, timeout_s: float = 30.0) -> dict[str, float]:
     """Metrics once the last cell's sessions have all been freed."""
     deadline = time.monotonic() + timeout_s
     while True:
-        m = scrape(port)
+        m = scrape(f"127.0.0.1:{port}")
         if m.get("tandem_verifier_sessions", 0) == 0 or time.monotonic() > deadline:
             return m
         time.sleep(0.05)
@@ -251,7 +238,7 @@ def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int
     cpu0, busy0 = time.process_time(), machine_busy()
     results = run_sessions(address, tok, work, cfg, n)
     cpu1, busy1 = time.process_time(), machine_busy()
-    after = scrape(metrics_port)
+    after = scrape(f"127.0.0.1:{metrics_port}")
     errors = [r["error"] for r in results if r["error"]]
     if errors:
         print(f"[{tag}] {len(errors)} of {n} sessions failed: {errors[0]}", file=sys.stderr, flush=True)

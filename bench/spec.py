@@ -46,8 +46,9 @@ import time
 from pathlib import Path
 
 from bench import datasets
-from bench.harness import VERIFIER_COUNTERS, Cell, free_port, stack, verifier_counters
+from bench.harness import VERIFIER_COUNTERS, Cell, stack, verifier_counters
 from bench.report import RESULTS, markdown_table, pyplot, write_json
+from common.procs import free_port
 from edge.config import GenConfig
 from kernels.sampling import SamplingConfig
 

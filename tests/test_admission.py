@@ -10,7 +10,6 @@ from a clock, so a slow or loaded machine reaches the same ones.
 from __future__ import annotations
 
 import re
-import socket
 import urllib.request
 
 import grpc
@@ -18,7 +17,7 @@ import pytest
 
 from cloud.admission import PRIOR_BLOCK, PRIOR_TAU, SloAdmission, SloMissed
 from cloud.session import Codec, Limits, Session
-from common.procs import start_cloud
+from common.procs import free_port, start_cloud
 from kernels import packing
 from kernels.sampling import SamplingConfig
 from proto import tandem_pb2 as pb
@@ -29,12 +28,6 @@ from sim.latency import TARGETS
 PROFILE = "llama-70b-a100-linear"
 SLO = 5.0
 PROMPT = "Hello there"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def allowed_at_prior(kv: int) -> int:

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from bench.harness import free_port, verifier_counters
-from common.procs import ROOT, start_cloud
+from bench.harness import verifier_counters
+from common.procs import ROOT, free_port, start_cloud
 from edge.agent import Agent
 from edge.client import VerifierClient
 from edge.config import GenConfig
