@@ -47,12 +47,9 @@ class RowStoreError(ValueError):
     """A cache directory that cannot be used for this model (another model's, unreadable, corrupt)."""
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_identity(path: Path, role: str, **settings) -> dict:
