@@ -195,13 +195,15 @@ class Agent:
                 del req.prompt[:]
                 req.prompt_zstd = fields["prompt_zstd"]
         fut = self.client.open_async(req)
-        with Hold(device, len(prompt)):
+        def stall():
+            return self.drafter.stall_s
+        with Hold(device, len(prompt), stall=stall):
             logits = self.drafter.prefill(prompt)
         if last is not None:
             t_draft = last.t_draft.value
         else:  # one probe token prices a draft step; rolled back at once
             t = time.monotonic()
-            with Hold(device, 1):
+            with Hold(device, 1, stall=stall):
                 self.drafter.eval([int(logits.argmax())])
             t_draft = time.monotonic() - t
             self.drafter.truncate(len(prompt))

@@ -46,7 +46,9 @@ def edge_only(drafter: Drafter, prompt: list[int], cfg: GenConfig, eos: int, on_
     choice, only what the edge can do when the cloud is gone. `stop` is asked
     after every token (the verifier is back: hand over to it)."""
     device = lookup(DEVICES, cfg.emulate_device, "device") if cfg.emulate_device else None
-    with Hold(device, len(prompt)):
+    def stall():
+        return drafter.stall_s
+    with Hold(device, len(prompt), stall=stall):
         logits = drafter.prefill(prompt)
     out: list[int] = []
     pos = len(prompt)
@@ -60,7 +62,7 @@ def edge_only(drafter: Drafter, prompt: list[int], cfg: GenConfig, eos: int, on_
         on_tokens([tok])
         if (tok == eos and cfg.stop_at_eos) or (stop is not None and stop()):
             break
-        with Hold(device, 1) as hold:
+        with Hold(device, 1, stall=stall) as hold:
             logits = drafter.eval([tok])
         stats.note_draft_step(hold)
         pos += 1

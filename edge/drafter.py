@@ -39,6 +39,12 @@ class Drafter(ABC):
         self.truncate(0)
         return self.eval(tokens)
 
+    @property
+    def stall_s(self) -> float:
+        """Seconds this drafter has waited on storage so far (the MoE drafter's expert
+        reads); an emulated device prices its compute apart from them (sim.latency.Hold)."""
+        return 0.0
+
     def stats(self) -> dict:
         """Runtime counters worth reporting (cache hits, bytes read, ...)."""
         return {}

@@ -152,6 +152,9 @@ class Speculator:
     def _committed(self) -> int:
         return self.n_prompt + len(self.out)
 
+    def _stall(self) -> float:
+        return self.drafter.stall_s
+
     def _can_draft(self) -> bool:
         if self.cur is None and len(self.in_flight) >= (self.plan.window if self.cfg.pipelined else 1):
             return False
@@ -166,7 +169,8 @@ class Speculator:
             self.fixed_next = None
         t = time.monotonic()
         todo = self.context[self.drafter.n_past:]
-        with Hold(self.device if todo else None, len(todo)) as hold:   # a draft step samples inside its time
+        # a draft step samples inside its time; the device prices its compute, the store its reads
+        with Hold(self.device if todo else None, len(todo), stall=self._stall) as hold:
             if todo:
                 self.logits = self.drafter.eval(todo)
             x, q, alt = self._draw(len(self.context))

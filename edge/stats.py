@@ -41,6 +41,7 @@ class GenStats:
     draft_steps: int = 0
     draft_real_s: float = 0.0
     draft_modelled_s: float = 0.0
+    draft_stall_s: float = 0.0    # ... and the storage waits inside them (the MoE drafter's expert reads)
 
     def note_draft_step(self, hold) -> None:
         """Count one draft step held by an emulated device (sim.latency.Hold); others are not modelled."""
@@ -48,6 +49,7 @@ class GenStats:
             self.draft_steps += 1
             self.draft_real_s += hold.real_s
             self.draft_modelled_s += hold.modelled_s
+            self.draft_stall_s += hold.stall_s
 
     @property
     def draft_real_over_modelled(self) -> float | None:
@@ -85,7 +87,7 @@ class GenStats:
              "resume_bytes_plain": self.resume_bytes_plain, "busy_retries": self.busy_retries}
         if self.draft_steps:
             d.update(draft_steps=self.draft_steps, draft_real_s=round(self.draft_real_s, 4),
-                     draft_modelled_s=round(self.draft_modelled_s, 4),
+                     draft_modelled_s=round(self.draft_modelled_s, 4), draft_stall_s=round(self.draft_stall_s, 4),
                      draft_real_over_modelled=round(self.draft_real_over_modelled, 3))
         if self.drafter:
             d["drafter_stats"] = self.drafter

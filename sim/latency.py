@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from sim import costmodel as cm
 
@@ -108,6 +109,16 @@ DEVICES = {
                        "Qwen3-0.6B-class draft on Jetson AGX Orin: ~78 tok/s decode (assumed: 1.2 GB fp16 weights, 204 GB/s)"),
         LatencyProfile("jetson-orin-1b", 0.0330, 0.0015,
                        "Llama-1B-class draft on Jetson AGX Orin: ~29 tok/s decode (assumed)"),
+        # The DyMoE drafter's compute (its expert reads are the expert store's, modelled
+        # apart): the SmolLM2-MoE test bed, top-6 of 8 experts, reads 0.23 GB of fp16
+        # weights per token (114M active of 135M parameters; docs/dymoe.md). A Raspberry
+        # Pi 5-class board (4x Cortex-A76, LPDDR4X at 17 GB/s peak) streams them at an
+        # assumed 8.5 GB/s: 27 ms; prefill adds ~2 ms per token (0.23 GFLOP at an
+        # assumed ~110 GFLOP/s). The board boots from an SD card or, as a phone of the
+        # same class, from UFS flash: --storage picks which.
+        LatencyProfile("pi5-moe", 0.0270, 0.0020,
+                       "SmolLM2-MoE test bed (114M of 135M parameters active, fp16) on a Raspberry Pi 5-class "
+                       "board: ~34 tok/s decode (assumed: 0.23 GB per token at 8.5 GB/s)"),
     ]
 }
 
@@ -141,14 +152,22 @@ class Hold:
     returns only once max(real time, modelled time) has passed. kv_tokens: the KV
     cache the pass's sequences hold in all (None: the profile's default). With no
     profile it does nothing, so callers need no branches.
+
+    `stall`: for a computation that also waits on modelled storage (the MoE
+    drafter's expert reads), a clock of the seconds it has waited so far. The
+    profile then prices only the compute: the hold lasts the modelled compute
+    plus the wait, real_s is the compute alone (the wait taken out) and stall_s
+    the wait.
     """
 
     def __init__(self, profile: "LatencyProfile | RooflineProfile | None", n_tokens: int,
-                 kv_tokens: int | None = None):
-        self.profile, self.n, self.kv = profile, n_tokens, kv_tokens
+                 kv_tokens: int | None = None, stall: "Callable[[], float] | None" = None):
+        self.profile, self.n, self.kv, self.stall = profile, n_tokens, kv_tokens, stall
+        self.stall_s = 0.0
 
     def __enter__(self):
         self.t0 = time.monotonic()
+        self._stall0 = self.stall() if self.stall is not None else 0.0
         # when the modelled computation ends (0 without a profile): work that runs beside the
         # hold, such as using a pass's results, can answer no earlier than this
         self.modelled_s = self.profile.forward_s(self.n, self.kv) if self.profile is not None else 0.0
@@ -156,7 +175,11 @@ class Hold:
         return self
 
     def __exit__(self, *exc):
-        self.real_s = time.monotonic() - self.t0        # the real computation alone, before any wait
+        if self.stall is not None:
+            self.stall_s = max(0.0, self.stall() - self._stall0)
+            self.ends_at += self.stall_s if self.profile is not None else 0.0
+        # the real computation alone, before any wait (and without the storage's)
+        self.real_s = time.monotonic() - self.t0 - self.stall_s
         if self.profile is not None and exc[0] is None:
             left = self.ends_at - time.monotonic()
             if left > 0:

@@ -124,6 +124,10 @@ class MoEDrafter(Drafter):
     def truncate(self, n_past: int) -> None:
         self.model.truncate(n_past)
 
+    @property
+    def stall_s(self) -> float:
+        return self.experts.stall_s
+
     def stats(self) -> dict:
         s = self.experts.summary()
         s.update({"drafter": "moe", "model": str(self.cfg.model), "storage": self.cfg.storage,

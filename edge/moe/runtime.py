@@ -105,6 +105,7 @@ class OffloadedExperts(Experts):
                                                         for l in c.moe_layers}), prior)
         self.stats = {l: LayerStats() for l in c.moe_layers}
         self.step = 0
+        self.stall_s = 0.0        # seconds compute waited on demand reads, all layers (the drafter's clock)
         self.io_busy_s = 0.0          # modelled flash time spent reading
         self._predicted: dict[int, set[int]] = {}
         self.io = IOQueue(store, self._on_read, batch=policy.batch_reads)
@@ -206,7 +207,9 @@ class OffloadedExperts(Experts):
             ew = fut.result()
             while ew is None or ew.bits < bits:      # a dropped or too-coarse prefetch
                 ew = self.io.submit(layer, e, bits, DEMAND, self.step).result()
-            st.stall_s += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            st.stall_s += waited
+            self.stall_s += waited
             parts[e] = self._part(layer, e, ew, x, sel, w, gw)
         out = torch.zeros_like(x)
         add_in_order(out, sel, parts)
