@@ -90,7 +90,7 @@ class SloAdmission:
             return self.prior(True, kv)
         if c.passes and c.gained:
             return Demand(c.gained / c.passes, c.pass_tokens / c.passes, kv)
-        return self.prior(sess.sid in self._streams, kv)
+        return self.prior(False, kv)
 
     # -- decisions -------------------------------------------------------------------
     def check(self, held: Iterable[Session], new: Demand) -> None:
