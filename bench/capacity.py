@@ -39,11 +39,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from bench import datasets
+from bench.harness import scrape
 from bench.loadgen import DEVICE, replay_work, run_cell, start_stack
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from sim.latency import TARGETS as LATENCY_TARGETS
@@ -66,6 +69,15 @@ COLUMNS = ["target", "gpu", "dataset", "profile", "mode", "n_sessions", "session
            "modelled_pass_s", "target_cache_hit_rate", "failed", "served_tokens_per_s_p10", "loadgen_cpu_share", "loadgen_kept_up"]
 CAPACITY_COLUMNS = ["target", "dataset", "profile", "mode", "slo_tokens_per_s", "capacity", "lower_bound",
                     "goodput_tokens_per_s_per_gpu", "largest_n_tried", "loadgen_kept_up"]
+
+
+def refusals(metrics_port: int) -> float:
+    """RESOURCE_EXHAUSTED answers the verifier has given so far (a full verifier, or one at
+    its SLO): every refused Open or Generate, a retrying edge's each time."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(r'^tandem_verifier_refusals_total\{code="RESOURCE_EXHAUSTED"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def slo_key(slo: float) -> str:
@@ -234,6 +246,7 @@ def run(args) -> int:
                         def cell() -> dict:
                             return run_cell(stack.links[profile].address, tok, work[dataset],
                                             gen_config(mode, n_tokens), n, stack.metrics_port, tag="capacity")
+                        refused0 = refusals(stack.metrics_port)
                         r, first = cell(), None
                         for _ in range(WARM_RETRIES if cache else 0):
                             if (r["real_over_modelled"] or 0) <= WARM_RETRY_ABOVE:
@@ -249,13 +262,23 @@ def run(args) -> int:
                              "mode": mode, **r, "modelled_pass_s": modelled_pass_s(target, r["tokens_per_pass"]),
                              "tokens_per_session": n_tokens, "emulated": True, "verifier_threads": stack.threads,
                              "cold_real_over_modelled": first, "admission_slo": args.admission_slo}
+                        if args.admission_slo:
+                            # what admission had measured by the cell's end: real over modelled as
+                            # streams saw it, by which it scaled the cost model
+                            r["admission_slowdown"] = scrape(f"127.0.0.1:{stack.metrics_port}").get(
+                                "tandem_verifier_slo_slowdown")
+                            # refused attempts over the cell (warm re-runs included): a refused edge
+                            # waits out retry-after-ms and tries again, and counts as failed only when
+                            # its retries run out
+                            r["admission_refusals"] = refusals(stack.metrics_port) - refused0
                         rom = r["real_over_modelled"]
                         say(f"{target} {dataset} {profile} {mode} N={n}: p10 {r['session_tokens_per_s_p10']:.1f} "
                             f"p50 {r['session_tokens_per_s_p50']:.1f} tok/s/session, "
                             f"{r['aggregate_tokens_per_s']:.1f} aggregate, {r['tokens_per_pass'] or 0:.1f} tok/pass"
                             + (f", real/modelled {rom:.2f}" if rom is not None else "")
                             + ("" if r["loadgen_kept_up"] else ", load generator saturated")
-                            + (f"; admitted {r['served_sessions']}/{n}, their p10 {r['served_tokens_per_s_p10'] or 0:.1f}"
+                            + (f"; admitted {r['served_sessions']}/{n}, their p10 {r['served_tokens_per_s_p10'] or 0:.1f}, "
+                               f"{r['admission_refusals']:.0f} refusals, slowdown {r['admission_slowdown'] or 0:.3f}"
                                if args.admission_slo else ""))
                         return r
 

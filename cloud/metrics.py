@@ -50,6 +50,9 @@ class Metrics:
                                         registry=r)
         self.batch_budget = Gauge("tandem_verifier_batch_budget_tokens",
                                   "tokens a pass may carry so that the slowest session keeps the SLO", registry=r)
+        self.slo_slowdown = Gauge("tandem_verifier_slo_slowdown",
+                                  "real over modelled pass time as streams see it, by which admission scales the "
+                                  "cost model (1: as modelled)", registry=r)
 
     def observe_pass(self, s: PassStats) -> None:
         self.pass_tokens.observe(s.tokens)

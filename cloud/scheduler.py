@@ -186,8 +186,13 @@ class Scheduler:
     def _gather(self) -> list[tuple[Step, int]]:
         """(step, tokens to evaluate now) for the next pass; called under the lock."""
         q = self._queue
-        if q[0].seq < 0:                            # housekeeping runs alone, in order
-            return [(q.popleft(), 0)]
+        chore = next((s for s in q if s.seq < 0), None)
+        if chore is not None:
+            # housekeeping runs alone, in order, before the next pass: it frees the sequence of a
+            # session whose steps are already dropped, so it need not wait its turn, and decodes
+            # queued after it must not wait behind the prompts queued before it
+            q.remove(chore)
+            return [(chore, 0)]
         if not self.batching:
             s = q[0]
             n = self._chunk(s, self.budget)
@@ -203,8 +208,6 @@ class Scheduler:
         for want_prefill in (False, True):
             room = left - (self.prefill_chunk if waiting_prefill and not want_prefill else 0)
             for s in list(q):
-                if s.seq < 0:
-                    break                           # nothing overtakes housekeeping
                 if s.prefill != want_prefill or s.seq in seqs:
                     continue
                 if s.after is not None and s.after.done < len(s.after.tokens) and id(s.after) not in taken_ids:

@@ -108,6 +108,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.sched.set_budget(self.slo.refresh(self.sessions.held()))
         self.metrics.predicted_min_rate.set(self.slo.now.min_rate)
         self.metrics.batch_budget.set(self.slo.budget)
+        self.metrics.slo_slowdown.set(self.slo.slow())
 
     def _served(self, sess: Session, steps: list[Step], before: int, speculative: bool = True) -> None:
         """A decode step of `sess` is done: count its pass for its acceptance (and the SLO)."""

@@ -123,9 +123,32 @@ def test_measured_acceptance_replaces_the_prior(slo_verifier, tokenizer):
                                      metadata=(("tandem-session", a.session), ("tandem-session-key", a.session_key))))
     assert sum(x.accepted for x in verdicts) == 7           # the stream's end also ends session a
     more = [v.open(tokenizer) for _ in range(3)]            # b and three more: 8 / (0.142 + 0.0029 * 28)
-    assert v.metric("tandem_verifier_predicted_min_tokens_per_s") == pytest.approx(8 / (0.142 + 0.0029 * 28))
+    # the stream's passes measured how much slower than the model this verifier serves (>= 1:
+    # how much depends on this machine), and every pass time is scaled by it
+    slow = v.metric("tandem_verifier_slo_slowdown")
+    assert slow >= 1.0
+    assert v.metric("tandem_verifier_predicted_min_tokens_per_s") == pytest.approx(8 / (slow * (0.142 + 0.0029 * 28)))
     for r in [b, *more]:
         v.close(r)
+
+
+def test_a_prompt_needs_room_beside_every_decode(tokenizer):
+    """At 3.8 tokens/s a pass may carry 41 tokens (0.142 + 0.0029 * 41 = 0.261 s), and a
+    waiting prompt keeps 20 of them. Sessions at the prior put 8 tokens each in a pass:
+    two (16 + 20 = 36) are admitted; a third would keep 4.73 tokens/s, but its prompt's
+    chunk beside 24 decode tokens passes the budget (44 > 41), so it is refused, where
+    the rate alone admitted five. No stream has run, so no measured slowdown enters."""
+    v = Verifier("--slo-tokens-per-s", "3.8")
+    try:
+        held = [v.open(tokenizer) for _ in range(2)]
+        assert v.metric("tandem_verifier_batch_budget_tokens") == 41
+        assert v.metric("tandem_verifier_slo_slowdown") == 1.0
+        err = refused(lambda: v.open(tokenizer))
+        assert "24 tokens of a pass and a prompt chunk" in err.details(), err.details()
+        for r in held:
+            v.close(r)
+    finally:
+        v.stop()
 
 
 def test_the_edge_waits_out_an_slo_refusal_as_it_does_a_full_verifier(slo_verifier, drafter, tokenizer):
@@ -208,9 +231,132 @@ def test_demands_come_from_each_sessions_passes_or_the_prior():
     # held: tau 4, b 6 (fresh) and tau 1, b 1 (stream): 7 tokens, slowest 1 / (0.142 + 0.0029 * 7)
     budget = adm.refresh([fresh, stream])
     assert adm.now.min_rate == pytest.approx(1 / (0.142 + 0.0029 * 7))
-    assert budget == 34 and adm.status() == {"slo_tokens_per_s": SLO, "batch_budget": 34,
+    assert budget == 34 and adm.status() == {"slo_tokens_per_s": SLO, "batch_budget": 34, "slowdown": 1.0,
                                              "predicted_min_tokens_per_s": round(1 / 0.1623, 3)}
     adm.check([fresh, stream], adm.prior(True, 5))          # one more stream: 8 tokens, 6.09 tokens/s
     with pytest.raises(SloMissed, match="under the 5 tokens/s"):
         adm.check([fresh, stream] + [session(f"s{i}", 5) for i in range(9)], adm.prior(True, 5))
     assert adm.refresh([]) == 256 and adm.status()["predicted_min_tokens_per_s"] is None
+
+
+class Clock:
+    """Explicit observation times for SloAdmission (never this machine's)."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def streaming(adm: SloAdmission, sid: str, kv: int) -> Session:
+    s = session(sid, kv, passes=1, pass_tokens=1, gained=1)
+    s.n_past = kv                               # decoding: nothing left of its prompt
+    adm.admitted(s, streaming=True)
+    return s
+
+
+LOW = 3.8     # tokens/s: t(n) <= 1 / 3.8 = 0.2632 s up to n = 41, so budgets stay above a small floor
+
+
+def test_streams_slower_than_the_model_tighten_admission():
+    """Four streams (1 token a pass each) on t(n) = 0.142 + 0.0029 n: a 4-token pass is
+    0.1536 s, 6.51 tokens/s each, and a fifth stream is predicted at 1 / 0.1565 = 6.39.
+    Fed intervals of three times the pass, the slowdown is 1 + 0.2 * (3 - 1) = 1.4 after
+    one pass and 1.4 + 0.2 * (3 - 1.4) = 1.72 after two: the budget that keeps 3.8 tokens/s
+    shrinks from 41 to 15 (0.142 + 0.0029 n <= 1 / (3.8 * 1.4)), and the fifth stream is
+    refused at 6.39 / 1.72 = 3.71 tokens/s, which the bare model admits."""
+    clock = Clock()
+    adm = SloAdmission(LOW, TARGETS[PROFILE], cap=256, floor=2, clock=clock)
+    held = [streaming(adm, f"g{i}", 20) for i in range(4)]
+    adm.refresh(held)
+    assert adm.pass_s == pytest.approx(0.1536) and adm.slowdown.value == 1.0 and adm.budget == 41
+
+    def a_pass(interval: float) -> None:
+        clock.t += interval
+        for s in held:
+            adm.observe(s, 1, 1, speculative=False)
+        adm.refresh(held)
+    a_pass(0.0)
+    assert adm.slowdown.value == 1.0, "a stream's first pass is no interval"
+    a_pass(3 * 0.1536)
+    assert adm.slowdown.value == pytest.approx(1.4) and adm.budget == 15
+    assert adm.now.min_rate == pytest.approx(1 / (1.4 * 0.1536))
+    adm.check(held, adm.prior(True, 5))          # 6.39 / 1.4 = 4.56: still admitted
+    a_pass(3 * 0.1536)
+    assert adm.slowdown.value == pytest.approx(1.72)
+    with pytest.raises(SloMissed, match=r"slowest at 3\.71 tokens/s \(1\.72x the modelled pass time"):
+        adm.check(held, adm.prior(True, 5))
+    bare = SloAdmission(LOW, TARGETS[PROFILE], cap=256, floor=2)
+    bare.check(held, bare.prior(True, 5))        # the bare model admits it
+    assert adm.status()["slowdown"] == pytest.approx(1.72)
+
+
+def test_speculative_intervals_never_move_the_slowdown():
+    """A speculative session's interval holds its link and drafter: not the verifier's."""
+    clock = Clock()
+    adm = SloAdmission(LOW, TARGETS[PROFILE], cap=256, floor=2, clock=clock)
+    spec = session("s", 40, passes=2, pass_tokens=16, gained=6)
+    spec.n_past = 40
+    adm.refresh([spec])
+    for _ in range(5):
+        clock.t += 10.0
+        adm.observe(spec, 8, 3, speculative=True)
+        adm.refresh([spec])
+    assert adm.slowdown.value == 1.0
+
+
+def test_the_pass_a_stream_is_measured_against_holds_waiting_prompts():
+    """Two decoding streams and a session still to prefill 100 prompt tokens: the
+    scheduler fills the pass up to the budget (41) with the prompt, so an interval is set
+    against t(41) = 0.2609 s, not t(2). A stream that saw 0.2609 s has a slowdown of 1:
+    the prompt was in the model."""
+    clock = Clock()
+    adm = SloAdmission(LOW, TARGETS[PROFILE], cap=256, floor=2, clock=clock)
+    a, b = streaming(adm, "a", 30), streaming(adm, "b", 30)
+    fresh = session("p", 100)                    # n_past 0, no pass yet: 100 prompt tokens to go
+    adm.admitted(fresh, streaming=True)
+    adm.refresh([a, b, fresh])
+    assert adm.budget == 41 and adm.pass_s == pytest.approx(0.142 + 0.0029 * 41)
+    adm.observe(a, 1, 1, speculative=False)
+    clock.t += 0.2609
+    adm.observe(a, 1, 1, speculative=False)
+    adm.refresh([a, b, fresh])
+    assert adm.slowdown.value == pytest.approx(1.0)
+    fresh.n_past = 100                           # prefilled: the next pass is the decodes alone
+    adm.refresh([a, b, fresh])
+    assert adm.pass_s == pytest.approx(0.142 + 0.0029 * 3)
+
+
+def test_the_slowest_streams_own_ratio_sets_the_slowdown():
+    """Four streams on 4-token passes (0.1536 s): three are in every pass, one only in
+    every other (its intervals are twice the pass). Pass by pass the mean ratio is 1, 1.25,
+    1, 1.25, ...: folded over eight passes, 1.1156. The slow stream's own ratio is 2, and
+    that is what its SLO depends on."""
+    clock = Clock()
+    adm = SloAdmission(LOW, TARGETS[PROFILE], cap=256, floor=2, clock=clock)
+    held = [streaming(adm, f"g{i}", 20) for i in range(4)]
+    adm.refresh(held)
+    for s in held:
+        adm.observe(s, 1, 1, speculative=False)
+    start = clock.t
+    for k in range(1, 9):
+        clock.t = start + k * 0.1536
+        for s in held[:3] + (held[3:] if k % 2 == 0 else []):
+            adm.observe(s, 1, 1, speculative=False)
+        adm.refresh(held)
+    assert adm.slowdown.value == pytest.approx(1.1155872)
+    assert adm.slow() == pytest.approx(2.0) and adm.status()["slowdown"] == 2.0
+    assert adm.now.min_rate == pytest.approx(1 / (2 * 0.1536))
+    adm.refresh(held[:3])                        # the slow one ended: the others' own ratios are 1
+    assert adm.slow() == pytest.approx(1.1155872)
+
+
+def test_a_stream_asks_one_token_a_pass_whatever_its_prompt_step_counted():
+    """A stream's first step carries its prompt and is counted as one of its passes: 70
+    tokens, then 1 a pass. Priced by its counters it would put 24 tokens in each pass
+    after three (72 / 3); it puts in 1."""
+    adm = SloAdmission(LOW, TARGETS[PROFILE], cap=256, floor=2)
+    g = session("g", 73, passes=3, pass_tokens=72, gained=3)
+    adm.admitted(g, streaming=True)
+    assert adm.demand(g) == Demand(1.0, 1, 73)

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from sim.admission import Demand, admits, batch_budget, pass_tokens, predict
+from sim.admission import (Demand, SessionRatios, Slowdown, admits, batch_budget, pass_tokens, predict,
+                           prefill_chunk, scheduled_pass)
 from sim.latency import TARGETS, LatencyProfile
 
 # t(n) = 0.1 + 0.01 n seconds: every figure below is a line of arithmetic
@@ -95,3 +96,105 @@ def test_bad_inputs_are_refused():
             Demand(**bad)
     with pytest.raises(ValueError):
         batch_budget(LINE, 1.0, 0, 1.0, cap=2, floor=3)
+
+
+# -- the corrections: a measured slowdown, and the candidate's prompt -----------------
+def test_a_slowdown_scales_every_pass_time():
+    p = predict(LINE, [SPEC, SPEC, CLOUD], slowdown=1.5)
+    # 11 tokens: 0.21 s modelled, 0.315 s as served; the slowest gains 1 a pass
+    assert p.pass_s == pytest.approx(0.315) and p.min_rate == pytest.approx(1 / 0.315)
+    assert predict(LINE, [SPEC, SPEC, CLOUD], batched=False, slowdown=2.0).pass_s == pytest.approx(0.82)
+    assert admits(LINE, [SPEC, SPEC], CLOUD, 4.5, cap=256)[0]
+    assert not admits(LINE, [SPEC, SPEC], CLOUD, 4.5, cap=256, slowdown=1.1)[0]   # 4.33 tokens/s
+
+
+def test_batch_budget_shrinks_with_the_slowdown():
+    # tau 2 at 9.99 tokens/s, 1.25x slower: 0.1 + 0.01 n <= 2 / (9.99 * 1.25) = 0.16016: n <= 6
+    assert batch_budget(LINE, 2.0, 0, 9.99, cap=256, floor=3, slowdown=1.25) == 6
+    q = TARGETS["qwen3-32b-a100"]
+    for slow in (1.0, 1.05, 1.3, 2.0):
+        got = batch_budget(q, 1.0, 4096, 10.0, cap=256, floor=34, slowdown=slow)
+        scan = max([n for n in range(34, 257) if 1.0 / (slow * q.forward_s(n, 4096)) >= 10.0], default=34)
+        assert got == scan, slow
+
+
+def test_prefill_chunk_is_half_the_budget_at_most_the_cap():
+    assert [prefill_chunk(b, 64) for b in (1, 2, 41, 106, 256)] == [1, 1, 20, 53, 64]
+
+
+def test_the_candidates_prompt_needs_a_chunk_of_room_beside_every_decode():
+    """Held: two sessions of 2 tokens from 5; candidate: a stream. Every session keeps
+    1 / 0.21 = 4.76 tokens/s, but the budget that keeps 4.5 is 12 tokens (0.1 + 0.01 * 12
+    = 0.22 s), whose prompt chunk is 6: 11 decode tokens and 6 do not fit in 12."""
+    assert admits(LINE, [SPEC, SPEC], CLOUD, 4.5, cap=256)[0]
+    ok, p = admits(LINE, [SPEC, SPEC], CLOUD, 4.5, cap=256, chunk_cap=64)
+    assert not ok and p.min_rate == pytest.approx(1 / 0.21)
+    assert admits(LINE, [SPEC, SPEC], CLOUD, 4.5, cap=256, chunk_cap=1)[0]       # 11 + 1 = 12 fits
+    assert admits(LINE, [SPEC], CLOUD, 4.5, cap=256, chunk_cap=64)[0]            # 6 + 6 = 12 fits
+
+
+def _admits_by_scan(profile, demands, slo, cap, floor, slowdown, chunk_cap) -> bool:
+    """A slow reference: the scheduler's rule pass by pass. The budget is the largest pass
+    (a scan) keeping the slowest at slo; while a prompt waits, decodes get the budget less
+    the chunk; every session must be in that pass and keep slo."""
+    tau = min(d.tau for d in demands)
+    kv = sum(d.kv for d in demands)
+    rate = lambda n: tau / (slowdown * profile.forward_s(n, kv))      # noqa: E731
+    budget = max([n for n in range(floor, cap + 1) if rate(n) >= slo], default=floor)
+    chunk = max(1, min(chunk_cap, budget // 2))
+    decodes = math.ceil(sum(d.tokens for d in demands) - 1e-9)
+    return decodes <= cap and rate(decodes) >= slo and decodes <= budget - chunk
+
+
+def test_admission_with_prompts_matches_the_scheduler_rule_by_scan():
+    import random
+    rnd = random.Random(7)
+    q = TARGETS["qwen3-32b-a100"]
+    seen = set()
+    for _ in range(300):
+        demands = [Demand(rnd.choice([1.0, 1.0, 2.5, 4.0]), rnd.choice([1, 1, 5, 9, 13]), rnd.randrange(50, 900))
+                   for _ in range(rnd.randrange(1, 40))]
+        slo, slow = rnd.choice([5.0, 10.0, 20.0]), rnd.choice([1.0, 1.1, 1.4])
+        ok, _ = admits(q, demands[:-1], demands[-1], slo, cap=256, slowdown=slow, chunk_cap=64, floor=34)
+        assert ok == _admits_by_scan(q, demands, slo, 256, 34, slow, 64), (demands, slo, slow)
+        seen.add(ok)
+    assert seen == {True, False}, "the draws cover both answers"
+
+
+def test_the_scheduled_pass_fills_the_budget_with_waiting_prompts():
+    assert scheduled_pass(32, 0, 100) == 32
+    assert scheduled_pass(32, 500, 100) == 100
+    assert scheduled_pass(32, 20, 100) == 52
+    assert scheduled_pass(120, 500, 100) == 120          # decodes over the budget: no prompt fits
+
+
+def test_the_slowdown_is_a_running_mean_of_each_passes_mean_ratio():
+    s = Slowdown(weight=0.2)
+    assert s.value == 1.0
+    assert s.add([1.5, 2.5]) == pytest.approx(1.2)        # mean 2: 1 + 0.2 * (2 - 1)
+    assert s.add([0.5]) == pytest.approx(1.16)            # under 1 counts as 1: 1.2 + 0.2 * (1 - 1.2)
+    assert s.add([]) == pytest.approx(1.16) and s.passes == 2
+    for _ in range(60):
+        s.add([1.3, 1.3])
+    assert s.value == pytest.approx(1.3, abs=1e-4)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            Slowdown(bad)
+
+
+def test_each_sessions_ratio_is_its_real_time_over_its_modelled_time():
+    r = SessionRatios(min_intervals=2)
+    r.add("a", 0.2, 0.1)
+    assert r.worst() == 1.0, "one interval is not enough"
+    r.add("a", 0.1, 0.1)
+    assert r.worst() == pytest.approx(1.5)                  # 0.3 s over 0.2 s
+    r.add("b", 0.5, 0.2)
+    r.add("b", 0.5, 0.2)
+    assert r.worst() == pytest.approx(2.5)
+    r.keep(["a", "c"])
+    assert r.worst() == pytest.approx(1.5)
+    r.add("c", 0.05, 0.1)
+    r.add("c", 0.05, 0.1)
+    assert r.worst() == pytest.approx(1.5)                  # c is faster than modelled: never below 1
+    r.keep(["c"])
+    assert r.worst() == 1.0

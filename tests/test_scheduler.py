@@ -62,6 +62,22 @@ def test_decodes_are_not_held_behind_a_long_prompt(target):
     assert all(p.tokens <= 64 for p in passes)
 
 
+def test_a_chore_never_holds_decodes_behind_the_prompts_queued_before_it(target):
+    """A session ends (its sequence's chore is queued) while a long prompt is still being
+    prefilled and a streaming session queues its next token after the chore. The chore
+    runs before the next pass and the token rides in it, beside a chunk of the prompt;
+    waiting its turn, the chore held the token until the whole prompt was in (measured
+    in tandem-bench capacity: 8 passes, 0.8 s, without a token for every live stream)."""
+    prompt = Step(0, 0, tokens(200), 1, prefill=True)
+    chore = Step(-1, 0, [], 0, chore=lambda: "freed")
+    decode = Step(1, 0, tokens(1, 1), 1)
+    passes, order, done_in = run(target, [("prompt", prompt), ("chore", chore), ("decode", decode)],
+                                 prefill_chunk=32)
+    assert order[:2] == ["chore", "decode"] and done_in["decode"] == 0
+    assert chore.future.result() == "freed"
+    assert passes[0].tokens == 1 + 32 and len(passes) >= 200 // 32
+
+
 def test_a_pass_keeps_to_the_token_budget(target):
     steps = [(f"s{i}", Step(i, 0, tokens(30, i), 30)) for i in range(4)]   # 120 tokens, budget 64
     passes, _, _ = run(target, steps)
