@@ -90,6 +90,11 @@ class SiblingGain:
 TREE_MARGIN = 1.02
 
 SWITCH_MARGIN = 0.9
+# The rate model can be optimistic (measured: a MoE drafter on a 40 ms step, predicted ~1.2x
+# cloud-only, ran at 0.85-0.93x), so what a session really gets counts too: once it has
+# committed REALIZED_MIN_TOKENS since its first verdict, speculation must also *be* at least
+# SWITCH_MARGIN x cloud-only's rate, and the next session starts only if the last one was.
+REALIZED_MIN_TOKENS = 16
 # Starting a session is held to a higher bar than keeping one going: a session
 # that starts and then falls back has paid its blocks for nothing (measured:
 # codec Q against the real CPU target, predicted just above 0.9x, speculated on
@@ -106,17 +111,22 @@ class Plan:
     cloud_rate: float
     tree_budget: int = 0     # siblings per block beside the chain (0: a chain)
     chain_rate: float = 0.0  # the best chain's predicted rate, for comparison
+    realized_rate: float | None = None   # tokens/s the session really got (None: too early to say)
+
+    @property
+    def realized_ok(self) -> bool:
+        return self.realized_rate is None or self.realized_rate >= SWITCH_MARGIN * self.cloud_rate
 
     @property
     def speculate(self) -> bool:
-        # The cost model is conservative (measured: stop-and-wait ran ~18 % faster
-        # than it predicted against an emulated 70B target), so speculation is
-        # abandoned only when predicted clearly slower than cloud-only streaming.
-        return self.spec_rate >= SWITCH_MARGIN * self.cloud_rate
+        # The cost model can err either way (measured: stop-and-wait ran ~18 % faster than it
+        # predicted against an emulated 70B target), so speculation is abandoned only when
+        # predicted clearly slower than cloud-only streaming, or when it really was.
+        return self.spec_rate >= SWITCH_MARGIN * self.cloud_rate and self.realized_ok
 
     @property
     def worth_starting(self) -> bool:
-        return self.spec_rate >= START_MARGIN * self.cloud_rate
+        return self.spec_rate >= START_MARGIN * self.cloud_rate and self.realized_ok
 
 
 class Planner:
@@ -142,6 +152,8 @@ class Planner:
         self.tree = tree                 # off | auto | always (see edge.config)
         self.sibling_gain = SiblingGain()
         self.sibling_s = Ema(verify_b_s, weight=0.3)   # verify time per sibling, measured
+        self._progress0: tuple[float, int] | None = None   # (time, tokens) at the first verdict
+        self.realized_rate: float | None = None
 
     def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
                       siblings: int = 0) -> None:
@@ -163,6 +175,16 @@ class Planner:
 
     def observe_draft(self, seconds: float) -> None:
         self.t_draft.add(seconds)
+
+    def observe_progress(self, tokens: int, now: float) -> None:
+        """The session has committed `tokens` at time `now` (called per verdict): the rate it
+        really gets, counted from the first verdict so that the start-up round trip is left out."""
+        if self._progress0 is None:
+            self._progress0 = (now, tokens)
+            return
+        t0, n0 = self._progress0
+        if tokens - n0 >= REALIZED_MIN_TOKENS and now > t0:
+            self.realized_rate = (tokens - n0) / (now - t0)
 
     @property
     def cloud_token_s(self) -> float:
@@ -203,7 +225,7 @@ class Planner:
             for w in self._windows(g):
                 r = self.rate(g, w)
                 if best is None or r > best.spec_rate:
-                    best = Plan(g, w, r, cloud)
+                    best = Plan(g, w, r, cloud, realized_rate=self.realized_rate)
         best.chain_rate = best.spec_rate
         if self.tree == "off":
             return best

@@ -128,3 +128,23 @@ def test_siblings_that_slow_the_verifier_down_are_priced_out():
         p.observe_block(4, 3, 0.2, 0.070 + 0.0019 * 4 + 0.040 * 2, siblings=2)
     assert abs(p.sibling_s.value - 0.040) < 0.002
     assert p.plan().tree_budget == 0
+
+
+def test_a_session_that_really_runs_slower_than_cloud_only_stops_and_the_next_does_not_start():
+    p = planner()                                   # predicted well above cloud-only (13.9 tok/s)
+    assert p.plan().speculate and p.plan().worth_starting
+    p.observe_progress(0, 10.0)                     # first verdict
+    p.observe_progress(8, 11.0)                     # too few tokens to judge yet
+    assert p.realized_rate is None and p.plan().speculate
+    p.observe_progress(20, 12.0)                    # 20 tokens in 2 s: 10 tok/s, below 0.9 x 13.9
+    assert p.realized_rate == 10.0
+    plan = p.plan()
+    assert plan.spec_rate > plan.cloud_rate         # the model still says it pays ...
+    assert not plan.speculate and not plan.worth_starting   # ... what it really got says not
+
+
+def test_a_session_that_really_pays_keeps_speculating():
+    p = planner()
+    p.observe_progress(3, 5.0)
+    p.observe_progress(43, 7.0)                     # 20 tok/s
+    assert p.plan().speculate and p.plan().worth_starting
