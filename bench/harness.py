@@ -51,6 +51,9 @@ class CellResult:
     tree_shapes: dict = None      # shape -> blocks sent with it
     draft_real_s: float = 0.0     # emulated draft steps: the drafter's real compute ...
     draft_modelled_s: float = 0.0  # ... and the device's modelled time
+    draft_stall_s: float = 0.0    # ... and their waits on modelled storage (the MoE drafter's expert reads)
+    draft_steps: int = 0
+    speculated_tokens: int = 0    # tokens decided by speculation (not streamed or edge-only)
     draft_hits: int = 0           # rows from the drafter's row cache (--draft-cache)
     draft_misses: int = 0
 
@@ -104,6 +107,9 @@ class Cell:
         res.ttft_s = statistics.median(self._ttfts)
         res.draft_real_s += s.draft_real_s
         res.draft_modelled_s += s.draft_modelled_s
+        res.draft_stall_s += s.draft_stall_s
+        res.draft_steps += s.draft_steps
+        res.speculated_tokens += sum(x["tokens"] for x in s.segments if x["mode"] in ("picospec", "sync"))
         for name, field in (("draft_cache_hits", "draft_hits"), ("draft_cache_misses", "draft_misses")):
             setattr(res, field, getattr(res, field) + s.drafter.get(name, 0) - before.get(name, 0))
 

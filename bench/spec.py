@@ -45,7 +45,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench import datasets
+from bench import datasets, spec_moe
 from bench.harness import VERIFIER_COUNTERS, Cell, stack, verifier_counters
 from bench.report import RESULTS, markdown_table, pyplot, write_json
 from common.procs import free_port
@@ -56,13 +56,16 @@ PROFILES = ["lan", "picospec-wan", "lte", "3g"]
 MODES = ["cloud-only", "edge-only", "sync", "picospec-P", "picospec-Q"]
 TARGETS = ["smollm2-135m", "emulated:qwen3-32b-a100", "emulated:llama-70b-a100"]
 DRAFTERS = ["draft-l29", "draft-q8"]       # default (realistic acceptance), best (near-copy)
-DEVICE = "jetson-orin"
+DEVICE = "jetson-orin"                     # the dense drafters' device; MoE drafters': spec_moe.DEVICE
 PROMPTS = datasets.BUILTIN
 TREE_MODES = {"picospec-Q": ["off", "auto"]}   # chain and tree rows (--trees); other modes run chains
 SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, seed=7)
 COLUMNS = ["dataset", "profile", "mode", "tree", "target", "drafter", "tokens_per_s", "speedup", "ttft_s",
            "acceptance_rate", "accepted_per_pass", "bytes_up_per_token", "bytes_up_per_drafted_token",
            "bytes_down_per_token", "emulated", "real_over_modelled", "draft_real_over_modelled"]
+MOE_COLUMNS = ["dataset", "mode", "target", "drafter", "tokens_per_s", "speedup", "speculated", "planner_right",
+               "acceptance_rate", "draft_compute_modelled_s", "draft_compute_real_s", "draft_stall_s",
+               "limited_by", "breakeven_acceptance", "ttft_s", "real_over_modelled"]
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -76,8 +79,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="modes to run (default: all)")
     ap.add_argument("--trees", nargs="+", default=TREE_MODES["picospec-Q"], choices=["off", "auto", "always"],
                     help="tree settings picospec-Q runs with, one row each (default: %(default)s)")
-    ap.add_argument("--drafters", nargs="+", default=None, choices=DRAFTERS,
-                    help="drafters (default: both; --quick: draft-l29)")
+    ap.add_argument("--drafters", nargs="+", default=None, choices=DRAFTERS + list(spec_moe.DRAFTERS),
+                    help="drafters: dense GGUFs, and the DyMoE drafter at an expert budget (25 or 50 %%) on "
+                         "modelled flash (ufs or sd), emulated targets only, modes sync and picospec-Q "
+                         f"(default: all; --quick: draft-l29 and the 25 %% MoE drafters, these on "
+                         f"{QUICK_MOE_PROMPTS} prompts per dataset)")
     ap.add_argument("--json", type=Path, default=RESULTS / "spec.json", help="output JSON (default: %(default)s)")
     ap.add_argument("--profiles", nargs="+", default=PROFILES, help="link-sim profiles to run")
     ap.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
@@ -91,12 +97,13 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 QUICK_PROFILES = ["picospec-wan"]
 QUICK_TARGETS = ["smollm2-135m", "emulated:qwen3-32b-a100"]
 QUICK_DATASETS = ["humaneval", "mtbench"]
-QUICK_DRAFTERS = ["draft-l29"]
+QUICK_DRAFTERS = ["draft-l29", "moe-25-ufs", "moe-25-sd"]
+QUICK_MOE_PROMPTS = 2         # a MoE sync completion takes 20-40 s here: --quick runs them on fewer prompts
 
 
 def plan_cells(quick: bool, profiles, targets, modes=MODES, drafters=None, trees=None):
     """(target, profile, mode, drafter, tree setting) per cell."""
-    drafters = drafters or (QUICK_DRAFTERS if quick else DRAFTERS)
+    drafters = drafters or (QUICK_DRAFTERS if quick else DRAFTERS + list(spec_moe.DRAFTERS))
     for target in targets:
         if quick and target not in QUICK_TARGETS:
             continue
@@ -105,12 +112,15 @@ def plan_cells(quick: bool, profiles, targets, modes=MODES, drafters=None, trees
                 continue
             for mode in modes:
                 for drafter in [None] if mode == "cloud-only" else drafters:
-                    for tree in (trees or TREE_MODES["picospec-Q"]) if mode in TREE_MODES else ["off"]:
+                    moe = spec_moe.is_moe(drafter)
+                    if moe and (mode not in spec_moe.MODES or not target.startswith("emulated:")):
+                        continue
+                    for tree in (trees or TREE_MODES["picospec-Q"]) if mode in TREE_MODES and not moe else ["off"]:
                         yield target, profile, mode, drafter, tree
 
 
-def gen_config(mode: str, emulated: bool, max_tokens: int, tree: str = "off") -> GenConfig:
-    base = dict(max_tokens=max_tokens, sampling=SAMPLING, emulate_device=DEVICE if emulated else None, tree=tree)
+def gen_config(mode: str, emulated: bool, max_tokens: int, tree: str = "off", device: str = DEVICE) -> GenConfig:
+    base = dict(max_tokens=max_tokens, sampling=SAMPLING, emulate_device=device if emulated else None, tree=tree)
     if mode == "sync":
         return GenConfig(mode="sync", adaptive=False, **base)
     if mode.startswith("picospec"):
@@ -129,13 +139,25 @@ def run(args) -> int:
     from edge.llama_model import LlamaDrafter, Tokenizer
     from edge.model_files import shipped_gguf
     tok = Tokenizer(shipped_gguf())
-    drafters = {name: LlamaDrafter(ensure(name), n_threads=1) for name in DRAFTERS}
-    emulated_drafters = drafters
+    cells = list(plan_cells(args.quick, args.profiles, args.targets, args.modes, args.drafters, args.trees))
+    used = {c[3] for c in cells}
+    why = spec_moe.missing() if any(spec_moe.is_moe(d) for d in used) else None
+    if why:
+        print(f"[spec] MoE-drafter rows skipped: {why}", flush=True)
+        cells = [c for c in cells if not spec_moe.is_moe(c[3])]
+    dense = [name for name in DRAFTERS if name in used]
+    drafters = {name: LlamaDrafter(ensure(name), n_threads=1) for name in dense}
+    emulated_drafters = dict(drafters)
     if not args.no_cache:      # their own instances: a cached drafter's model must see only its own calls
         from edge.draft_cache import cached_drafter
         emulated_drafters = {name: cached_drafter(LlamaDrafter(ensure(name), n_threads=1), ensure(name),
                                                   args.cache_dir, **LlamaDrafter.ROW_SETTINGS)
-                             for name in (args.drafters or (QUICK_DRAFTERS if args.quick else DRAFTERS))}
+                             for name in dense}
+    # MoE drafters compute for real (no row cache: which copy of an expert a step uses depends on
+    # its reads' timing), held to their device; emulated targets only
+    emulated_drafters.update({name: spec_moe.build(name) for name in used if spec_moe.is_moe(name)})
+    if any(spec_moe.is_moe(name) for name in used):
+        print(f"[spec] MoE drafters' compute held to {spec_moe.DEVICE}: {spec_moe.device_source()}", flush=True)
     rows: list[dict] = []
     edge_only_cache: dict = {}
     t_start = time.monotonic()
@@ -143,7 +165,6 @@ def run(args) -> int:
     n_prompts = args.prompts or (4 if args.quick else 8)
     n_tokens = args.max_tokens
     sets = {name: [tok.encode(p.text, raw=p.raw) for p in datasets.load(name, n_prompts)] for name in names}
-    cells = list(plan_cells(args.quick, args.profiles, args.targets, args.modes, args.drafters, args.trees))
     by_stack: dict = {}
     for c in cells:
         by_stack.setdefault((c[0], c[1]), []).append(c)
@@ -157,18 +178,33 @@ def run(args) -> int:
                    cloud_args=cloud_args) as (cloud, link):
             for dataset, prompts in sets.items():
                 done = _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tokens, link,
+                                    QUICK_MOE_PROMPTS if args.quick and not args.prompts else len(prompts),
                                     emulated_drafters if emulated else drafters, tok, edge_only_cache, t_start,
                                     done, total, metrics)
-    for row in rows:
-        base = next((x for x in rows if x["mode"] == "cloud-only" and x["profile"] == row["profile"]
-                     and x["target"] == row["target"] and x["dataset"] == row["dataset"]), None)
-        row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3) if base and base["tokens_per_s"] else None
+    add_speedups(rows)
+    spec_moe.judge(rows)
+    for d in {id(d): d for d in [*drafters.values(), *emulated_drafters.values()]}.values():
+        d.close()
     write_outputs(rows, args.json)
     print(f"spec: {len(rows)} rows in {time.monotonic() - t_start:.0f} s -> {args.json}")
     return 0
 
 
-def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tokens, link, drafters, tok,
+def add_speedups(rows: list[dict]) -> None:
+    """speedup = tokens/s over cloud-only's on the same dataset, profile, target and prompts (rows
+    run on fewer prompts, MoE rows in --quick, compare with cloud-only over those first prompts)."""
+    for row in rows:
+        base = next((x for x in rows if x["mode"] == "cloud-only" and x["profile"] == row["profile"]
+                     and x["target"] == row["target"] and x["dataset"] == row["dataset"]), None)
+        b = None
+        if base is not None:
+            b = base.get("tokens_per_s_first_prompts", {}).get(str(row["prompts"]))
+            if b is None and row["prompts"] == base["prompts"]:
+                b = base["tokens_per_s"]
+        row["speedup"] = round(row["tokens_per_s"] / b, 3) if b else None
+
+
+def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tokens, link, moe_prompts, drafters, tok,
                  edge_only_cache, t_start, done, total, metrics: str) -> int:
     """Every cell of one stack on one dataset's prompts, taking turns prompt by prompt."""
     n_prompts = len(prompts)
@@ -178,15 +214,22 @@ def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tok
         if mode == "edge-only" and key in edge_only_cache:
             todo.append((mode, dname, tree, key, edge_only_cache[key]))  # the edge alone never touches the link
             continue
+        device = spec_moe.DEVICE if spec_moe.is_moe(dname) else DEVICE
         todo.append((mode, dname, tree, key, Cell(None if mode == "edge-only" else link.address,
                                                   None if mode == "cloud-only" else drafters[dname], tok,
-                                                  gen_config(mode, emulated, n_tokens, tree))))
+                                                  gen_config(mode, emulated, n_tokens, tree, device))))
     running = [c for *_, c in todo if isinstance(c, Cell)]
+    moe_cells = {id(c) for _, dname, _, _, c in todo if spec_moe.is_moe(dname)}
     verifier = {id(c): dict.fromkeys(VERIFIER_COUNTERS, 0.0) for c in running}   # each cell's share of passes
+    first: dict[int, float] = {}       # tokens/s over the prompts the MoE cells ran, for their speedup
     try:
         # Prompt by prompt, every mode in turn: the modes compared share the same moments of the box.
         for i, p in enumerate(prompts):
+            if i == moe_prompts:
+                first = {id(c): c.result.tokens_per_s for c in running}
             for c in running:
+                if i >= moe_prompts and id(c) in moe_cells:
+                    continue
                 before = verifier_counters(metrics)
                 c.run(p)
                 after = verifier_counters(metrics)
@@ -210,11 +253,17 @@ def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tok
                "bytes_up_per_token": round(r.bytes_up / max(r.tokens, 1), 2),
                "bytes_down_per_token": round(r.bytes_down / max(r.tokens, 1), 2),
                "bytes_up_per_drafted_token": round(r.bytes_up / r.drafted, 2) if r.drafted else None,
-               "emulated": emulated, "prompts": n_prompts, "max_tokens": n_tokens,
+               "emulated": emulated, "prompts": min(n_prompts, moe_prompts) if id(c) in moe_cells else n_prompts,
+               "max_tokens": n_tokens,
                "fallbacks": r.fallbacks, "passes": r.passes, "siblings": r.siblings,
                "sibling_hits": r.sibling_hits,
                "accepted_per_pass": round((r.accepted + r.sibling_hits) / r.passes, 3) if r.passes else None,
+               "device": (spec_moe.DEVICE if spec_moe.is_moe(dname) else DEVICE) if dname and emulated else None,
+               "speculated": r.speculated_tokens > 0,
+               **spec_moe.step_fields(r.draft_steps, r.draft_real_s, r.draft_modelled_s, r.draft_stall_s),
                **compute_fields(r, v)}
+        if id(c) in first:
+            row["tokens_per_s_first_prompts"] = {str(moe_prompts): round(first[id(c)], 3)}
         rows.append(row)
         print(f"[spec {done}/{total} {time.monotonic() - t_start:5.0f}s] {dataset:<9} {profile:<13} {mode:<11} "
               f"{row['tree']:<9} {target:<24} {dname or '-':<10} {r.tokens_per_s:6.1f} tok/s  "
@@ -248,6 +297,10 @@ def write_outputs(rows: list[dict], path: Path) -> None:
           "speedup = tokens/s over cloud-only on the same dataset, profile and target.", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         md += [f"## {dataset}", "", markdown_table([r for r in rows if r["dataset"] == dataset], COLUMNS), ""]
+    moe = [r for r in rows if spec_moe.is_moe(r["drafter"])]
+    if moe:
+        md += ["## The DyMoE drafter (design card)", "", spec_moe.__doc__.strip(), "",
+               f"Device: {spec_moe.device_source()}.", "", markdown_table(moe, MOE_COLUMNS), ""]
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
     plt = pyplot()
     panels = list(dict.fromkeys((r["dataset"], r["target"]) for r in rows))

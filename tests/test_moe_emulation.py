@@ -129,3 +129,13 @@ def test_an_emulated_moe_drafter_splits_its_steps_and_stays_exact(cloud, tokeniz
         assert s.as_dict()["draft_stall_s"] == round(s.draft_stall_s, 4)
     finally:
         drafter.close()
+
+
+def test_rows_on_fewer_prompts_compare_with_cloud_only_on_those_prompts():
+    key = dict(dataset="mtbench", profile="picospec-wan", target="emulated:qwen3-32b-a100")
+    rows = [dict(key, mode="cloud-only", prompts=4, tokens_per_s=10.0, tokens_per_s_first_prompts={"2": 8.0}),
+            dict(key, mode="sync", prompts=4, tokens_per_s=15.0),
+            dict(key, mode="picospec-Q", prompts=2, tokens_per_s=12.0),
+            dict(key, mode="sync", prompts=3, tokens_per_s=12.0)]
+    spec.add_speedups(rows)
+    assert [r["speedup"] for r in rows] == [1.0, 1.5, 1.5, None]    # no cloud-only figure over 3 prompts
