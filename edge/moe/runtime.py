@@ -114,6 +114,12 @@ class OffloadedExperts(Experts):
         # (a budget that holds them all): nothing is ever read, so routing
         # layers ahead to prefetch would be pure overhead on a prompt.
         self._complete = self._holds_everything()
+        # A policy that plans its precisions against the budget (DyMoE's `afford`) knows then that
+        # nothing will ever be read or evicted: it computes from its resident copies directly, as
+        # resident-fp does, without the per-expert cache bookkeeping (lookups under the cache's
+        # lock, recency, pinning) that an LRU cache keeps up because it cannot know that.
+        self._resident = ({k: e.w for k, e in self.cache.entries.items()}
+                          if self._complete and policy.afford else None)
 
     # ---- setup ------------------------------------------------------------
     def _warm_start(self, prior) -> None:
@@ -176,6 +182,8 @@ class OffloadedExperts(Experts):
         self.io.submit_many(layer, fetch, PREFETCH, self.step)
 
     def ffn(self, layer, x, sel, w, imp):
+        if self._resident is not None:
+            return self._resident_ffn(layer, x, sel, w)
         st = self.stats[layer]
         self.io.horizon = (self.step, layer)
         self.cache.start_layer(layer, x.shape[0])
@@ -214,6 +222,18 @@ class OffloadedExperts(Experts):
         out = torch.zeros_like(x)
         add_in_order(out, sel, parts)
         self.cache.pinned = set()
+        if layer == self.gm.cfg.moe_layers[-1]:
+            self.step += 1
+        return out
+
+    def _resident_ffn(self, layer, x, sel, w):
+        gw = token_gates(sel, w)
+        experts = sel[0].tolist() if gw is not None else sel.unique().tolist()
+        self.stats[layer].hits += len(experts)
+        res = self._resident
+        parts = {e: self._part(layer, e, res[(layer, e)], x, sel, w, gw) for e in experts}
+        out = torch.zeros_like(x)
+        add_in_order(out, sel, parts)
         if layer == self.gm.cfg.moe_layers[-1]:
             self.step += 1
         return out
