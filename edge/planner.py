@@ -93,7 +93,8 @@ SWITCH_MARGIN = 0.9
 # The rate model can be optimistic (measured: a MoE drafter on a 40 ms step, predicted ~1.2x
 # cloud-only, ran at 0.85-0.93x), so what a session really gets counts too: once it has
 # committed REALIZED_MIN_TOKENS since its first verdict, speculation must also *be* at least
-# SWITCH_MARGIN x cloud-only's rate, and the next session starts only if the last one was.
+# SWITCH_MARGIN x cloud-only's rate, and the next session starts only if the last one beat
+# cloud-only (START_MARGIN).
 REALIZED_MIN_TOKENS = 16
 # Starting a session is held to a higher bar than keeping one going: a session
 # that starts and then falls back has paid its blocks for nothing (measured:
@@ -126,7 +127,11 @@ class Plan:
 
     @property
     def worth_starting(self) -> bool:
-        return self.spec_rate >= START_MARGIN * self.cloud_rate and self.realized_ok
+        # Starting again after a session that did not beat cloud-only is a loss even when it
+        # held on: each start pays the drafter's prompt prefill before the first token (measured:
+        # a MoE drafter's sessions ran at 0.88-0.92x, most of it their later first tokens).
+        realized = self.realized_rate is None or self.realized_rate >= START_MARGIN * self.cloud_rate
+        return self.spec_rate >= START_MARGIN * self.cloud_rate and realized
 
 
 class Planner:

@@ -148,3 +148,11 @@ def test_a_session_that_really_pays_keeps_speculating():
     p.observe_progress(3, 5.0)
     p.observe_progress(43, 7.0)                     # 20 tok/s
     assert p.plan().speculate and p.plan().worth_starting
+
+
+def test_a_session_that_held_on_below_cloud_only_does_not_start_the_next():
+    p = planner()
+    p.observe_progress(0, 0.0)
+    p.observe_progress(26, 2.0)                     # 13 tok/s: above 0.9 x 13.9, below 13.9
+    assert p.plan().speculate                       # keeps going: switching costs too
+    assert not p.plan().worth_starting              # but the next session streams from the start
