@@ -36,8 +36,15 @@ real_over_modelled for the verifier's passes, draft_real_over_modelled for draft
 steps (above 1, the figure measured this machine, not the modelled hardware),
 with both caches' hit rates. --no-cache measures as before.
 
+MoE drafters (moe-25-ufs, moe-25-sd, moe-50-ufs, moe-50-sd): the DyMoE drafter
+at that expert budget on that modelled flash, emulated targets only, modes
+sync and picospec-Q, its compute held to the pi5-moe device; their rows split
+each draft step into compute (this CPU's and the device's) and storage stall
+and name what keeps speculation from paying (bench/spec_moe.py).
+
 --quick: the PicoSpec WAN only, the real and the emulated 32B target,
-HumanEval and MT-bench, 4 prompts x 64 tokens per cell, drafter draft-l29.
+HumanEval and MT-bench, 4 prompts x 64 tokens per cell, drafters draft-l29
+and the two 25 % MoE drafters (these on 2 prompts per dataset).
 """
 from __future__ import annotations
 

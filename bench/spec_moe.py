@@ -16,7 +16,10 @@ alone (no storage wait; no compute; acceptance raised to GOOD_ACCEPTANCE, the
 dense drafter's) would make it pay (>= PAYS x cloud-only; the biggest gain
 where several would); `compute+stall` where only a free draft step would;
 else `acceptance`. `breakeven_acceptance`: the acceptance that would pay with the
-measured step. Both are predictions from measured inputs, not measurements.
+measured step; `predicted_speedup` the model's own figure. All three are predictions from
+measured inputs, not measurements. A picospec row the model says pays but that measured slower
+than cloud-only takes the sync row's `limited_by` (the model prices the steady state, not what
+each session's start costs).
 """
 from __future__ import annotations
 
@@ -150,6 +153,12 @@ def judge(rows: list[dict]) -> None:
             rtt = links[r["profile"]].rtt_ms / 1e3
             r["limited_by"] = limiting_term(a, compute, src["draft_stall_s"], rtt, target, pipelined)
             r["breakeven_acceptance"] = breakeven_acceptance(compute + src["draft_stall_s"], rtt, target, pipelined)
+            spec, cloud = _rate(a, compute + src["draft_stall_s"], rtt, target, pipelined)
+            r["predicted_speedup"] = round(spec / cloud, 3)
+            if r["limited_by"] is None and (r.get("speedup") or 0) < 1 and sync is not None:
+                # predicted to pay, measured not to: the model leaves out what each session's start
+                # costs; what keeps the drafter from paying is then what stops always-speculating
+                r["limited_by"] = sync.get("limited_by")
         r["planner_right"] = None
         if r["mode"] != "sync" and r.get("speedup") is not None:
             # right: it lost no more than 5 % to cloud-only streaming, and missed no gain that

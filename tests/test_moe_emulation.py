@@ -139,3 +139,15 @@ def test_rows_on_fewer_prompts_compare_with_cloud_only_on_those_prompts():
             dict(key, mode="sync", prompts=3, tokens_per_s=12.0)]
     spec.add_speedups(rows)
     assert [r["speedup"] for r in rows] == [1.0, 1.5, 1.5, None]    # no cloud-only figure over 3 prompts
+
+
+def test_a_row_predicted_to_pay_that_measured_slower_names_the_sync_rows_term():
+    base = dict(dataset="mtbench", profile="picospec-wan", target="emulated:qwen3-32b-a100", drafter="moe-50-sd",
+                draft_steps=10, draft_compute_modelled_s=0.029, draft_compute_real_s=0.035, draft_stall_s=0.0,
+                acceptance_rate=0.6)
+    rows = [dict(base, mode="sync", speedup=0.5), dict(base, mode="picospec-Q", speedup=0.88)]
+    spec_moe.judge(rows)
+    sync, pico = rows
+    assert sync["limited_by"] == "compute" and sync["predicted_speedup"] < 1
+    assert pico["predicted_speedup"] > 1.05                     # the model says the pipeline pays ...
+    assert pico["limited_by"] == "compute" and pico["planner_right"] is False   # ... it measured not to
