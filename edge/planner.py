@@ -113,6 +113,7 @@ class Plan:
     tree_budget: int = 0     # siblings per block beside the chain (0: a chain)
     chain_rate: float = 0.0  # the best chain's predicted rate, for comparison
     realized_rate: float | None = None   # tokens/s the session really got (None: too early to say)
+    session_rate: float | None = None    # the same from the session's start, its first token's wait included
 
     @property
     def realized_ok(self) -> bool:
@@ -129,8 +130,12 @@ class Plan:
     def worth_starting(self) -> bool:
         # Starting again after a session that did not beat cloud-only is a loss even when it
         # held on: each start pays the drafter's prompt prefill before the first token (measured:
-        # a MoE drafter's sessions ran at 0.88-0.92x, most of it their later first tokens).
-        realized = self.realized_rate is None or self.realized_rate >= START_MARGIN * self.cloud_rate
+        # a MoE drafter's sessions ran at 0.88-0.92x, most of it their later first tokens). So the
+        # last session's whole rate, its start included, must have beaten cloud-only's steady
+        # rate (which leaves out cloud-only's own first-token wait: a bias towards streaming that
+        # only matters where speculation gains a few per cent at most).
+        whole = self.session_rate if self.session_rate is not None else self.realized_rate
+        realized = whole is None or whole >= START_MARGIN * self.cloud_rate
         return self.spec_rate >= START_MARGIN * self.cloud_rate and realized
 
 
@@ -159,6 +164,7 @@ class Planner:
         self.sibling_s = Ema(verify_b_s, weight=0.3)   # verify time per sibling, measured
         self._progress0: tuple[float, int] | None = None   # (time, tokens) at the first verdict
         self.realized_rate: float | None = None
+        self.session_rate: float | None = None
 
     def observe_block(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
                       siblings: int = 0) -> None:
@@ -181,15 +187,18 @@ class Planner:
     def observe_draft(self, seconds: float) -> None:
         self.t_draft.add(seconds)
 
-    def observe_progress(self, tokens: int, now: float) -> None:
+    def observe_progress(self, tokens: int, now: float, started: float | None = None) -> None:
         """The session has committed `tokens` at time `now` (called per verdict): the rate it
-        really gets, counted from the first verdict so that the start-up round trip is left out."""
+        really gets, counted from the first verdict so that the start-up round trip is left out
+        (whether to go on), and from `started`, the request's start (whether to start again)."""
         if self._progress0 is None:
             self._progress0 = (now, tokens)
             return
         t0, n0 = self._progress0
         if tokens - n0 >= REALIZED_MIN_TOKENS and now > t0:
             self.realized_rate = (tokens - n0) / (now - t0)
+            if started is not None and now > started:
+                self.session_rate = tokens / (now - started)
 
     @property
     def cloud_token_s(self) -> float:
@@ -230,7 +239,8 @@ class Planner:
             for w in self._windows(g):
                 r = self.rate(g, w)
                 if best is None or r > best.spec_rate:
-                    best = Plan(g, w, r, cloud, realized_rate=self.realized_rate)
+                    best = Plan(g, w, r, cloud, realized_rate=self.realized_rate,
+                                session_rate=self.session_rate)
         best.chain_rate = best.spec_rate
         if self.tree == "off":
             return best
