@@ -19,7 +19,9 @@ else `acceptance`. `breakeven_acceptance`: the acceptance that would pay with th
 measured step; `predicted_speedup` the model's own figure. All three are predictions from
 measured inputs, not measurements. A picospec row the model says pays but that measured slower
 than cloud-only takes the sync row's `limited_by` (the model prices the steady state, not what
-each session's start costs).
+each session's start costs). `planner_right` judges the decision: streaming is right unless
+always speculating gained; speculating is right if it lost no more than 5 % to cloud-only and
+missed no gain sync found.
 """
 from __future__ import annotations
 
@@ -161,7 +163,13 @@ def judge(rows: list[dict]) -> None:
                 r["limited_by"] = sync.get("limited_by")
         r["planner_right"] = None
         if r["mode"] != "sync" and r.get("speedup") is not None:
-            # right: it lost no more than 5 % to cloud-only streaming, and missed no gain that
-            # always speculating (sync) found
-            missed = sync is not None and (sync.get("speedup") or 0) > 1.05 and r["speedup"] < 0.95 * sync["speedup"]
-            r["planner_right"] = r["speedup"] >= 0.95 and not missed
+            # The decision is judged, not the first contact's probe (a streamed row still paid one
+            # drafter prefill to learn that speculation would not pay). Streaming is right unless
+            # always speculating (sync) gained; speculating is right if it lost no more than 5 % to
+            # cloud-only and missed no gain sync found.
+            gain = sync is not None and (sync.get("speedup") or 0) > 1.05
+            if not r.get("speculated"):
+                r["planner_right"] = not gain
+            else:
+                missed = gain and r["speedup"] < 0.95 * sync["speedup"]
+                r["planner_right"] = r["speedup"] >= 0.95 and not missed

@@ -98,14 +98,18 @@ def test_judge_fills_the_terms_from_the_sync_row():
     base = dict(dataset="mtbench", profile="picospec-wan", target="emulated:qwen3-32b-a100", drafter="moe-25-sd",
                 draft_steps=10, draft_compute_modelled_s=0.029, draft_compute_real_s=0.020, draft_stall_s=0.5,
                 acceptance_rate=0.9)
-    rows = [dict(base, mode="sync", speedup=0.4), dict(base, mode="picospec-Q", speedup=1.0, draft_steps=0)]
+    rows = [dict(base, mode="sync", speedup=0.4),
+            dict(base, mode="picospec-Q", speedup=0.93, draft_steps=0, speculated=False)]
     spec_moe.judge(rows)
     assert rows[0]["limited_by"] == "stall" and rows[0]["planner_right"] is None
     assert rows[1]["limited_by"] == "stall"          # from the sync row's step: picospec streamed
-    assert rows[1]["planner_right"] is True
-    rows = [dict(base, mode="sync", speedup=1.5), dict(base, mode="picospec-Q", speedup=1.0)]
+    assert rows[1]["planner_right"] is True          # streaming was right; the probe's cost shows in speedup
+    rows = [dict(base, mode="sync", speedup=1.5), dict(base, mode="picospec-Q", speedup=1.0, speculated=False)]
     spec_moe.judge(rows)
     assert rows[1]["planner_right"] is False         # streamed where always speculating gained 1.5x
+    rows = [dict(base, mode="sync", speedup=0.4), dict(base, mode="picospec-Q", speedup=0.9, speculated=True)]
+    spec_moe.judge(rows)
+    assert rows[1]["planner_right"] is False         # speculated and lost 10 %
 
 
 SPEC = MoESpec("llama", 3, 64, 4, 2, 16, 8, 64, [2, 2, 2])
@@ -145,7 +149,7 @@ def test_a_row_predicted_to_pay_that_measured_slower_names_the_sync_rows_term():
     base = dict(dataset="mtbench", profile="picospec-wan", target="emulated:qwen3-32b-a100", drafter="moe-50-sd",
                 draft_steps=10, draft_compute_modelled_s=0.029, draft_compute_real_s=0.035, draft_stall_s=0.0,
                 acceptance_rate=0.6)
-    rows = [dict(base, mode="sync", speedup=0.5), dict(base, mode="picospec-Q", speedup=0.88)]
+    rows = [dict(base, mode="sync", speedup=0.5), dict(base, mode="picospec-Q", speedup=0.88, speculated=True)]
     spec_moe.judge(rows)
     sync, pico = rows
     assert sync["limited_by"] == "compute" and sync["predicted_speedup"] < 1
