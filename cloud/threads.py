@@ -12,7 +12,9 @@ count for `trial` passes and keeps it only if those passes ran faster, by
 `margin`, than the current count's recent passes *of the same size* (pass time
 grows with the tokens in it, so sizes are compared bucket by bucket). The trial
 costs at most `trial` slower passes per `explore_every`; a count that keeps losing
-is tried less and less often (the wait doubles, up to `max_wait`).
+is tried less and less often (the wait doubles, up to `max_wait`). The first trial of
+each other count comes early (`first_trial` passes in), so that a short stream does not
+end on the probe's count.
 
 Pure bookkeeping: the caller measures and calls `Target.set_threads`.
 """
@@ -48,6 +50,10 @@ class ThreadTuner:
     margin: float = 0.05             # a trial must be this much faster to win
     history: int = 24                # recent passes kept per (threads, size)
     max_wait: int = 4096
+    # The first trial of each other count comes this early: the start-up probe measured an idle
+    # machine, and a short stream (64 tokens, 64 passes) would otherwise end before any trial
+    # (measured: 2 threads from the probe ran a stream's passes at 23 ms, 1 thread at 15).
+    first_trial: int = 16
     _recent: dict = field(default_factory=dict, repr=False)
     _since: int = 0
     _wait: dict = field(default_factory=dict, repr=False)
@@ -60,6 +66,7 @@ class ThreadTuner:
         if self.current not in self.candidates:
             raise ValueError(f"threads {self.current} is not among the candidates {self.candidates}")
         self._recent = collections.defaultdict(lambda: collections.deque(maxlen=self.history))
+        self._wait = {c: min(self.first_trial, self.explore_every) for c in self.candidates if c != self.current}
 
     @property
     def active(self) -> int:
@@ -103,5 +110,5 @@ class ThreadTuner:
             self.switches += 1
             self._wait.pop(tried, None)
         else:
-            self._wait[tried] = min(self.max_wait, 2 * self._wait.get(tried, self.explore_every))
+            self._wait[tried] = min(self.max_wait, max(self.explore_every, 2 * self._wait.get(tried, self.explore_every)))
             self._next += 1

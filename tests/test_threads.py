@@ -99,3 +99,18 @@ def test_the_verifier_switches_its_model_to_the_faster_count():
         assert metrics.registry.get_sample_value("tandem_verifier_threads") == 1
     finally:
         target.close()
+
+
+def test_a_short_stream_gets_its_first_trial_early():
+    """The start-up probe's count can be wrong under load from the first pass: a 64-pass stream
+    must not end before the other count is tried."""
+    tuner = ThreadTuner((1, 2), current=2, explore_every=128, trial=12, first_trial=16)
+    used = serve(tuner, loaded, 64, sizes=(1,))
+    assert tuner.current == 1 and used[16] == 1 and used[-20:] == [1] * 20
+
+
+def test_after_a_lost_first_trial_the_wait_is_the_usual_one():
+    tuner = ThreadTuner((1, 2), current=2, explore_every=128, trial=12, first_trial=16)
+    used = serve(tuner, idle, 300, sizes=(1,))
+    assert tuner.current == 2 and used[16:28] == [1] * 12       # tried early, lost
+    assert used[28:28 + 120].count(1) == 0 and 1 in used[28:200]  # then about explore_every later
