@@ -214,7 +214,7 @@ class Agent:
         planner = Planner(cfg.pipelined, t_draft, rtt, reply.verify_a_s, reply.verify_b_s, reply.ar_token_s,
                           prior_accept=self.learned_accept if self.learned_accept is not None else 0.8,
                           gamma=cfg.gamma, window=cfg.window, lead=cfg.pipelined and cfg.cloud_lead,
-                          lead_after_rtt=codec == Codec.P and not cfg.sampling.greedy)
+                          lead_after_rtt=codec == Codec.P and not cfg.sampling.greedy, started=t_open)
         if last is not None:   # what siblings yield and cost on this pair and link (edge/planner.py)
             planner.sibling_gain, planner.sibling_s = last.sibling_gain, last.sibling_s
         self._last_planner = planner

@@ -377,7 +377,7 @@ class Speculator:
                 self.fixed_next = y                  # travels up with the next block: no message of its own
             self.context.append(y)
             self._commit([y])
-        self.planner.observe_progress(len(self.out), time.monotonic(), self.t0)
+        self.planner.observe_progress(len(self.out), time.monotonic())
         if not self.done and self.cfg.adaptive:
             self.plan = self.planner.plan()
             if not self.plan.speculate and self.planner.blocks >= 4:

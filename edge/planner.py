@@ -144,7 +144,10 @@ class Planner:
                  verify_b_s: float, ar_token_s: float, prior_accept: float = 0.7,
                  gamma: int | None = None, window: int | None = None, max_gamma: int = 16,
                  max_window: int = 8, lead: bool = False, lead_after_rtt: bool = False,
-                 tree: str = "off"):
+                 tree: str = "off", started: float | None = None):
+        # started: when this session's attempt began (before its Open and the drafter's
+        # prefill), so that its whole rate counts what starting it cost
+        self.started = started
         # lead_after_rtt: codec P, where the verifier cannot lead past a rejection
         # before the edge's correction arrives, a round trip later
         self.pipelined, self.lead, self.lead_after_rtt = pipelined, lead, lead_after_rtt
@@ -187,18 +190,18 @@ class Planner:
     def observe_draft(self, seconds: float) -> None:
         self.t_draft.add(seconds)
 
-    def observe_progress(self, tokens: int, now: float, started: float | None = None) -> None:
+    def observe_progress(self, tokens: int, now: float) -> None:
         """The session has committed `tokens` at time `now` (called per verdict): the rate it
         really gets, counted from the first verdict so that the start-up round trip is left out
-        (whether to go on), and from `started`, the request's start (whether to start again)."""
+        (whether to go on), and from `started` (whether to start again)."""
         if self._progress0 is None:
             self._progress0 = (now, tokens)
             return
         t0, n0 = self._progress0
         if tokens - n0 >= REALIZED_MIN_TOKENS and now > t0:
             self.realized_rate = (tokens - n0) / (now - t0)
-            if started is not None and now > started:
-                self.session_rate = tokens / (now - started)
+            if self.started is not None and now > self.started:
+                self.session_rate = tokens / (now - self.started)
 
     @property
     def cloud_token_s(self) -> float:

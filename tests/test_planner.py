@@ -159,9 +159,9 @@ def test_a_session_that_held_on_below_cloud_only_does_not_start_the_next():
 
 
 def test_a_session_whose_start_cost_more_than_its_steady_gain_does_not_start_the_next():
-    p = planner()
-    p.observe_progress(0, 1.0, started=0.0)         # the first verdict a second after the request
-    p.observe_progress(30, 3.0, started=0.0)        # steady 15 tok/s, but 30 tokens in 3 s: 10
+    p = planner(started=0.0)
+    p.observe_progress(0, 1.0)                      # the first verdict a second after the request
+    p.observe_progress(30, 3.0)                     # steady 15 tok/s, but 30 tokens in 3 s: 10
     plan = p.plan()
     assert plan.realized_rate == 15.0 and plan.session_rate == 10.0
     assert plan.speculate and not plan.worth_starting
