@@ -84,9 +84,17 @@ class TargetError(RuntimeError):
     """llama.cpp refused a pass (e.g. the KV cache is full)."""
 
 
-def check_positions(chunks: Sequence[Chunk], held, n_ctx: int) -> None:
-    """What every pass refuses, cached or not: a chunk that starts past what its sequence
-    holds (`held(seq)` tokens), or that runs past the context."""
+def begin_pass(target, chunks: Sequence[Chunk], held) -> None:
+    """What every pass does first, cached or not: refuse a pass larger than the batch, take
+    the copies chunks ask for (`target.copy`), then refuse a chunk that starts past what its
+    sequence holds (`held(seq)` tokens) or runs past the context."""
+    total = sum(len(c.tokens) for c in chunks)
+    if total > target.max_batch_tokens:
+        raise ValueError(f"pass of {total} tokens exceeds the batch of {target.max_batch_tokens}")
+    for c in chunks:
+        if c.copy_from is not None:
+            target.copy(c.copy_from, c.seq)
+    n_ctx = target.n_ctx
     for c in chunks:
         if not 0 <= c.start <= held(c.seq):
             raise ValueError(f"sequence {c.seq}: chunk starts at {c.start}, cache holds {held(c.seq)}")
@@ -162,13 +170,7 @@ class Target:
 
     def decode(self, chunks: Sequence[Chunk]) -> list[np.ndarray]:
         """Evaluate every chunk in one pass; per chunk, its (n_logits, V) rows."""
-        total = sum(len(c.tokens) for c in chunks)
-        if total > self.max_batch_tokens:
-            raise ValueError(f"pass of {total} tokens exceeds the batch of {self.max_batch_tokens}")
-        for c in chunks:
-            if c.copy_from is not None:
-                self.copy(c.copy_from, c.seq)
-        check_positions(chunks, self.seq_len, self.n_ctx)
+        begin_pass(self, chunks, self.seq_len)
         for c in chunks:
             if c.start < self._seq_len[c.seq]:
                 self._ll.llama_memory_seq_rm(self.mem, c.seq, c.start, -1)

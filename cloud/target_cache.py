@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cloud.target import Chunk, Target, check_positions
+from cloud.target import Chunk, Target, begin_pass
 from common.rowstore import PrefixKeys, RowStore
 
 # A catch-up starts from a copy of another sequence's cells only where that saves at least
@@ -135,13 +135,7 @@ class CachedTarget:
     def decode(self, chunks: Sequence[Chunk]) -> list[np.ndarray]:
         """Every chunk's (n_logits, V) rows, as `Target.decode` gives them: from the store
         where it has them, else from a catch-up of the sequences that need them."""
-        total = sum(len(c.tokens) for c in chunks)
-        if total > self.max_batch_tokens:
-            raise ValueError(f"pass of {total} tokens exceeds the batch of {self.max_batch_tokens}")
-        for c in chunks:
-            if c.copy_from is not None:
-                self.copy(c.copy_from, c.seq)
-        check_positions(chunks, lambda seq: len(self._seqs[seq].tokens), self.n_ctx)
+        begin_pass(self, chunks, lambda seq: len(self._seqs[seq].tokens))
         out, missing = [], {}
         for c in chunks:
             s = self._seqs[c.seq]
