@@ -229,10 +229,13 @@ def validate(capacity: dict, warmup_s: float = 3.0, window_s: float = 20.0, seed
             continue
         link = F.Link.named(row["profile"])
         step = latency.lookup(latency.DEVICES, row.get("device", "jetson-orin"), "device").forward_s(1)
-        dev = F.Device(link, step, float(row.get("acceptance_rate") or 0.0), row.get("device", "jetson-orin"),
-                       str(row.get("dataset")))
         n = int(row["n_sessions"])
-        r = F.simulate([dev] * n, 1, latency.TARGETS[target_name], mode, warmup_s=warmup_s, window_s=window_s,
+        mean = float(row.get("acceptance_rate") or 0.0)
+        # each session's measured acceptance where the run has it (its prompt's), else the cell's
+        per = [a if a is not None else mean for a in row.get("session_acceptance") or []]
+        accepts = per if len(per) == n else [mean] * n
+        devs = [F.Device(link, step, a, row.get("device", "jetson-orin"), str(row.get("dataset"))) for a in accepts]
+        r = F.simulate(devs, 1, latency.TARGETS[target_name], mode, warmup_s=warmup_s, window_s=window_s,
                        seed=seed)
         # the model's aggregate is steady state: compare with the streams' sum where the run has it
         # (the wall-time aggregate includes every session's prompt prefill and first-token wait)

@@ -286,6 +286,10 @@ def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int
             "passes_over_model_share": ratio(over, passes) if over is not None else None,
             "target_cache_hit_rate": ratio(hits, (hits or 0.0) + (misses or 0.0)) if hits is not None else None,
             "acceptance_rate": sum(r["accepted"] for r in results) / verified if verified else None,
+            # each session's own (None where it verified nothing): prompts differ, and the slowest
+            # sessions are the ones whose drafts the target takes least
+            "session_acceptance": [r["accepted"] / r["verified"] if r["verified"] else None for r in results],
+            "session_fallbacks": [r["fallback"] for r in results],
             # what all sessions together sent over their link: a shared link-sim must stay far above it
             "link_up_mbit_s": sum(r["bytes_up"] for r in results) * 8e-6 / span,
             "link_down_mbit_s": sum(r["bytes_down"] for r in results) * 8e-6 / span,

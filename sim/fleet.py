@@ -40,10 +40,18 @@ Sessions
   session's draft step, RTT, acceptance and the verifier's idle pass time, and
   streams cloud-only where no (g, W) is predicted at least as fast as that:
   `plan()` prices (g, W) with the planner's own formula (kernels/speculation_rate.py).
+* cloud lead (the edge's default, `lead=True`): after a rejection the verifier
+  decodes on alone, one token a pass, until the edge's next block arrives, as
+  cloud/session.py leads while it awaits the edge's new branch. Its tokens count
+  as the planner's formula counts them (`led`): on top of what the next block
+  yields. That block's drafts at positions the lead already decided are not
+  drawn again against the lead tokens, so the model overrates a lead by the
+  branches a lead token would kill (the edge then restarts at once, and the
+  verifier keeps leading meanwhile).
 
 What it leaves out, on purpose: prompt prefill (sessions are in steady state:
 every device generating all the time, the peak-hour case), link jitter, loss
-and outages, cloud lead tokens, draft trees, and the planner relearning under
+and outages, draft trees, and the planner relearning under
 load (it plans once, at idle prices). Each is a conservative or neutral
 simplification for capacity except the last, which can overrate picospec on a
 heavily loaded replica.
@@ -217,19 +225,21 @@ class Plan:
     predicted_tokens_per_s: float
 
 
-def plan(dev: Device, target, context: int = CONTEXT0) -> Plan:
-    """The edge planner's pick at idle prices (edge/planner.py `rate`, without leads or trees):
+def plan(dev: Device, target, context: int = CONTEXT0, lead: bool = True) -> Plan:
+    """The edge planner's pick at idle prices (edge/planner.py `rate`, without trees):
 
         stop-and-wait (W = 1)  E_bonus(g) / cycle,          cycle = g·t_d + rtt + t_v(g)
-        pipelined              E(g) / (c + (1 - a^g)·(cycle - c)),   c = max(g·t_d, t_v(g), cycle / W)
+        pipelined              (E(g) + led) / (c + (1 - a^g)·(cycle - c)),   c = max(g·t_d, t_v(g), cycle / W)
 
-    against cloud-only streaming at 1 / t(1); cloud-only when no (g, W) is at least as fast."""
+    (led: the tokens a leading verifier decodes during the refill after a rejection) against
+    cloud-only streaming at 1 / t(1); cloud-only when no (g, W) is at least as fast."""
     cloud = 1.0 / target.forward_s(1, context)
     best = Plan("cloud-only", 0, 0, cloud)
     for g in range(1, MAX_GAMMA + 1):
         tv = target.forward_s(g + 1, context)
         for w in speculation_rate.windows(g, dev.t_draft_s, dev.link.rtt_s, tv, MAX_WINDOW):
-            r = speculation_rate.rate(dev.accept, g, w, dev.t_draft_s, dev.link.rtt_s, tv)
+            r = speculation_rate.rate(dev.accept, g, w, dev.t_draft_s, dev.link.rtt_s, tv,
+                                      lead_token_s=1.0 / cloud if lead else None)
             if r > best.predicted_tokens_per_s:
                 best = Plan("picospec", g, w, r)
     return best
@@ -279,6 +289,7 @@ class Step:
     n: int
     drafted: int = 0
     epoch: int = 0
+    lead: bool = False               # a lead token: the verifier decoding on alone after a rejection
 
 
 @dataclass(slots=True)
@@ -296,6 +307,8 @@ class Session:
     carry: bool = False              # the next block carries a correction or bonus token
     idle: bool = True                # the edge is not drafting: its window is full (or not started)
     draft_id: int = 0                # the block being drafted; a rejection starts another
+    leading: bool = False            # the verifier leads until the edge's next block arrives
+    overlap: int = 0                 # lead tokens the edge's next drafts must match (decided ahead of them)
 
 
 class Replica:
@@ -321,8 +334,8 @@ class Replica:
     def _gather(self) -> list[Step]:
         taken, keep, room, seen = [], [], self.budget, set()
         for s in self.queue:
-            if s.epoch != s.session.epoch_cloud:
-                continue                            # an old epoch's block: dropped
+            if s.epoch != s.session.epoch_cloud or (s.lead and not s.session.leading):
+                continue                            # an old epoch's block, or a lead the edge ended: dropped
             if id(s.session) in seen or s.n > room:
                 keep.append(s)
                 continue
@@ -359,10 +372,11 @@ class Fleet:
 
     def __init__(self, devices: list[Device], replicas: int, target, mode: str, admission: Admission,
                  warmup_s: float, window_s: float, seed: int, budget: int = MAX_BATCH_TOKENS,
-                 plan_of=plan):
+                 plan_of=plan, lead: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.env = simpy.Environment()
+        self.lead = lead
         self.t_start, self.t_end = warmup_s, warmup_s + window_s
         self.replicas = [Replica(self.env, self, budget) for _ in range(replicas)]
         # Pass times repeat (a replica of few sessions sees the same n and K again and again) and
@@ -430,9 +444,45 @@ class Fleet:
         self._draft(s)
 
     def _arrive(self, step: Step) -> None:
-        """A block reaches the verifier; one of an epoch it has already left is dropped at once."""
-        if step.epoch == step.session.epoch_cloud:
-            step.session.replica.submit(step)
+        """A block reaches the verifier; one of an epoch it has already left is dropped at once.
+        The new branch's first block ends a lead. Its drafts at positions the lead already
+        decided equal the lead tokens (`_led`: else its branch died and it was dropped), so only
+        the drafts past the lead are verified (cloud/session.py `_overlap`)."""
+        s = step.session
+        if step.epoch != s.epoch_cloud:
+            return
+        s.leading = False
+        o = min(s.overlap, step.drafted)
+        if o:
+            s.overlap -= o
+            step.drafted -= o
+            step.n = step.drafted               # the carried correction went in with the lead
+            if not step.drafted:                # every draft already decided: no pass
+                self.env.timeout(s.dev.link.down_s(VERDICT_BYTES)).callbacks.append(
+                    lambda _: self._verdict(s, step, 0, False))
+                return
+        s.replica.submit(step)
+
+    def _led(self, s: Session) -> None:
+        """A lead token is decided. The edge's branch drafts that position too, and matches it
+        with probability a (lead and draft race on shared keys). A match lets the branch live
+        (its block skips the position); a mismatch kills it: the verifier drops the branch's
+        blocks from now on, and the edge starts another once the token reaches it."""
+        self._commit(s, 1)
+        if s.rng.random() < s.dev.accept:
+            s.overlap += 1
+            return
+        s.epoch_cloud += 1
+        s.overlap = 0
+        s.leading = True                            # lead on until the new branch's first block
+        dead = Step(s, 0, epoch=s.epoch_cloud - 1)
+        self.env.timeout(s.dev.link.down_s(VERDICT_BYTES)).callbacks.append(
+            lambda _: self._verdict(s, dead, 0, True, correction=False))
+
+    def _lead(self, s: Session) -> None:
+        if self.lead and not s.leading:
+            s.leading = True
+            s.replica.submit(Step(s, 1, epoch=s.epoch_cloud, lead=True))
 
     def on_pass(self, step: Step) -> None:
         s = step.session
@@ -440,6 +490,15 @@ class Fleet:
             self._commit(s, 1)
             s.replica.submit(Step(s, 1))
             return
+        if step.lead:
+            # a lead pass the edge's block arrived during still decides its token
+            if step.epoch == s.epoch_cloud:
+                self._led(s)
+            if s.leading:
+                s.replica.submit(Step(s, 1, epoch=s.epoch_cloud, lead=True))
+            return
+        if step.epoch != s.epoch_cloud:
+            return                                  # its branch died at a lead token during the pass
         # accepted drafts: each with probability a, until the first rejection
         k = 0
         while k < step.drafted and s.rng.random() < s.dev.accept:
@@ -447,14 +506,18 @@ class Fleet:
         rejected = k < step.drafted
         if rejected:
             s.epoch_cloud += 1                      # later blocks of this epoch are dropped
+            s.overlap = 0
+            self._lead(s)
         self.env.timeout(s.dev.link.down_s(VERDICT_BYTES)).callbacks.append(
             lambda _: self._verdict(s, step, k, rejected))
 
-    def _verdict(self, s: Session, step: Step, k: int, rejected: bool) -> None:
+    def _verdict(self, s: Session, step: Step, k: int, rejected: bool, correction: bool = True) -> None:
+        """The edge learns a block's fate. correction=False: its branch died at a lead token
+        (already counted), so the rejection brings no token of its own."""
         if step.epoch != s.epoch_edge:
             return
         if rejected:
-            self._commit(s, k + 1)                  # accepted + the correction
+            self._commit(s, k + (1 if correction else 0))   # accepted + the correction
             s.epoch_edge += 1
             s.in_flight = 0
             s.restart = s.carry = True
@@ -507,13 +570,16 @@ class Result:
 
 def simulate(devices: list[Device], replicas: int, target, mode: str, admission: Admission | None = None,
              warmup_s: float = 3.0, window_s: float = 20.0, seed: int = 0,
-             budget: int = MAX_BATCH_TOKENS, plan_of=plan) -> Result:
+             budget: int = MAX_BATCH_TOKENS, plan_of=plan, lead: bool = True) -> Result:
     """Run the fleet for warmup_s + window_s of model time; rates over the window only.
     plan_of(device, target) -> Plan: how a picospec edge picks g and W (default: the planner's
-    choice, `plan`; tests fix them)."""
+    choice, `plan`; tests fix them). lead: the verifier leads after a rejection (the edge's
+    default, `edge-agent --cloud-lead`)."""
     t0 = time.process_time()
+    if plan_of is plan and not lead:
+        plan_of = functools.partial(plan, lead=False)
     f = Fleet(devices, replicas, target, mode, admission or Admission(), warmup_s, window_s, seed, budget,
-              plan_of)
+              plan_of, lead)
     # The run allocates millions of short-lived events and no reference cycles worth collecting;
     # the cyclic collector would rescan every live session each time it fires (~40 % of the CPU
     # time at 10,000 devices).

@@ -93,6 +93,19 @@ def test_validate_writes_measured_beside_simulated(tmp_path):
     assert [s["target"] for s in data["skipped"]] == ["smollm2-135m"]
 
 
+def test_validate_gives_each_session_its_measured_acceptance():
+    """The same mean acceptance, once spread over the sessions as measured: the slow session's
+    lower acceptance shows in the simulated p10, not only in the aggregate."""
+    row = dict(CAPACITY["rows"][1], acceptance_rate=0.6)
+    even, _ = bench_fleet.validate({"rows": [row]}, window_s=30.0)
+    spread, _ = bench_fleet.validate({"rows": [dict(row, session_acceptance=[0.9, 0.9, 0.6, 0.0])]}, window_s=30.0)
+    assert spread[0]["simulated_p10"] < 0.9 * even[0]["simulated_p10"]
+    # a run without the per-session figures (or with a missing one) falls back on the mean
+    partial, _ = bench_fleet.validate({"rows": [dict(row, session_acceptance=[None, 0.6, 0.6, 0.6])]},
+                                      window_s=30.0)
+    assert partial[0]["simulated_tokens_per_s"] == pytest.approx(even[0]["simulated_tokens_per_s"])
+
+
 def test_validate_says_what_to_do_when_capacity_cannot_run(tmp_path, capsys):
     missing = tmp_path / "nope.json"
     ran = []

@@ -88,8 +88,39 @@ def test_picospec_with_no_acceptance_yields_one_token_a_round_trip():
     td = 0.010
     link = F.Link("rtt", 0.025, 0.025, math.inf, math.inf)
     cycle = 3 * td + 0.025 + LIN.forward_s(4) + 0.025
-    r = F.simulate([device(td, accept=0.0, link=link)], 1, LIN, "picospec", plan_of=fixed(6, 4), **LONG)
+    r = F.simulate([device(td, accept=0.0, link=link)], 1, LIN, "picospec", plan_of=fixed(6, 4), lead=False,
+                   **LONG)
     assert r.rates[0] == pytest.approx(1 / cycle, rel=0.01)
+
+
+def test_a_leading_verifier_never_leaves_a_session_below_streaming():
+    """a = 0 with cloud lead: after the first rejection the verifier decodes on alone, one token
+    a pass; every lead token kills the edge's branch (its draft there never matches), so each
+    new block arrives for a dead branch and is dropped, and the session streams at 1 / t(1)."""
+    link = F.Link("rtt", 0.025, 0.025, math.inf, math.inf)
+    r = F.simulate([device(0.010, accept=0.0, link=link)], 1, LIN, "picospec", plan_of=fixed(6, 4), **LONG)
+    assert r.rates[0] == pytest.approx(1 / LIN.forward_s(1), rel=0.01)
+
+
+def test_lead_tokens_the_drafts_match_are_not_verified_again():
+    """a = 1: a lead token always matches the edge's draft there, so the branch lives and its
+    block skips the led positions; nothing is ever rejected, so no lead starts at all and the
+    rate is the lead-free one."""
+    g, td = 4, 0.010
+    link = F.Link("rtt", 0.025, 0.025, math.inf, math.inf)
+    with_lead = F.simulate([device(td, link=link)], 1, LIN, "picospec", plan_of=fixed(g, 1), **LONG)
+    without = F.simulate([device(td, link=link)], 1, LIN, "picospec", plan_of=fixed(g, 1), lead=False, **LONG)
+    assert with_lead.rates[0] == pytest.approx(without.rates[0], rel=1e-9)
+
+
+def test_lead_keeps_a_mid_acceptance_session_above_its_lead_free_rate():
+    """a = 0.7 over a 50 ms RTT: the lead fills the refill after each rejection with tokens."""
+    link = F.Link.named("picospec-wan")
+    d = F.Device(link, 0.0128, 0.7)
+    t = TARGETS["qwen3-32b-a100"]
+    with_lead = F.simulate([d], 1, t, "picospec", plan_of=fixed(4, 3), warmup_s=1.0, window_s=120.0)
+    without = F.simulate([d], 1, t, "picospec", plan_of=fixed(4, 3), lead=False, warmup_s=1.0, window_s=120.0)
+    assert with_lead.rates[0] > 1.05 * without.rates[0]
 
 
 def test_expected_tokens_per_block_hand_computed():
@@ -104,7 +135,7 @@ def test_drawn_acceptance_gives_the_expected_tokens_per_block():
     cycle average E_bonus(g) = (1 - a^(g+1)) / (1 - a)."""
     g, td, a = 4, 0.010, 0.8
     r = F.simulate([device(td, accept=a)], 1, LIN, "picospec", plan_of=fixed(g, 1), warmup_s=1.0,
-                   window_s=400.0, seed=3)
+                   window_s=400.0, seed=3, lead=False)
     e = expected_tokens(a, g, bonus=True)              # 3.36
     # every cycle after the first carries a correction or bonus: g + 1 tokens to verify
     assert r.rates[0] == pytest.approx(e / (g * td + LIN.forward_s(g + 1)), rel=0.03)
@@ -113,20 +144,22 @@ def test_drawn_acceptance_gives_the_expected_tokens_per_block():
 @pytest.mark.parametrize("link,dev,workload", [("wifi", "jetson-orin", "humaneval"), ("lte", "jetson-orin", "chat"),
                                                ("lte", "jetson-orin-1b", "humaneval"), ("3g", "jetson-orin", "mtbench")])
 def test_one_picospec_session_is_near_what_the_planner_predicts(link, dev, workload):
-    """The planner's closed form (idle verifier) and the DES agree within 15 % for one session."""
+    """The planner's closed form (idle verifier) and the DES agree within 15 % for one session,
+    without cloud lead (the closed form's lead term counts every led token as a gain; the DES
+    also lets a lead token kill the branch, and comes out below it)."""
     d = next(x for x in F.population(360) if (x.link.name, x.device, x.workload) == (link, dev, workload))
     t = TARGETS["qwen3-32b-a100"]
-    p = F.plan(d, t)
+    p = F.plan(d, t, lead=False)
     assert p.mode == "picospec"
-    r = F.simulate([d], 1, t, "picospec", warmup_s=1.0, window_s=120.0)
+    r = F.simulate([d], 1, t, "picospec", warmup_s=1.0, window_s=120.0, lead=False)
     assert r.rates[0] == pytest.approx(p.predicted_tokens_per_s, rel=0.15)
 
 
 def test_the_planner_streams_where_speculation_cannot_pay():
     t = TARGETS["qwen3-32b-a100"]
     sat = F.Device(F.Link.named("satellite"), 0.0345, 0.77)     # 600 ms RTT, a 1B drafter, chat
-    assert F.plan(sat, t).mode == "cloud-only"
-    r = F.simulate([sat], 1, t, "picospec", warmup_s=1.0, window_s=20.0)
+    assert F.plan(sat, t, lead=False).mode == "cloud-only"
+    r = F.simulate([sat], 1, t, "picospec", warmup_s=1.0, window_s=20.0, lead=False)
     assert r.picospec_sessions == 0 and r.rates[0] == pytest.approx(1 / t.forward_s(1), rel=0.02)
 
 
