@@ -60,6 +60,7 @@ class Step:
     chore: Callable[[], object] | None = None
     ready_at: float = 0.0                       # monotonic end of its pass as modelled (0: not emulated)
     follows: bool = False                       # its session queues its next step as soon as it resolves
+    judge: Callable | None = None               # which rows its verdict reads (Chunk.judge): unsplit steps only
 
 
 def no_rows(n_vocab: int) -> np.ndarray:
@@ -240,8 +241,10 @@ class Scheduler:
         chunks = []
         for s, n in batch:
             first_row = len(s.tokens) - s.n_logits          # tokens from here on need their logits
+            whole = s.done == 0 and n == len(s.tokens)
             chunks.append(Chunk(s.seq, s.start + s.done, s.tokens[s.done:s.done + n],
-                                max(0, min(n, s.done + n - first_row)), copy_from=s.copy_from))
+                                max(0, min(n, s.done + n - first_row)), copy_from=s.copy_from,
+                                judge=s.judge if whole else None))
         # what a GPU's attention reads: each sequence's whole cache once (one chunk per sequence)
         kv_tokens = sum(c.start + len(c.tokens) for c in chunks if c.seq >= 0)
         hold = Hold(self.emulate if n_tokens else None, n_charged, kv_tokens)

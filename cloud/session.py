@@ -281,6 +281,8 @@ class Session:
             raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
         lag = self._lag()
         step = self._step(lag + drafted, len(drafted) + (1 if lag else 0), chunkable=False)
+        if self.sampling.greedy:
+            step.judge = self._greedy_judge(drafted, bool(lag))
         return ChainWork(step, epoch, start, overlap, drafted, q_u8, q_sparse, want_bonus, bool(lag),
                          time.monotonic())
 
@@ -311,6 +313,21 @@ class Session:
         n_acc, nxt = verify_greedy(drafted, [int(np.argmax(r)) for r in rows])
         # T=0: no payload, and the edge scores its sibling itself
         return ChainOutcome(n_acc, nxt if (n_acc < len(drafted) or want_bonus) else None)
+
+    def _greedy_judge(self, drafted: list[int], lag: bool):
+        """Chunk.judge for a greedy chain: the verdict reads rows up to the first one whose
+        argmax is not the drafted token (that row gives the correction), none after it. Step
+        row k predicts drafted[k] with a lag, drafted[k + 1] without (the pending row, which
+        the last pass gave, predicts drafted[0])."""
+        shift = 0 if lag else 1
+        first_ok = lag or not drafted or int(np.argmax(self.pending)) == drafted[0]
+
+        def judge(k: int, row: np.ndarray | None) -> bool:
+            if k < 0:
+                return first_ok
+            j = k + shift
+            return j >= len(drafted) or int(np.argmax(row)) == drafted[j]
+        return judge
 
     def _judge_sampled(self, drafted, rows, q_u8, q_sparse, want_bonus) -> ChainOutcome:
         seed, p0 = self.sampling.seed, len(self.tokens)

@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -78,6 +78,9 @@ class Chunk:
     tokens: Sequence[int]
     n_logits: int = 0
     copy_from: int | None = None          # first make this sequence a copy of that one (tree branches)
+    # judge(k, row) -> whether rows after row k (k = -1: any row) are still needed. A target that
+    # can skip rows (the row cache) asks it; one computing every row anyway ignores it.
+    judge: Callable[[int, np.ndarray | None], bool] | None = None
 
 
 class TargetError(RuntimeError):

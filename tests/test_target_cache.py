@@ -221,3 +221,41 @@ def test_drafter_rows_are_the_models_when_a_miss_follows_hits(draft_pair, draft_
     warm = cached_drafter(inner, draft_path, tmp_path, **LlamaDrafter.ROW_SETTINGS)
     assert_same(run_drafter(warm, second), run_drafter(plain, second))
     assert warm.hits > 0 and warm.misses == 2 + 1, (warm.hits, warm.misses)
+
+
+def test_rows_after_the_first_rejection_are_neither_fetched_nor_computed(plain, raw, identity, tmp_path):
+    """A judged chunk (a greedy verdict) stops at the row that rejects its drafted token: the
+    rows after it, never stored, cost no catch-up, and the rows up to it are the model's."""
+    n = len(PROMPT)
+    warm = CachedTarget(raw, RowStore(tmp_path, identity, raw.n_vocab))
+    run(warm, [[Chunk(0, 0, PROMPT, 1)], [Chunk(0, n, [5, 6], 2)]])        # rows after 5 and after 5 6
+    warm.store.close()
+    block = [5, 6, 7, 8]                       # rows after 7 and 8 were never computed
+    want = run(plain, [[Chunk(0, 0, PROMPT, 1)], [Chunk(0, n, block, 4)]])
+    seen = []
+
+    def rejects_second(k, row):                # row 1 (after 5 6) rejects the draft it predicts
+        seen.append(k)
+        return k < 1
+
+    cached = CachedTarget(raw, RowStore(tmp_path, identity, raw.n_vocab))
+    cached.decode([Chunk(0, 0, PROMPT, 1)])
+    passes0 = cached.real_passes
+    got = cached.decode([Chunk(0, n, block, 4, judge=rejects_second)])[0]
+    assert seen == [-1, 0, 1]
+    assert np.array_equal(got[:2], want[1][:2]) and np.isnan(got[2:]).all()
+    assert cached.real_passes == passes0 and cached.skipped == 2 and cached.misses == 0
+    # a judge that needs every row still gets the model's rows, the missing ones computed
+    all_rows = cached.decode([Chunk(0, n, block, 4, judge=lambda k, row: True)])[0]
+    assert np.array_equal(all_rows, want[1]) and cached.misses == 2
+    for seq in range(raw.n_seqs):
+        cached.clear(seq)
+
+
+def test_a_judge_that_needs_no_row_skips_the_whole_chunk(raw, identity, tmp_path):
+    cached = CachedTarget(raw, RowStore(tmp_path, identity, raw.n_vocab))
+    rows = cached.decode([Chunk(0, 0, PROMPT, 3, judge=lambda k, row: False)])[0]
+    assert rows.shape == (3, raw.n_vocab) and np.isnan(rows).all()
+    assert cached.cache_counts() == (0, 0) and cached.skipped == 3 and cached.real_passes == 0
+    assert cached.seq_len(0) == len(PROMPT)     # the tokens are in the sequence all the same
+    cached.clear(0)
