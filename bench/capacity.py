@@ -239,6 +239,9 @@ def run(args) -> int:
         # headroom over N: an edge that switches from speculation to streaming re-opens its session
         stack = start_stack(target, g["profiles"], max(ns) + 4, *extra)
         say(f"{target} ({gpus}x {gpu}) verifier up, {stack.threads} threads, links: {' '.join(g['profiles'])}")
+        if stack.cache_read_only:
+            say(f"WARNING: another process writes the target cache {cache}: this run reads it but cannot "
+                "add to it, so cells that miss stay cold (stop that process, or give --target-cache another DIR)")
         try:
             for dataset in g["datasets"]:
                 for profile in g["profiles"]:
@@ -261,7 +264,8 @@ def run(args) -> int:
                         r = {"target": target, "gpu": gpu, "gpus": gpus, "dataset": dataset, "profile": profile,
                              "mode": mode, **r, "modelled_pass_s": modelled_pass_s(target, r["tokens_per_pass"]),
                              "tokens_per_session": n_tokens, "emulated": True, "verifier_threads": stack.threads,
-                             "cold_real_over_modelled": first, "admission_slo": args.admission_slo}
+                             "cold_real_over_modelled": first, "admission_slo": args.admission_slo,
+                             "target_cache_read_only": stack.cache_read_only}
                         if args.admission_slo:
                             # what admission had measured by the cell's end: real over modelled as
                             # streams saw it, by which it scaled the cost model

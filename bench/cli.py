@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from common.extras import missing_extra
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     allp = sub.add_parser("all", help="every suite with its default outputs")
     allp.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
+    # A suite starts daemons (verifier, link-sim) and stops them in `finally`; a plain SIGTERM
+    # would skip that and leave them running, holding the row caches' write locks.
+    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     if a.suite == "all":
         rc = 0
         for name, module in SUITES.items():

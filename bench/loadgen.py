@@ -156,6 +156,7 @@ class Stack:
     links: dict[str, Daemon]
     metrics_port: int
     threads: str
+    cache_read_only: bool = False    # another process writes the row cache: this run cannot warm it
 
     def stop(self) -> None:
         for link in self.links.values():
@@ -180,7 +181,8 @@ def start_stack(target: str, profiles: Sequence[str], max_sessions: int, *extra:
         cloud.stop()
         raise
     threads = next((m.group(1) for line in cloud.stderr for m in [re.search(r"(\d+) threads", line)] if m), "?")
-    return Stack(cloud, links, port, threads)
+    read_only = any("target cache:" in line and "read-only" in line for line in cloud.stderr)
+    return Stack(cloud, links, port, threads, read_only)
 
 
 def run_sessions(address: str, tok, work: list[Work], cfg, n: int) -> list[dict]:
