@@ -281,8 +281,7 @@ class Session:
             raise BadDraft(f"the block must start with the correction for position {self.rejection.pos}")
         lag = self._lag()
         step = self._step(lag + drafted, len(drafted) + (1 if lag else 0), chunkable=False)
-        if self.sampling.greedy:
-            step.judge = self._greedy_judge(drafted, bool(lag))
+        step.judge = self._chain_judge(drafted, bool(lag), q_u8, q_sparse)
         return ChainWork(step, epoch, start, overlap, drafted, q_u8, q_sparse, want_bonus, bool(lag),
                          time.monotonic())
 
@@ -297,6 +296,9 @@ class Session:
         if out.rejection is not None:
             self.rejection = out.rejection                # codec P: the edge owes the correction
         n_acc = out.accepted
+        if np.isnan(rows[n_acc, 0]):
+            # the cache skipped a row this verdict reads: its judge and the verdict disagree
+            raise RuntimeError(f"lazy verdict bug: row {n_acc} of the chain was never computed")
         self._advance(drafted[:n_acc], in_cache=n_acc, pending=rows[n_acc], token=out.token,
                       broke=n_acc < len(drafted), drafted=len(drafted))
         return VerdictData(work.epoch, work.start, work.overlap + n_acc, out.token, out.payload,
@@ -314,28 +316,38 @@ class Session:
         # T=0: no payload, and the edge scores its sibling itself
         return ChainOutcome(n_acc, nxt if (n_acc < len(drafted) or want_bonus) else None)
 
-    def _greedy_judge(self, drafted: list[int], lag: bool):
-        """Chunk.judge for a greedy chain: the verdict reads rows up to the first one whose
-        argmax is not the drafted token (that row gives the correction), none after it. Step
-        row k predicts drafted[k] with a lag, drafted[k + 1] without (the pending row, which
-        the last pass gave, predicts drafted[0])."""
-        shift = 0 if lag else 1
-        first_ok = lag or not drafted or int(np.argmax(self.pending)) == drafted[0]
+    def _chain_judge(self, drafted: list[int], lag: bool, q_u8: list[int], q_sparse: list):
+        """Chunk.judge for a chain: the verdict reads rows up to the first one that rejects its
+        drafted token (that row gives the correction), none after it; the test is the verdict's
+        own (`_accepts`). Step row k predicts drafted[k] with a lag, drafted[k + 1] without (the
+        pending row, which the last pass gave, predicts drafted[0])."""
+        # what it reads of the session is taken now: it runs on the scheduler's thread
+        shift, p0, pending = (0 if lag else 1), len(self.tokens), self.pending
 
         def judge(k: int, row: np.ndarray | None) -> bool:
             if k < 0:
-                return first_ok
+                return lag or not drafted or self._accepts(drafted, 0, pending, p0, q_u8, q_sparse)
             j = k + shift
-            return j >= len(drafted) or int(np.argmax(row)) == drafted[j]
+            return j >= len(drafted) or self._accepts(drafted, j, row, p0, q_u8, q_sparse)
         return judge
+
+    def _accepts(self, drafted, i: int, row: np.ndarray, p0: int, q_u8, q_sparse) -> bool:
+        """Whether the target keeps drafted[i] given its row (p0: the chain's first position)."""
+        if self.sampling.greedy:
+            return int(np.argmax(row)) == drafted[i]
+        return self._keeps(snap_p(logits_to_probs(row, self.sampling)), drafted, i, p0, q_u8, q_sparse)
+
+    def _keeps(self, p: np.ndarray, drafted, i: int, p0: int, q_u8, q_sparse) -> bool:
+        """The random test of drafted[i] against the target's p there (T > 0)."""
+        x = drafted[i]
+        qx = q_u8[i] / 255.0 if self.codec == Codec.P else q_sparse[i].prob(x)
+        return accept_token(p[x], qx, rng_for(self.sampling.seed, p0 + i, STREAM_ACCEPT).random())
 
     def _judge_sampled(self, drafted, rows, q_u8, q_sparse, want_bonus) -> ChainOutcome:
         seed, p0 = self.sampling.seed, len(self.tokens)
         for i, x in enumerate(drafted):
             p = snap_p(logits_to_probs(rows[i], self.sampling))
-            qx = q_u8[i] / 255.0 if self.codec == Codec.P else q_sparse[i].prob(x)
-            u = rng_for(seed, p0 + i, STREAM_ACCEPT).random()
-            if accept_token(p[x], qx, u):
+            if self._keeps(p, drafted, i, p0, q_u8, q_sparse):
                 continue
             if self.codec == Codec.Q:
                 return self._correct_q(p0 + i, p, q_sparse[i], x)

@@ -155,21 +155,20 @@ class CachedTarget:
             rows = np.empty((c.n_logits, self.n_vocab), np.float32)       # (n_logits, V)
             first = c.start + len(c.tokens) - c.n_logits                   # row k predicts after token first+k
             judge = c.judge
-            needed = judge is None or judge(-1, None)
             for k in range(c.n_logits):
-                if not needed:
-                    # lazy: the verdict stops at an earlier row; NaN marks what nobody computed
-                    rows[k:] = np.nan
-                    self.skipped += c.n_logits - k
-                    break
                 row = self.store.get(s.keys.key(first + k))
+                if row is None and judge is not None:
+                    if not _reads(judge, rows, k):
+                        # lazy: the verdict stops at an earlier row; NaN marks what nobody computed
+                        rows[k:] = np.nan
+                        self.skipped += c.n_logits - k
+                        break
+                    judge = None                   # the verdict reads this row: every later one counts
                 if row is None:
                     missing.setdefault(c.seq, {})[first + k] = (rows, k)
-                    judge = None                   # past a row it has not seen, every row may count
                 else:
                     rows[k] = row
-                    needed = judge is None or judge(k, row)
-                self.hits += row is not None
+                    self.hits += 1
             out.append(rows)
         n_missing = sum(len(m) for m in missing.values())
         self.misses += n_missing
@@ -235,3 +234,9 @@ class CachedTarget:
                     if slot is not None:
                         slot[0][slot[1]] = r[k]
                 s.real = c.start + len(c.tokens)
+
+
+def _reads(judge, rows: np.ndarray, k: int) -> bool:
+    """Whether a verdict reads row k, given the rows before it: asked only at a miss, so a
+    pass whose rows are all stored never runs the judge (a sampled one costs ~1 ms a row)."""
+    return judge(-1, None) and all(judge(j, rows[j]) for j in range(k))

@@ -138,6 +138,48 @@ def test_codec_p_rejection_sends_p_and_the_edge_owes_the_correction():
     assert s.rejection is None and work.step.tokens == [9, 7]     # the correction is lag in the next pass
 
 
+# -- lazy verdicts (the row cache asks a chain's judge which rows it reads) ----------------------
+def rows_read(judge, step_rows: np.ndarray) -> int:
+    """How many of a step's rows the judge says its verdict reads (as CachedTarget asks it)."""
+    if not judge(-1, None):
+        return 0
+    for k, row in enumerate(step_rows):
+        if not judge(k, row):
+            return k + 1
+    return len(step_rows)
+
+
+@pytest.mark.parametrize("sampling,codec", [(GREEDY, Codec.Q), (TOP1, Codec.Q), (TOP1, Codec.P)])
+@pytest.mark.parametrize("choices", [[5, 6, 7, 9], [5, 6, 2, 9], [5, 1, 1, 1], [4, 6, 7, 9]])
+def test_a_chains_judge_stops_at_the_row_of_its_first_rejection(sampling, codec, choices):
+    """The judge reads rows up to the one that rejects, and the verdict reads no row past it:
+    rows after it may come back NaN from the cache without changing the verdict."""
+    drafted = [5, 6, 7]
+    step_rows = rows(*choices[1:])
+    q_u8, qs = ([200] * 3, []) if codec == Codec.P else ([], [q_for(x, 2) for x in drafted])
+    s = opened(choices[0], sampling=sampling, codec=codec)
+    work = s.verify_step(0, len(PROMPT), drafted, 0, q_u8, qs, want_bonus=False)
+    n, _ = chain_walk(drafted, choices)
+    read = rows_read(work.step.judge, step_rows)
+    # no lag: step row k predicts drafted[k + 1]; the rejection at n is read from row n - 1
+    assert read == (n if n < len(drafted) else len(step_rows))
+    lazy = step_rows.copy()
+    lazy[read:] = np.nan
+    twin = opened(choices[0], sampling=sampling, codec=codec)
+    want = twin.apply_chain(twin.verify_step(0, len(PROMPT), drafted, 0, q_u8, qs, want_bonus=False), step_rows)
+    got = s.apply_chain(work, lazy)
+    assert (got.accepted, got.token) == (want.accepted, want.token) and s.tokens == twin.tokens
+
+
+def test_a_verdict_that_would_read_a_skipped_row_fails_loudly():
+    s = opened(5)
+    work = s.verify_step(0, len(PROMPT), [5, 6], 0, [], [], want_bonus=False)
+    lazy = rows(6, 9)
+    lazy[0] = np.nan                           # the row that accepts 6 was (wrongly) skipped
+    with pytest.raises(RuntimeError, match="never computed"):
+        s.apply_chain(work, lazy)
+
+
 # -- lead tokens ---------------------------------------------------------------------------------
 def lead_one(s: Session) -> int:
     work = s.lead_step()
