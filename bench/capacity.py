@@ -230,7 +230,8 @@ def run(args) -> int:
     for name in g["datasets"]:
         prompts = [tok.encode(p.text, raw=p.raw) for p in datasets.load(name, max(ns))]
         say(f"{name}: target greedy paths and replayed drafter proposals for {len(prompts)} prompts ...")
-        work[name] = replay_work(prompts, n_tokens)
+        # kept beside the row caches: a rerun of the same prompts skips minutes of real decoding
+        work[name] = replay_work(prompts, n_tokens, memo_dir=cache)
     # a context per session that holds the longest prompt and its continuation, no more: N sequences of it
     n_ctx = max(len(w.prompt) for ws in work.values() for w in ws) + n_tokens + 64
     extra = ["--n-ctx", str(n_ctx)] + (["--target-cache", str(cache)] if cache else [])

@@ -18,18 +18,21 @@ and the cell says so (`loadgen_kept_up` false).
 """
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from bench.harness import scrape
 from common.procs import Daemon, free_port, start_cloud, start_link
+from common.rowstore import identity_hash, model_identity
 from edge.drafter import Drafter
 
 DEVICE = "jetson-orin"
@@ -104,17 +107,34 @@ def drafter_proposals(drafter, prompt: list[int], path: list[int]) -> dict[int, 
     return out
 
 
-def replay_work(prompts: list[list[int]], n_tokens: int) -> list[Work]:
-    """Each prompt with the default drafter's proposals along the target's greedy path."""
+def replay_work(prompts: list[list[int]], n_tokens: int, memo_dir: Path | None = None) -> list[Work]:
+    """Each prompt with the default drafter's proposals along the target's greedy path.
+    With `memo_dir`, kept there (JSON) under both models' identities, this build's and the
+    prompts': computing them takes minutes on 2 cores, and a rerun needs the same ones."""
     from edge.derive import DEFAULT_DRAFT, ensure
     from edge.llama_model import LlamaDrafter
+    from edge.model_files import shipped_gguf
+    draft = ensure(DEFAULT_DRAFT, quiet=True)
+    memo = None
+    if memo_dir is not None:
+        key = identity_hash({"target": model_identity(shipped_gguf(), "target"),
+                             "drafter": model_identity(draft, "drafter"), "prompts": prompts, "tokens": n_tokens})
+        memo = memo_dir / f"replay-{key[:24]}.json"
+        if memo.exists():
+            return [Work(w["prompt"], {int(k): v for k, v in w["proposals"].items()})
+                    for w in json.loads(memo.read_text())]
     paths = greedy_paths(prompts, n_tokens)
-    drafter = LlamaDrafter(ensure(DEFAULT_DRAFT, quiet=True), n_ctx=max(1024, max(map(len, prompts)) + n_tokens + 16),
-                           n_threads=1)
+    drafter = LlamaDrafter(draft, n_ctx=max(1024, max(map(len, prompts)) + n_tokens + 16), n_threads=1)
     try:
-        return [Work(p, drafter_proposals(drafter, p, path)) for p, path in zip(prompts, paths)]
+        work = [Work(p, drafter_proposals(drafter, p, path)) for p, path in zip(prompts, paths)]
     finally:
         drafter.close()
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"prompt": w.prompt, "proposals": w.proposals} for w in work]))
+        tmp.replace(memo)                   # whole or absent: an interrupted run leaves no half file
+    return work
 
 
 def wait_idle(port: int, timeout_s: float = 30.0) -> dict[str, float]:

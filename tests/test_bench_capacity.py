@@ -97,6 +97,17 @@ def test_tiny_real_run_writes_consistent_json(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000 and "## Rows" in out.with_suffix(".md").read_text()
     page, _ = build_report(tmp_path)                  # `tandem-bench report` gathers it like any suite
     assert "## capacity" in page and "### capacity: capacity_cells" in page and "| picospec |" in page
+    assert len(list((tmp_path / "cache").glob("replay-*.json"))) == 1, "the replayed work is kept for a rerun"
+
+
+def test_replayed_work_is_kept_and_reused(tmp_path, monkeypatch):
+    import bench.loadgen as L
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    first = L.replay_work(prompts, 3, memo_dir=tmp_path)
+    monkeypatch.setattr(L, "greedy_paths", lambda *a: pytest.fail("computed again"))
+    assert L.replay_work(prompts, 3, memo_dir=tmp_path) == first
+    with pytest.raises(pytest.fail.Exception):       # other prompts are other work
+        L.replay_work([[1, 2, 3]], 3, memo_dir=tmp_path)
 
 
 def test_report_headline_names_capacity_per_target_and_mode():
