@@ -209,6 +209,15 @@ def pct(sim: float, measured: float | None) -> float | None:
     return 100.0 * (sim - measured) / measured if measured else None
 
 
+STREAMED = "fell back to streaming"
+
+
+def measured_plan(dev, target):
+    """The planner's pick, except for a session the run saw fall back to streaming."""
+    from sim import fleet as F
+    return F.Plan("cloud-only", 0, 0, 0.0) if dev.workload == STREAMED else F.plan(dev, target)
+
+
 def validate(capacity: dict, warmup_s: float = 3.0, window_s: float = 20.0, seed: int = 0) -> tuple[list, list]:
     """(validation rows, skipped rows with why) for each measured row of a capacity run."""
     from sim import fleet as F
@@ -234,9 +243,13 @@ def validate(capacity: dict, warmup_s: float = 3.0, window_s: float = 20.0, seed
         # each session's measured acceptance where the run has it (its prompt's), else the cell's
         per = [a if a is not None else mean for a in row.get("session_acceptance") or []]
         accepts = per if len(per) == n else [mean] * n
-        devs = [F.Device(link, step, a, row.get("device", "jetson-orin"), str(row.get("dataset"))) for a in accepts]
+        # an edge whose planner switched to streaming during the run streams in the model too: the
+        # model plans once, at idle prices, and would keep it speculating
+        fell = row.get("session_fallbacks") or [None] * n
+        devs = [F.Device(link, step, a, row.get("device", "jetson-orin"),
+                         STREAMED if f == "cloud-only" else str(row.get("dataset"))) for a, f in zip(accepts, fell)]
         r = F.simulate(devs, 1, latency.TARGETS[target_name], mode, warmup_s=warmup_s, window_s=window_s,
-                       seed=seed)
+                       seed=seed, plan_of=measured_plan)
         # the model's aggregate is steady state: compare with the streams' sum where the run has it
         # (the wall-time aggregate includes every session's prompt prefill and first-token wait)
         measured = row.get("aggregate_stream_tokens_per_s", row.get("aggregate_tokens_per_s"))
