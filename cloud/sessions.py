@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import time
 from typing import Callable
 
@@ -56,7 +57,10 @@ class Registry:
         self._state: dict[str, SessionState] = {}
         self._idle_since: dict[str, float] = {}
         self._on_close: dict[str, Callable[[], None]] = {}
-        self._free = list(range(n_seqs))[::-1]
+        # A heap: a new session takes the lowest free sequence. With one KV stream per sequence, a
+        # pass's attention spans the streams from its lowest sequence to its highest, so live
+        # sessions kept low keep that span to the sessions served.
+        self._free = list(range(n_seqs))
         self._releasing = 0                       # sequences of ended sessions not yet cleared
         self._freed = asyncio.Event()
 
@@ -96,7 +100,7 @@ class Registry:
         if not self._free:
             raise Full()
         admit()
-        sess = make(self._free.pop())
+        sess = make(heapq.heappop(self._free))
         self._sessions[sess.sid] = sess
         self._state[sess.sid] = SessionState.STREAMING if streaming else SessionState.PREFILLING
         self._on_count(len(self._sessions))
@@ -160,7 +164,7 @@ class Registry:
 
         def freed() -> None:
             self._releasing -= 1
-            self._free.append(seq)
+            heapq.heappush(self._free, seq)
             self._freed.set()
         self._sched.run_now(lambda: self._clear(seq)).add_done_callback(lambda _: loop.call_soon_threadsafe(freed))
         return True

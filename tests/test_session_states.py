@@ -311,6 +311,22 @@ def test_lifecycle_open_attach_detach_frees_the_sequence():
     asyncio.run(go())
 
 
+def test_a_new_session_takes_the_lowest_free_sequence():
+    """A pass's attention spans the KV streams from its lowest sequence to its highest: live
+    sessions stay packed at the low end whatever order the earlier ones ended in (measured:
+    8 streams spread over sequences 0-11 ran their passes at up to 2.5x the time)."""
+    async def go():
+        reg, _ = registry(6)
+        held = [await reg.open(make(f"s{i}")) for i in range(4)]
+        assert [s.seq for s in held] == [0, 1, 2, 3]
+        for s in (held[3], held[0], held[2]):
+            reg.detach(s)
+        await settle()
+        again = [await reg.open(make(f"t{i}")) for i in range(4)]
+        assert [s.seq for s in again] == [0, 2, 3, 4]
+    asyncio.run(go())
+
+
 def test_close_during_a_stream_tells_it_and_frees_the_sequence_once_it_detaches():
     async def go():
         reg, cleared = registry()
