@@ -414,6 +414,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                         # after the end, the first to arrive starts a pass alone and the others
                         # take turns (measured: 2 sessions got half the rate of 1 each).
                         nxt = sess.stream_step()
+                        nxt.step.follows = True
                         queued = (nxt, asyncio.ensure_future(self._rows(nxt.step)))
                     await self._pass_end(work.step)
                 except TargetError as e:
