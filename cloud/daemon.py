@@ -63,20 +63,31 @@ def thread_keeper(target: Target, metrics: Metrics, counts: tuple[int, ...]):
     """The scheduler's per-pass hook with --threads 0: metrics, then the thread count the
     passes being served run fastest with (cloud/threads.py). Runs on the scheduler's thread,
     the model's only user, between passes."""
-    tuner = ThreadTuner(counts, current=target.n_threads)
+    # One tuner for one-token passes, one for the rest: llama.cpp runs them with its two thread
+    # counts, and they want different ones beside an edge on the same cores (measured on 2
+    # cores: a stream's one-token passes ran 15 ms with 1 thread against 26 with 2, while
+    # 8 streams' passes of 8 ran faster with 2).
+    tuners = {True: ThreadTuner(counts, current=target.n_threads_single),
+              False: ThreadTuner(counts, current=target.n_threads)}
     metrics.threads.set(target.n_threads)
+    metrics.threads_single.set(target.n_threads_single)
 
     def on_pass(s):
         metrics.observe_pass(s)
         if s.cache_misses == 0 and s.cache_hits:
             return                          # served from the row cache: the model did not run
+        single = s.tokens == 1
+        tuner = tuners[single]
         switches = tuner.switches
-        n = tuner.observe(s.tokens, s.real_s)   # real compute: an emulated hold would hide it
-        if n != target.n_threads:
-            target.set_threads(n)
-            metrics.threads.set(n)
+        tuner.observe(s.tokens, s.real_s)   # real compute: an emulated hold would hide it
+        batch, one = tuners[False].active, tuners[True].active
+        if (batch, one) != (target.n_threads, target.n_threads_single):
+            target.set_threads(batch, one)
+            metrics.threads.set(batch)
+            metrics.threads_single.set(one)
         if tuner.switches != switches:
-            log.info("threads: now %d (same-sized passes ran faster with it)", n)
+            log.info("threads: now %d for %s passes (same-sized passes ran faster with it)",
+                     tuner.current, "one-token" if single else "multi-token")
     return on_pass
 
 

@@ -27,7 +27,10 @@ class Metrics:
                                    "decoding", registry=r)
         self.exact_max_diff = Gauge("tandem_verifier_exact_max_logit_diff",
                                     "largest logit difference the start-up check found (0: bitwise)", registry=r)
-        self.threads = Gauge("tandem_verifier_threads", "llama.cpp threads the passes run with now", registry=r)
+        self.threads = Gauge("tandem_verifier_threads", "llama.cpp threads passes of several tokens run with now",
+                             registry=r)
+        self.threads_single = Gauge("tandem_verifier_threads_single_token",
+                                    "llama.cpp threads one-token passes run with now", registry=r)
         # real compute against the model, per pass: where real exceeds modelled, an emulated
         # figure measures this machine instead of the modelled GPU (docs/emulation.md)
         self.pass_real = Counter("tandem_verifier_pass_real_seconds",

@@ -145,12 +145,15 @@ class Target:
             raise ValueError(f"llama.cpp could not create a context of {n_seqs} x {n_ctx} tokens")
         self.mem = ll.llama_get_memory(self.ctx)
         self.n_threads, self.gpu_layers, self.kv_unified = n_threads, gpu_layers, kv_unified
+        self.n_threads_single = n_threads
         self._batch = ll.llama_batch_init(self.max_batch_tokens, 0, 1)
         self._seq_len = [0] * n_seqs
 
-    def set_threads(self, n: int) -> None:
-        self._ll.llama_set_n_threads(self.ctx, n, n)
-        self.n_threads = n
+    def set_threads(self, n: int, n_single: int | None = None) -> None:
+        """Threads for passes of several tokens (`n`) and of one token (`n_single`, default n):
+        llama.cpp runs a one-token pass with its n_threads and any other with n_threads_batch."""
+        self.n_threads, self.n_threads_single = n, n if n_single is None else n_single
+        self._ll.llama_set_n_threads(self.ctx, self.n_threads_single, self.n_threads)
 
     def seq_len(self, seq: int) -> int:
         return self._seq_len[seq]

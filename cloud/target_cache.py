@@ -107,6 +107,10 @@ class CachedTarget:
     def n_threads(self) -> int:
         return self.target.n_threads
 
+    @property
+    def n_threads_single(self) -> int:
+        return self.target.n_threads_single
+
     def cache_counts(self) -> tuple[int, int]:
         """(rows served from the store, rows computed) so far."""
         return self.hits, self.misses

@@ -78,13 +78,18 @@ def test_size_buckets():
     assert [size_bucket(n) for n in (0, 1, 2, 3, 4, 7, 8, 255)] == [0, 0, 1, 1, 2, 2, 3, 7]
 
 
-def test_the_verifier_switches_its_model_to_the_faster_count():
-    """The daemon's per-pass hook drives a real Target's thread count and the gauge."""
+def test_the_verifier_tunes_one_token_and_larger_passes_apart():
+    """The daemon's per-pass hook drives a real Target's two thread counts and their gauges:
+    here one-token passes run faster with 1 thread (a stream beside its edge), passes of 8
+    with 2 (llama.cpp's n_threads and n_threads_batch)."""
     from cloud.daemon import thread_keeper
     from cloud.metrics import Metrics
     from cloud.scheduler import PassStats
     from cloud.target import Target
     from edge.model_files import shipped_gguf
+
+    def mixed(t: int, n: int) -> float:
+        return loaded(t, n) if n == 1 else idle(t, n)
 
     target = Target(shipped_gguf(), n_ctx=64, n_seqs=1, n_threads=2)
     try:
@@ -92,11 +97,14 @@ def test_the_verifier_switches_its_model_to_the_faster_count():
         on_pass = thread_keeper(target, metrics, (1, 2))
         seen = set()
         for n in itertools.islice(itertools.cycle((1, 8)), 600):
-            seen.add(target.n_threads)
-            t = loaded(target.n_threads, n)
-            on_pass(PassStats(n, 1, max(t, 0.5), real_s=t))   # an emulated hold hides the real time
-        assert target.n_threads == 1 and seen == {1, 2}
-        assert metrics.registry.get_sample_value("tandem_verifier_threads") == 1
+            t = target.n_threads_single if n == 1 else target.n_threads
+            seen.add((n, t))
+            real = mixed(t, n)
+            on_pass(PassStats(n, 1, max(real, 0.5), real_s=real))   # an emulated hold hides the real time
+        assert (target.n_threads_single, target.n_threads) == (1, 2)
+        assert seen == {(1, 1), (1, 2), (8, 1), (8, 2)}, "each class tried the other count"
+        assert metrics.registry.get_sample_value("tandem_verifier_threads") == 2
+        assert metrics.registry.get_sample_value("tandem_verifier_threads_single_token") == 1
     finally:
         target.close()
 
