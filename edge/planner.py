@@ -35,6 +35,7 @@ would have done (edge/picospec.py: _observe_unsent_sibling).
 from __future__ import annotations
 
 import copy
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -48,6 +49,23 @@ class Ema:
 
     def add(self, x: float) -> None:
         self.value += self.weight * (x - self.value)
+
+
+class WindowMedian:
+    """The median of the last `size` samples: a draft step's time. One step can take far longer
+    than the rest (a catch-up, a stall, a pause of the device), and an average would carry it
+    into the next session's decision (measured: one 1.04 s step among 102 of 13 ms left an EMA
+    at 271 ms, and no later session speculated)."""
+
+    def __init__(self, first: float, size: int = 16):
+        self._samples: deque[float] = deque([first], maxlen=size)
+
+    def add(self, x: float) -> None:
+        self._samples.append(x)
+
+    @property
+    def value(self) -> float:
+        return statistics.median(self._samples)
 
 
 class AcceptRate:
@@ -151,7 +169,7 @@ class Planner:
         # lead_after_rtt: codec P, where the verifier cannot lead past a rejection
         # before the edge's correction arrives, a round trip later
         self.pipelined, self.lead, self.lead_after_rtt = pipelined, lead, lead_after_rtt
-        self.t_draft = Ema(t_draft_s)
+        self.t_draft = WindowMedian(t_draft_s)
         # Round trip minus the verifier's compute: a windowed minimum, since
         # blocks queued behind others at the verifier inflate single samples.
         self.rtt_samples: deque[float] = deque([rtt_s], maxlen=16)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from edge.planner import AcceptRate, Planner
 
 
@@ -165,3 +167,17 @@ def test_a_session_whose_start_cost_more_than_its_steady_gain_does_not_start_the
     plan = p.plan()
     assert plan.realized_rate == 15.0 and plan.session_rate == 10.0
     assert plan.speculate and not plan.worth_starting
+
+
+def test_one_slow_draft_step_does_not_price_the_next_session():
+    """A draft step that stalled (a catch-up, a device pause) is one sample among many: the
+    planner's draft time is their median, so the next session is still judged on 13 ms steps."""
+    from edge.planner import WindowMedian
+    t = WindowMedian(0.013)
+    for _ in range(100):
+        t.add(0.013)
+    t.add(1.04)
+    assert t.value == pytest.approx(0.013)
+    for _ in range(15):
+        t.add(0.2)                       # the device really got slower: the window follows
+    assert t.value == pytest.approx(0.2)
