@@ -26,7 +26,9 @@ class GenConfig:
     emulate_device: str | None = None
     stall_timeout_s: float = 30.0     # no verdict for this long: the cloud is considered lost
     uplink_share: float = 0.25        # codec auto: assumed uplink/downlink rate ratio
-    tree: str = "auto"                # draft trees: off (chains), auto (where the planner predicts a gain), always
+    # draft trees: off (chains), auto (where the planner predicts a gain), always. Off by default
+    # until auto measures at least chains' speed in every cell (docs/measurements.md, Draft trees)
+    tree: str = "off"
     require_cloud: bool = False       # verifier unreachable or lost: fail instead of serving edge-only text
 
     def __post_init__(self):

@@ -33,7 +33,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="residual codec at T>0: P = sparse p down once per rejection, Q = sparse q up per "
                          "token, auto = Q where the verifier leading through rejections is predicted to pay "
                          "(measured by the last session), else by expected link cost (default: %(default)s)")
-    ap.add_argument("--tree", choices=TREES, default="auto",
+    ap.add_argument("--tree", choices=TREES, default="off",
                     help="draft trees: siblings beside the drafted chain where the drafter is unsure, verified in "
                          "the same pass. auto = where the planner predicts more tokens per second than the chain "
                          "(measured as it goes), always = every block (tests, measurement), off = chains. At T>0 "
