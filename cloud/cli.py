@@ -51,10 +51,8 @@ needs 'authorization: Bearer TOKEN' except the gRPC health check, which load
 balancers probe without credentials. Sessions are bound to their opener.
 
 Emulated targets: """ + ", ".join(f"{n} ({p.source})" for n, p in TARGETS.items())
-
-
-
 GIL_SWITCH_S = 0.0005     # see main: the scheduler thread gets the interpreter soon after work is queued
+
 
 def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="cloud-verifier", description=__doc__, epilog=EPILOG,

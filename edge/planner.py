@@ -59,13 +59,11 @@ class WindowMedian:
 
     def __init__(self, first: float, size: int = 16):
         self._samples: deque[float] = deque([first], maxlen=size)
+        self.value = first           # kept current on add: the plan reads it for every (g, W) it prices
 
     def add(self, x: float) -> None:
         self._samples.append(x)
-
-    @property
-    def value(self) -> float:
-        return statistics.median(self._samples)
+        self.value = statistics.median(self._samples)
 
 
 class AcceptRate:

@@ -42,12 +42,12 @@ Sessions
   `plan()` prices (g, W) with the planner's own formula (kernels/speculation_rate.py).
 * cloud lead (the edge's default, `lead=True`): after a rejection the verifier
   decodes on alone, one token a pass, until the edge's next block arrives, as
-  cloud/session.py leads while it awaits the edge's new branch. Its tokens count
-  as the planner's formula counts them (`led`): on top of what the next block
-  yields. That block's drafts at positions the lead already decided are not
-  drawn again against the lead tokens, so the model overrates a lead by the
-  branches a lead token would kill (the edge then restarts at once, and the
-  verifier keeps leading meanwhile).
+  cloud/session.py leads while it awaits the edge's new branch. Each lead token
+  is committed, and matches the branch's draft there with probability a: a
+  match lets the branch's block skip that position, a mismatch kills the
+  branch (its blocks are dropped, the edge restarts once the token reaches it,
+  and the lead goes on). The planner's formula counts every led token as a
+  gain, so it prices a lead higher than this model runs it.
 
 What it leaves out, on purpose: prompt prefill (sessions are in steady state:
 every device generating all the time, the peak-hour case), link jitter, loss

@@ -102,7 +102,7 @@ def test_a_leading_verifier_never_leaves_a_session_below_streaming():
     assert r.rates[0] == pytest.approx(1 / LIN.forward_s(1), rel=0.01)
 
 
-def test_lead_tokens_the_drafts_match_are_not_verified_again():
+def test_a_session_that_is_never_rejected_never_leads():
     """a = 1: a lead token always matches the edge's draft there, so the branch lives and its
     block skips the led positions; nothing is ever rejected, so no lead starts at all and the
     rate is the lead-free one."""
