@@ -74,6 +74,9 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                          "time measured at start-up) predicts that every session keeps S tokens/s, from the "
                          "acceptance measured so far; otherwise RESOURCE_EXHAUSTED as when full. Also bounds "
                          "the tokens per pass (default: no SLO)")
+    ap.add_argument("--slo-headroom", type=float, default=0.1, metavar="H",
+                    help="with --slo-tokens-per-s S, admit and size passes for S * (1 + H): the model predicts "
+                         "a session's steady rate, the SLO is kept by the slowest 10 %% (default: %(default)s)")
     ap.add_argument("--max-draft", type=int, default=32, help="longest accepted draft block (default: %(default)s)")
     ap.add_argument("--tree-seqs", type=int, default=3,
                     help="scratch sequences for draft trees: a tree's branches off its main chain are verified in "
@@ -142,7 +145,7 @@ def parse_args(argv) -> tuple[VerifierConfig, argparse.Namespace]:
                           idle_timeout_s=a.idle_timeout, token=token, tls_cert=a.tls_cert, tls_key=a.tls_key,
                           tls_client_ca=a.tls_client_ca, insecure=a.insecure,
                           emulate_target=a.emulate_target, target_cache=a.target_cache, metrics=a.metrics,
-                          slo_tokens_per_s=a.slo_tokens_per_s), a
+                          slo_tokens_per_s=a.slo_tokens_per_s, slo_headroom=a.slo_headroom), a
 
 
 def main(argv: list[str] | None = None) -> int:

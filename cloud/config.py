@@ -36,6 +36,7 @@ class VerifierConfig:
     max_message_bytes: int = 1 << 20    # largest request accepted
     retry_after_s: float = 2.0          # hint sent with RESOURCE_EXHAUSTED
     slo_tokens_per_s: float | None = None   # admit a session only while every one is predicted to keep this
+    slo_headroom: float = 0.1               # ... aiming that prediction at slo * (1 + headroom)
     grace_s: float = 5.0
 
     def __post_init__(self):
@@ -58,6 +59,8 @@ class VerifierConfig:
             raise ValueError("n_ctx must be >= 16")
         if self.slo_tokens_per_s is not None and not self.slo_tokens_per_s > 0:
             raise ValueError("slo_tokens_per_s must be > 0")
+        if not 0 <= self.slo_headroom < 1:
+            raise ValueError("slo_headroom must be in [0, 1)")
         if self.target_cache is not None and self.emulate_target is None:
             raise ValueError("--target-cache needs --emulate-target: it skips the target's real compute, "
                              "which only an emulated target's modelled time stands in for")

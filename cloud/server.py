@@ -77,7 +77,7 @@ class VerifierService(pb_grpc.VerifierServicer):
             profile = emulate or LatencyProfile("measured", self.pass_a_s, self.pass_b_s,
                                                 "this verifier's pass time, measured at start-up")
             self.slo = SloAdmission(cfg.slo_tokens_per_s, profile, cap=scheduler.budget,
-                                    floor=cfg.max_draft + 2, batched=cfg.batching)
+                                    floor=cfg.max_draft + 2, batched=cfg.batching, headroom=cfg.slo_headroom)
             metrics.slo.set(cfg.slo_tokens_per_s)
             self._refresh_slo()
 

@@ -250,10 +250,12 @@ def plan(dev: Device, target, context: int = CONTEXT0, lead: bool = True) -> Pla
 class Admission:
     """What a replica admits (see `admits`). max_sessions: `cloud-verifier --max-sessions`.
     slo_tokens_per_s: admit only while the cost model predicts each session still gets this
-    rate with one more session; step_tokens / yield_tokens: tokens a session puts in a pass and
+    rate with one more session, aiming at it times 1 + slo_headroom as the verifier does
+    (`--slo-headroom`); step_tokens / yield_tokens: tokens a session puts in a pass and
     gets out of it (1 / 1 for cloud-only streaming)."""
     max_sessions: int | None = None
     slo_tokens_per_s: float | None = None
+    slo_headroom: float = 0.1
     target: object = None
     step_tokens: float = 1.0
     yield_tokens: float = 1.0
@@ -268,7 +270,8 @@ def admits(sessions: int, S: Admission) -> bool:
     * speed objective (when S.slo_tokens_per_s is set): with n = sessions + 1 sessions each
       putting S.step_tokens into every pass and getting S.yield_tokens out of it, a pass costs
       t(n·step, n·context) and each session gets yield / t(...) tokens/s; admit while that is
-      >= the objective. For cloud-only sessions (1 / 1) this is 1 / t(n) >= SLO.
+      >= the objective times 1 + headroom. For cloud-only sessions (1 / 1) this is
+      1 / t(n) >= SLO (1 + headroom).
     The prediction is the verifier's own (`sim.admission.predict`, behind
     `cloud-verifier --slo-tokens-per-s`), for n sessions of the same demand."""
     n = sessions + 1
@@ -276,7 +279,7 @@ def admits(sessions: int, S: Admission) -> bool:
         return False
     if S.slo_tokens_per_s is not None:
         one = Demand(tau=S.yield_tokens, tokens=S.step_tokens, kv=S.context)
-        if predict(S.target, [one] * n).min_rate < S.slo_tokens_per_s:
+        if predict(S.target, [one] * n).min_rate < S.slo_tokens_per_s * (1 + S.slo_headroom):
             return False
     return True
 

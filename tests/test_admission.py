@@ -69,7 +69,7 @@ class Verifier:
 
 @pytest.fixture()
 def slo_verifier():
-    v = Verifier("--slo-tokens-per-s", str(SLO))
+    v = Verifier("--slo-tokens-per-s", str(SLO), "--slo-headroom", "0")
     yield v
     v.stop()
 
@@ -138,7 +138,7 @@ def test_a_prompt_needs_room_beside_every_decode(tokenizer):
     two (16 + 20 = 36) are admitted; a third would keep 4.73 tokens/s, but its prompt's
     chunk beside 24 decode tokens passes the budget (44 > 41), so it is refused, where
     the rate alone admitted five. No stream has run, so no measured slowdown enters."""
-    v = Verifier("--slo-tokens-per-s", "3.8")
+    v = Verifier("--slo-tokens-per-s", "3.8", "--slo-headroom", "0")
     try:
         held = [v.open(tokenizer) for _ in range(2)]
         assert v.metric("tandem_verifier_batch_budget_tokens") == 41
@@ -176,6 +176,20 @@ def test_the_edge_waits_out_an_slo_refusal_as_it_does_a_full_verifier(slo_verifi
         client.close()
         for r in held:
             v.close(r)
+
+
+def test_by_default_admission_aims_above_the_slo(tokenizer):
+    """The default 10 % headroom: at 5 tokens/s decisions aim at 5.5, so the second
+    session at the prior (5.31 tokens/s with two, module docstring) is refused where
+    --slo-headroom 0 admits it, and the error says what was aimed at."""
+    v = Verifier("--slo-tokens-per-s", str(SLO))
+    try:
+        held = v.open(tokenizer)
+        err = refused(lambda: v.open(tokenizer))
+        assert "5.31 tokens/s" in err.details() and "aiming at 5.5 with 10% headroom" in err.details(), err.details()
+        v.close(held)
+    finally:
+        v.stop()
 
 
 def test_without_the_flag_admission_is_unchanged(tokenizer):
@@ -231,7 +245,8 @@ def test_demands_come_from_each_sessions_passes_or_the_prior():
     # held: tau 4, b 6 (fresh) and tau 1, b 1 (stream): 7 tokens, slowest 1 / (0.142 + 0.0029 * 7)
     budget = adm.refresh([fresh, stream])
     assert adm.now.min_rate == pytest.approx(1 / (0.142 + 0.0029 * 7))
-    assert budget == 34 and adm.status() == {"slo_tokens_per_s": SLO, "batch_budget": 34, "slowdown": 1.0,
+    assert budget == 34 and adm.status() == {"slo_tokens_per_s": SLO, "slo_headroom": 0.0, "batch_budget": 34,
+                                             "slowdown": 1.0,
                                              "predicted_min_tokens_per_s": round(1 / 0.1623, 3)}
     adm.check([fresh, stream], adm.prior(True, 5))          # one more stream: 8 tokens, 6.09 tokens/s
     with pytest.raises(SloMissed, match="under the 5 tokens/s"):

@@ -195,12 +195,15 @@ def test_least_sessions_balancer_and_max_sessions():
 def test_admits_hand_computed():
     assert F.admits(0, F.Admission())
     assert F.admits(2, F.Admission(max_sessions=3)) and not F.admits(3, F.Admission(max_sessions=3))
-    slo = F.Admission(slo_tokens_per_s=10.0, target=LIN)
+    slo = F.Admission(slo_tokens_per_s=10.0, target=LIN, slo_headroom=0.0)
     # 1/t(n) >= 10 <=> 70 + 1.9 n <= 100 ms <=> n <= 15.8: the 15th session is admitted, the 16th not
     assert F.admits(14, slo) and not F.admits(15, slo)
     # a picospec session putting 5 tokens in a pass and getting 3 out: 3 / (70 + 1.9·5n) ms >= 10
-    spec = F.Admission(slo_tokens_per_s=10.0, target=LIN, step_tokens=5, yield_tokens=3)
+    spec = F.Admission(slo_tokens_per_s=10.0, target=LIN, step_tokens=5, yield_tokens=3, slo_headroom=0.0)
     assert F.admits(23, spec) and not F.admits(24, spec)      # n = 24: 298 ms; n = 25: 307.5 ms
+    # with 25 % headroom, as the verifier: 1/t(n) >= 12.5 <=> t(n) <= 80 ms <=> n <= 5.26
+    aimed = F.Admission(slo_tokens_per_s=10.0, target=LIN, slo_headroom=0.25)
+    assert F.admits(4, aimed) and not F.admits(5, aimed)
 
 
 # -- sizing ---------------------------------------------------------------------------------------
