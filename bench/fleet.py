@@ -24,6 +24,7 @@ Figures are simulated, not measured: the model's assumptions are in docs/fleet.m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -43,7 +44,7 @@ GPU_PRICE_PER_HOUR = {"a100-80gb": 2.0, "h100-sxm": 3.0}
 COLUMNS = ["target", "mode", "slo_tokens_per_s", "sessions_per_replica", "replicas", "gpus", "p10_tokens_per_s",
            "p50_tokens_per_s", "aggregate_tokens_per_s", "picospec_share", "tokens_per_pass", "utilisation",
            "usd_per_million_tokens", "meets_slo", "sim_cpu_s"]
-VALIDATION_COLUMNS = ["target", "profile", "dataset", "mode", "n_sessions", "acceptance_rate",
+VALIDATION_COLUMNS = ["target", "profile", "dataset", "mode", "n_sessions", "protocol", "acceptance_rate",
                       "measured_tokens_per_s", "simulated_tokens_per_s", "error_tokens_per_s_pct",
                       "measured_p10", "simulated_p10", "error_p10_pct"]
 
@@ -213,16 +214,63 @@ STREAMED = "fell back to streaming"
 
 
 def measured_plan(dev, target):
-    """The planner's pick, except for a session the run saw fall back to streaming."""
+    """What the run's edge did: streaming for a session the run saw fall back to it, the block
+    length and window its planner ended on where the run recorded them, else the model's
+    planner's pick (at idle prices)."""
     from sim import fleet as F
-    return F.Plan("cloud-only", 0, 0, 0.0) if dev.workload == STREAMED else F.plan(dev, target)
+    if dev.workload == STREAMED:
+        return F.Plan("cloud-only", 0, 0, 0.0)
+    if dev.gamma and dev.window:
+        return F.Plan("picospec", dev.gamma, dev.window, 0.0)
+    return F.plan(dev, target)
+
+
+def run_prompts(capacity: dict) -> dict[str, list[int]]:
+    """Prompt lengths, per dataset, of the sessions of a capacity run whose rows predate
+    `session_prompt_tokens`: session i ran prompt i of `datasets.load(name, k)`, k the largest
+    N of the run (bench/capacity.py), tokenized as the run did. {} where that cannot be done."""
+    from bench import datasets
+    from edge.llama_model import Tokenizer
+    from edge.model_files import shipped_gguf
+    rows = capacity["rows"]
+    k = max(int(r.get("n_sessions") or 0) for r in rows)
+    try:
+        tok = Tokenizer(shipped_gguf())
+        return {name: [len(tok.encode(p.text, raw=p.raw)) for p in datasets.load(name, k)]
+                for name in {r.get("dataset") for r in rows} if name in datasets.DATASETS}
+    except Exception as e:  # noqa: BLE001 - then the steady state stands in
+        print(f"[fleet] no prompt lengths for the run's sessions ({e}): rows without them are simulated in "
+              f"steady state", file=sys.stderr)
+        return {}
+
+
+def requests_of(row: dict, n: int, prompts) -> "object | None":
+    """The run's requests for a row (sim/fleet.py `Requests`): its sessions' prompt lengths and
+    tokens, or None where the run did not record them and they cannot be recomputed."""
+    from sim import fleet as F
+    tokens = row.get("tokens_per_session")
+    lengths = row.get("session_prompt_tokens")
+    if not tokens:
+        return None
+    if not lengths or len(lengths) != n:
+        known = prompts().get(row.get("dataset")) or []
+        if not known:
+            return None
+        lengths = [known[i % len(known)] for i in range(n)]
+    return F.Requests(tuple(int(x) for x in lengths), int(tokens))
 
 
 def validate(capacity: dict, warmup_s: float = 3.0, window_s: float = 20.0, seed: int = 0) -> tuple[list, list]:
-    """(validation rows, skipped rows with why) for each measured row of a capacity run."""
+    """(validation rows, skipped rows with why) for each measured row of a capacity run.
+
+    A row that says how long its sessions were (`tokens_per_session`) is simulated as the run
+    was made: each session one request, its prompt prefilled first (`session_prompt_tokens`, or
+    recomputed for older runs: `run_prompts`), rates as the bench measures them (protocol
+    "requests"). Otherwise the steady state stands in (protocol "steady")."""
     from sim import fleet as F
     from sim import latency
     out, skipped = [], []
+    prompts = functools.cache(lambda: run_prompts(capacity))
     for row in capacity["rows"]:
         target_name = str(row.get("target", "")).removeprefix("emulated:")
         mode = "picospec" if str(row.get("mode", "")).startswith("picospec") else row.get("mode")
@@ -246,16 +294,23 @@ def validate(capacity: dict, warmup_s: float = 3.0, window_s: float = 20.0, seed
         # an edge whose planner switched to streaming during the run streams in the model too: the
         # model plans once, at idle prices, and would keep it speculating
         fell = row.get("session_fallbacks") or [None] * n
+        # the block length and window each session's planner ended on, where the run has them
+        gammas, windows = row.get("session_gamma") or [], row.get("session_window") or []
+        if len(gammas) != n or len(windows) != n:
+            gammas = windows = [0] * n
         devs = [F.Device(link, step, a, row.get("device", "jetson-orin"),
-                         STREAMED if f == "cloud-only" else str(row.get("dataset"))) for a, f in zip(accepts, fell)]
+                         STREAMED if f == "cloud-only" else str(row.get("dataset")), int(g or 0), int(w or 0))
+                for a, f, g, w in zip(accepts, fell, gammas, windows)]
+        requests = requests_of(row, n, prompts)
         r = F.simulate(devs, 1, latency.TARGETS[target_name], mode, warmup_s=warmup_s, window_s=window_s,
-                       seed=seed, plan_of=measured_plan)
+                       seed=seed, plan_of=measured_plan, requests=requests)
         # the model's aggregate is steady state: compare with the streams' sum where the run has it
         # (the wall-time aggregate includes every session's prompt prefill and first-token wait)
         measured = row.get("aggregate_stream_tokens_per_s", row.get("aggregate_tokens_per_s"))
         measured_p10 = row.get("session_tokens_per_s_p10")
         out.append({"target": row.get("target"), "gpu": row.get("gpu"), "profile": row["profile"],
                     "dataset": row.get("dataset"), "mode": row.get("mode"), "n_sessions": n,
+                    "protocol": "steady" if requests is None else "requests",
                     "acceptance_rate": row.get("acceptance_rate"),
                     "measured_tokens_per_s": measured, "simulated_tokens_per_s": r.aggregate_tokens_per_s,
                     "measured_wall_tokens_per_s": row.get("aggregate_tokens_per_s"),

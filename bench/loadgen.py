@@ -226,10 +226,12 @@ def run_sessions(address: str, tok, work: list[Work], cfg, n: int) -> list[dict]
             results[i] = {"t0": t0, "t1": time.monotonic(), "tokens": len(c.tokens), "stamps": stamps,
                           "verified": c.stats.verified, "accepted": c.stats.accepted,
                           "fallback": c.stats.fallback, "bytes_up": c.stats.bytes_up,
+                          "gamma": c.stats.gamma, "window": c.stats.window,
                           "bytes_down": c.stats.bytes_down, "error": None}
         except Exception as e:  # noqa: BLE001 - a failed session is reported, not fatal to the run
             results[i] = {"t0": t0, "t1": time.monotonic(), "tokens": 0, "stamps": [], "verified": 0,
-                          "accepted": 0, "fallback": None, "bytes_up": 0, "bytes_down": 0, "error": str(e)}
+                          "accepted": 0, "fallback": None, "bytes_up": 0, "bytes_down": 0, "error": str(e),
+                          "gamma": 0, "window": 0}
         finally:
             client.close()
 
@@ -311,7 +313,12 @@ def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int
             # each session's own (None where it verified nothing): prompts differ, and the slowest
             # sessions are the ones whose drafts the target takes least
             "session_acceptance": [r["accepted"] / r["verified"] if r["verified"] else None for r in results],
+            # each session's prompt length (a model of the run prefills them: bench/fleet.py --validate)
+            "session_prompt_tokens": [len(work[i % len(work)].prompt) for i in range(n)],
             "session_fallbacks": [r["fallback"] for r in results],
+            # each session's stream rate and the block length and window its planner ended on
+            "session_tokens_per_s": rates,
+            "session_gamma": [r["gamma"] for r in results], "session_window": [r["window"] for r in results],
             # what all sessions together sent over their link: a shared link-sim must stay far above it
             "link_up_mbit_s": sum(r["bytes_up"] for r in results) * 8e-6 / span,
             "link_down_mbit_s": sum(r["bytes_down"] for r in results) * 8e-6 / span,

@@ -49,7 +49,14 @@ Sessions
   and the lead goes on). The planner's formula counts every led token as a
   gain, so it prices a lead higher than this model runs it.
 
-What it leaves out, on purpose: prompt prefill (sessions are in steady state:
+Requests (`Requests`, what `tandem-bench fleet --validate` runs): the capacity
+bench's protocol instead of the steady state. Every device sends one request at
+once; its prompt is prefilled first (the scheduler's rule: decodes first, one
+chunk's room kept for prompts, prompts filling what is left of the budget),
+the prefill's last pass gives its first token, and the session ends after its
+last one. A session's rate is its stream's, as the bench measures it.
+
+What the steady state leaves out, on purpose: prompt prefill (sessions are in steady state:
 every device generating all the time, the peak-hour case), link jitter, loss
 and outages, draft trees, and the planner relearning under
 load (it plans once, at idle prices). Each is a conservative or neutral
@@ -79,12 +86,15 @@ MAX_BATCH_TOKENS = 256      # cloud-verifier --max-batch-tokens default (docs/ar
 FIRST_BLOCK = 3             # edge/picospec.py: the first block after a break
 CONTEXT0 = latency.DEFAULT_CONTEXT  # tokens of context a session holds when it starts (the paper's 512)
 MAX_GAMMA, MAX_WINDOW = 16, 8       # the planner's defaults
+MAX_DRAFT = 32              # cloud-verifier --max-draft default: the most drafts one pass verifies for a session
 # Bytes on the wire (docs/wire-protocol.md): a block is a Draft message with 4-byte packed
 # token ids (vocab > 65,536) and, at T > 0 with codec P, one byte of q(x) per token; about
 # 30 bytes of HTTP/2 + gRPC framing and protobuf fields around it. A verdict is the 30 bytes
 # plus a token. Assumed from the message layout, not measured; at the mix's rates they cost
 # microseconds to milliseconds, far under the round trips.
 BLOCK_BYTES, TOKEN_BYTES, VERDICT_BYTES = 30, 5, 34
+PROMPT_CHUNK = 64           # cloud/scheduler.py: the room a waiting prompt keeps in a pass (2 x 32)
+REQUEST_HORIZON_S = 3600.0  # Requests: model time a run may take at most
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,8 @@ class Device:
     accept: float
     device: str = "custom"
     workload: str = "custom"
+    gamma: int = 0          # the block length and window its planner chose, where a run measured
+    window: int = 0         # them (0: `plan` picks)
 
 
 def population(n: int, workloads=WORKLOADS, devices=DEVICE_MIX, links=LINK_MIX,
@@ -285,6 +297,27 @@ def admits(sessions: int, S: Admission) -> bool:
 
 
 # -- the discrete-event model ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Requests:
+    """The capacity bench's protocol (bench/loadgen.py `run_sessions`): device i sends one
+    request at time 0 with a prompt of prompt_tokens[i] tokens and gets `tokens` tokens."""
+    prompt_tokens: tuple[int, ...]
+    tokens: int
+
+    def __post_init__(self):
+        if self.tokens < 1 or any(p < 1 for p in self.prompt_tokens):
+            raise ValueError("a request needs a prompt of at least one token and at least one token out")
+
+
+def stream_rate(stamps: list[tuple[float, int]]) -> float | None:
+    """As the bench's (bench/loadgen.py): the tokens after the first arrival over the time from
+    it to the last; None when every token came at once."""
+    if not stamps:
+        return None
+    later = sum(n for t, n in stamps if t > stamps[0][0])
+    return later / (stamps[-1][0] - stamps[0][0]) if later else None
+
+
 @dataclass(slots=True)
 class Step:
     """One session's work for one pass: n tokens to evaluate, drafted of them to judge."""
@@ -293,6 +326,7 @@ class Step:
     drafted: int = 0
     epoch: int = 0
     lead: bool = False               # a lead token: the verifier decoding on alone after a rejection
+    prefill: bool = False            # a chunk of the session's prompt
 
 
 @dataclass(slots=True)
@@ -312,18 +346,25 @@ class Session:
     draft_id: int = 0                # the block being drafted; a rejection starts another
     leading: bool = False            # the verifier leads until the edge's next block arrives
     overlap: int = 0                 # lead tokens the edge's next drafts must match (decided ahead of them)
+    prefill_left: int = 0            # Requests: prompt tokens still to prefill
+    goal: int | None = None          # Requests: tokens the request asks for ...
+    generated: int = 0               # ... generated so far
+    stamps: list | None = None       # ... (time, tokens) of each arrival
+    done: bool = False
 
 
 class Replica:
     """One verifier: a queue of steps and the scheduler's rule (cloud/scheduler.py): each pass
-    takes every queued step that fits the token budget, oldest first, one per session, a block
-    never split; steps of a stale epoch are dropped. The pass lasts target.forward_s(n, K), K
+    takes every queued step that fits the token budget, oldest first, one per session (a
+    session's blocks queued one behind the other merged into it, as cloud/inbox.py merges
+    them), a block never split; steps of a stale epoch are dropped. The pass lasts target.forward_s(n, K), K
     the KV cache its sessions hold. Like the sessions, it runs on its timer's callback: a pass
     ends, its steps are answered, the next pass gathers what is queued by then."""
 
     def __init__(self, env: simpy.Environment, fleet: "Fleet", budget: int = MAX_BATCH_TOKENS):
         self.env, self.fleet, self.budget = env, fleet, budget
         self.queue: list[Step] = []
+        self.prompts: list[Session] = []            # Requests: sessions whose prompt waits, oldest first
         self.sessions = 0
         self.busy = False
         self.passes = self.pass_tokens = 0
@@ -335,17 +376,38 @@ class Replica:
             self._next()
 
     def _gather(self) -> list[Step]:
-        taken, keep, room, seen = [], [], self.budget, set()
+        # a waiting prompt keeps one chunk's room from decodes (cloud/scheduler.py)
+        reserve = min(PROMPT_CHUNK, self.budget // 2) if self.prompts else 0
+        taken, keep, room = [], [], self.budget - reserve
+        merging: dict[int, int] = {}                # session -> drafts in its group (-1: closed)
         for s in self.queue:
-            if s.epoch != s.session.epoch_cloud or (s.lead and not s.session.leading):
+            if s.epoch != s.session.epoch_cloud or (s.lead and not s.session.leading) or s.session.done:
                 continue                            # an old epoch's block, or a lead the edge ended: dropped
-            if id(s.session) in seen or s.n > room:
+            k = id(s.session)
+            group = merging.get(k)
+            if group is None and s.n <= room:
+                taken.append(s)
+                merging[k] = -1 if s.lead else s.drafted
+                room -= s.n
+            elif (group is not None and group >= 0 and not s.lead and s.n == s.drafted
+                  and group + s.drafted <= MAX_DRAFT and s.n <= room):
+                # a later block of the session, queued behind the first: verified in the same
+                # pass (cloud/inbox.py `continues`: same epoch, no correction, within max draft)
+                taken.append(s)
+                merging[k] = group + s.drafted
+                room -= s.n
+            else:
                 keep.append(s)
-                continue
-            taken.append(s)
-            seen.add(id(s.session))
-            room -= s.n
+                merging[k] = -1                     # what follows waits for a later pass, in order
         self.queue = keep
+        # prompts fill what the decodes left, oldest first
+        room += reserve
+        for s in self.prompts:
+            if room <= 0:
+                break
+            take = min(s.prefill_left, room)
+            taken.append(Step(s, take, prefill=True))
+            room -= take
         return taken
 
     def _next(self) -> None:
@@ -365,8 +427,19 @@ class Replica:
             self.pass_tokens += n
             self.busy_s += min(dt, now - t_start)   # the part inside the window
         for s in batch:
-            self.fleet.on_pass(s)
+            if s.prefill:
+                self._prefilled(s)
+            else:
+                self.fleet.on_pass(s)
         self._next()
+
+    def _prefilled(self, step: Step) -> None:
+        s = step.session
+        s.prefill_left -= step.n
+        s.context += step.n
+        if not s.prefill_left:
+            self.prompts.remove(s)
+            self.fleet.started(s)
 
 
 class Fleet:
@@ -375,9 +448,11 @@ class Fleet:
 
     def __init__(self, devices: list[Device], replicas: int, target, mode: str, admission: Admission,
                  warmup_s: float, window_s: float, seed: int, budget: int = MAX_BATCH_TOKENS,
-                 plan_of=plan, lead: bool = True):
+                 plan_of=plan, lead: bool = True, requests: Requests | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if requests is not None and len(requests.prompt_tokens) != len(devices):
+            raise ValueError(f"{len(requests.prompt_tokens)} prompts for {len(devices)} devices")
         self.env = simpy.Environment()
         self.lead = lead
         self.t_start, self.t_end = warmup_s, warmup_s + window_s
@@ -408,12 +483,30 @@ class Fleet:
             r.sessions += 1
             s = Session(dev, p, r, random.Random(int(rng.integers(2 ** 63))))
             self.sessions.append(s)
+            if requests is not None:                # all at once, as the bench's sessions start
+                s.context, s.prefill_left = 0, requests.prompt_tokens[j]
+                s.goal, s.stamps = requests.tokens, []
+                r.prompts.append(s)                 # the first pass starts once all are in
+                continue
             # start at a random phase, so that sessions do not move in lockstep
             self.env.timeout(float(rng.uniform(0, 0.1))).callbacks.append(lambda _, s=s: self._start(s))
+        for r in self.replicas:
+            if r.prompts:
+                self.env.timeout(0).callbacks.append(lambda _, r=r: r.busy or r._next())
 
     # A session is driven by its timers' callbacks: a rejection cancels the block being drafted
     # by its id (`draft_id`) instead of interrupting a process, and a full window simply leaves
     # the edge idle until a verdict calls `_draft` again.
+    def started(self, s: Session) -> None:
+        """A request's prompt is in: the pass that finished it gave the first token, which is
+        not in the verifier's KV cache yet (a streamed token's next step evaluates it; a
+        picospec edge's first block carries it)."""
+        self._commit(s, 1)
+        if s.done:
+            return
+        s.carry = True
+        self._start(s)
+
     def _start(self, s: Session) -> None:
         if s.plan.mode == "cloud-only":
             s.replica.submit(Step(s, 1))
@@ -423,6 +516,8 @@ class Fleet:
     # picospec: the edge drafts ahead while blocks are on the wire or verified
     def _draft(self, s: Session) -> None:
         """Start drafting the next block, unless the window is full (then a verdict restarts it)."""
+        if s.done:
+            return
         if s.in_flight >= s.plan.window:
             s.idle = True
             return
@@ -483,7 +578,7 @@ class Fleet:
             lambda _: self._verdict(s, dead, 0, True, correction=False))
 
     def _lead(self, s: Session) -> None:
-        if self.lead and not s.leading:
+        if self.lead and not s.leading and not s.done:
             s.leading = True
             s.replica.submit(Step(s, 1, epoch=s.epoch_cloud, lead=True))
 
@@ -491,13 +586,14 @@ class Fleet:
         s = step.session
         if s.plan.mode == "cloud-only":
             self._commit(s, 1)
-            s.replica.submit(Step(s, 1))
+            if not s.done:
+                s.replica.submit(Step(s, 1))
             return
         if step.lead:
             # a lead pass the edge's block arrived during still decides its token
             if step.epoch == s.epoch_cloud:
                 self._led(s)
-            if s.leading:
+            if s.leading and not s.done:
                 s.replica.submit(Step(s, 1, epoch=s.epoch_cloud, lead=True))
             return
         if step.epoch != s.epoch_cloud:
@@ -535,6 +631,13 @@ class Fleet:
             self._draft(s)
 
     def _commit(self, s: Session, n: int) -> None:
+        if s.goal is not None:                      # a request stops at its last token
+            n = min(n, s.goal - s.generated)
+            if n <= 0:
+                return
+            s.generated += n
+            s.stamps.append((self.env.now, n))
+            s.done = s.generated >= s.goal
         s.context += n
         if self.t_start <= self.env.now <= self.t_end:
             s.tokens += n
@@ -573,16 +676,24 @@ class Result:
 
 def simulate(devices: list[Device], replicas: int, target, mode: str, admission: Admission | None = None,
              warmup_s: float = 3.0, window_s: float = 20.0, seed: int = 0,
-             budget: int = MAX_BATCH_TOKENS, plan_of=plan, lead: bool = True) -> Result:
+             budget: int = MAX_BATCH_TOKENS, plan_of=plan, lead: bool = True,
+             requests: Requests | None = None) -> Result:
     """Run the fleet for warmup_s + window_s of model time; rates over the window only.
     plan_of(device, target) -> Plan: how a picospec edge picks g and W (default: the planner's
     choice, `plan`; tests fix them). lead: the verifier leads after a rejection (the edge's
-    default, `edge-agent --cloud-lead`)."""
+    default, `edge-agent --cloud-lead`).
+
+    requests: the capacity bench's protocol instead (`Requests`; device i's prompt is
+    requests.prompt_tokens[i]): the run lasts until every request is done, a session's rate
+    is its stream's (`stream_rate`), the aggregate their sum (the bench's
+    aggregate_stream_tokens_per_s) and window_s the time the last one ended."""
     t0 = time.process_time()
     if plan_of is plan and not lead:
         plan_of = functools.partial(plan, lead=False)
+    if requests is not None:
+        warmup_s, window_s = 0.0, REQUEST_HORIZON_S
     f = Fleet(devices, replicas, target, mode, admission or Admission(), warmup_s, window_s, seed, budget,
-              plan_of, lead)
+              plan_of, lead, requests)
     # The run allocates millions of short-lived events and no reference cycles worth collecting;
     # the cyclic collector would rescan every live session each time it fires (~40 % of the CPU
     # time at 10,000 devices).
@@ -594,9 +705,18 @@ def simulate(devices: list[Device], replicas: int, target, mode: str, admission:
         if was_enabled:
             gc.enable()
     passes = sum(r.passes for r in f.replicas)
+    if requests is not None:
+        if not all(s.done for s in f.sessions):
+            raise RuntimeError(f"requests still running after {REQUEST_HORIZON_S:g} s of model time")
+        window_s = max((s.stamps[-1][0] for s in f.sessions), default=0.0) or 1.0
+        # one arrival of every token: its whole request's rate stands in, as in the bench
+        rates = [stream_rate(s.stamps) or s.generated / s.stamps[-1][0] for s in f.sessions]
+        aggregate = sum(rates)
+    else:
+        rates = [s.tokens / window_s for s in f.sessions]
+        aggregate = sum(s.tokens for s in f.sessions) / window_s
     return Result(mode, len(devices), replicas, len(f.sessions), f.refused, window_s,
-                  [s.tokens / window_s for s in f.sessions],
-                  sum(s.tokens for s in f.sessions) / window_s,
+                  rates, aggregate,
                   sum(r.pass_tokens for r in f.replicas) / passes if passes else None,
                   sum(r.busy_s for r in f.replicas) / (window_s * replicas),
                   sum(s.plan.mode == "picospec" for s in f.sessions), time.process_time() - t0)

@@ -136,3 +136,31 @@ def test_without_simpy_the_suite_names_the_extra_in_one_line():
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == ["tandem-bench fleet: this needs simpy, which is not installed: "
                                              "pip install 'tandem[bench]'"]
+
+
+def test_validate_runs_the_capacity_runs_requests_where_it_can():
+    """A row that says how long its sessions were is simulated as the run was made: one
+    request each, prompts prefilled first. A long prompt among them slows the others' streams
+    (its chunks share their passes); without the lengths the steady state stands in."""
+    row = dict(CAPACITY["rows"][0], tokens_per_session=24)
+    short, _ = bench_fleet.validate({"rows": [dict(row, session_prompt_tokens=[10, 10, 10, 10])]})
+    mixed, _ = bench_fleet.validate({"rows": [dict(row, session_prompt_tokens=[10, 10, 10, 900])]})
+    assert short[0]["protocol"] == mixed[0]["protocol"] == "requests"
+    assert short[0]["simulated_p10"] == pytest.approx(1 / TARGETS["qwen3-32b-a100"].forward_s(4, 4 * 20), rel=0.05)
+    assert mixed[0]["simulated_p10"] < 0.95 * short[0]["simulated_p10"]
+    steady, _ = bench_fleet.validate({"rows": [CAPACITY["rows"][0]]})
+    assert steady[0]["protocol"] == "steady"
+
+
+def test_validate_recomputes_an_older_runs_prompt_lengths():
+    """Rows from before session_prompt_tokens: session i ran prompt i of the dataset as loaded
+    for the run's largest N, tokenized as the run did."""
+    from bench import datasets
+    from edge.llama_model import Tokenizer
+    from edge.model_files import shipped_gguf
+    row = dict(CAPACITY["rows"][0], dataset="mtbench", tokens_per_session=8)
+    lengths = bench_fleet.run_prompts({"rows": [row]})["mtbench"]
+    tok = Tokenizer(shipped_gguf())
+    assert lengths == [len(tok.encode(p.text, raw=p.raw)) for p in datasets.load("mtbench", 4)]
+    rows, _ = bench_fleet.validate({"rows": [row]})
+    assert rows[0]["protocol"] == "requests"

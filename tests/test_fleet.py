@@ -56,6 +56,53 @@ def test_the_token_budget_splits_sessions_over_passes():
     assert sum(r.rates) == pytest.approx(100 / LIN.forward_s(100), rel=0.01)
 
 
+# -- requests: the capacity bench's protocol -----------------------------------------------------
+def test_a_request_prefills_its_prompt_then_streams_its_tokens():
+    """A 600-token prompt under the 256-token budget: passes of 256, 256 and 88 tokens, the
+    last gives the first token; the 9 others take a one-token pass each. The stream rate
+    leaves the prefill out, as the bench's does."""
+    r = F.simulate([device()], 1, LIN, "cloud-only", requests=F.Requests((600,), 10))
+    prefill = 2 * LIN.forward_s(256) + LIN.forward_s(88)
+    assert r.window_s == pytest.approx(prefill + 9 * LIN.forward_s(1))
+    assert r.rates == pytest.approx([1 / LIN.forward_s(1)])
+    assert r.aggregate_tokens_per_s == pytest.approx(r.rates[0])
+
+
+def test_prompts_share_a_pass_and_decodes_go_first():
+    """Two 100-token prompts fit one pass (200 tokens); then both decode together, 2 tokens a
+    pass. With a 700-token prompt beside two 10-token ones: pass 1 takes 10 + 10 + 236, pass
+    2 the two decodes and 254 more of the long prompt, pass 3 the decodes and its last 210
+    (its first token); then 3 tokens a pass until the short ones end, 1 after."""
+    t = LIN.forward_s
+    r = F.simulate([device()] * 2, 1, LIN, "cloud-only", requests=F.Requests((100, 100), 5))
+    assert r.window_s == pytest.approx(t(200) + 4 * t(2))
+    assert r.rates == pytest.approx([1 / t(2)] * 2)
+    f = F.Fleet([device()] * 3, 1, LIN, "cloud-only", F.Admission(), 0.0, F.REQUEST_HORIZON_S, 0,
+                requests=F.Requests((10, 10, 700), 12))
+    f.replicas[0].prompts.sort(key=lambda s: s.prefill_left)   # arrival order: the long prompt last
+    f.run()
+    rates = sorted(F.stream_rate(s.stamps) for s in f.sessions)
+    short = 11 / (t(256) + t(212) + 9 * t(3))       # slowed by the long prompt's chunks
+    long = 11 / (9 * t(3) + 2 * t(1))
+    assert rates == pytest.approx([short, short, long])
+
+
+@pytest.mark.parametrize("mode", ["cloud-only", "picospec"])
+def test_every_request_ends_with_exactly_its_tokens(mode):
+    devs = [device(accept=a) for a in (0.0, 0.5, 0.9, 1.0)]
+    f = F.Fleet(devs, 1, LIN, mode, F.Admission(), 0.0, F.REQUEST_HORIZON_S, 0, plan_of=fixed(4, 2),
+                requests=F.Requests((50, 60, 70, 80), 33))
+    f.run()
+    assert all(s.done and s.generated == 33 and sum(n for _, n in s.stamps) == 33 for s in f.sessions)
+    # nothing is queued for a finished session
+    assert not f.replicas[0].queue and not f.replicas[0].prompts
+
+
+def test_requests_need_a_prompt_per_device():
+    with pytest.raises(ValueError, match="2 prompts for 3 devices"):
+        F.simulate([device()] * 3, 1, LIN, "cloud-only", requests=F.Requests((5, 5), 4))
+
+
 # -- picospec ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("t_draft", [0.050, 0.005])
 def test_picospec_with_full_acceptance_and_no_rtt_runs_at_the_slower_of_drafting_and_verifying(t_draft):
