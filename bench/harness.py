@@ -56,6 +56,8 @@ class CellResult:
     speculated_tokens: int = 0    # tokens decided by speculation (not streamed or edge-only)
     draft_hits: int = 0           # rows from the drafter's row cache (--draft-cache)
     draft_misses: int = 0
+    draft_caught_up: int = 0      # tokens the drafter's model evaluated at misses ...
+    draft_background: int = 0     # ... and behind hits, off the draft steps' path
 
     @property
     def tokens_per_s(self) -> float:
@@ -110,7 +112,9 @@ class Cell:
         res.draft_stall_s += s.draft_stall_s
         res.draft_steps += s.draft_steps
         res.speculated_tokens += sum(x["tokens"] for x in s.segments if x["mode"] in ("picospec", "sync"))
-        for name, field in (("draft_cache_hits", "draft_hits"), ("draft_cache_misses", "draft_misses")):
+        for name, field in (("draft_cache_hits", "draft_hits"), ("draft_cache_misses", "draft_misses"),
+                            ("draft_cache_caught_up_tokens", "draft_caught_up"),
+                            ("draft_cache_background_tokens", "draft_background")):
             setattr(res, field, getattr(res, field) + s.drafter.get(name, 0) - before.get(name, 0))
 
     def close(self) -> CellResult:

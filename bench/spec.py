@@ -34,7 +34,11 @@ so a step whose rows were computed before costs only its modelled time, whatever
 the load of this machine. Each emulated row reports real over modelled compute:
 real_over_modelled for the verifier's passes, draft_real_over_modelled for draft
 steps (above 1, the figure measured this machine, not the modelled hardware),
-with both caches' hit rates. --no-cache measures as before.
+with both caches' hit rates. Behind a hit the drafter's model is brought up to
+the sequence on a thread of its own while the step's modelled time runs, so a
+later miss evaluates its own tokens and not the stretch of hits before it
+(draft_caught_up_tokens at misses, draft_background_tokens behind hits).
+--no-cache measures as before.
 
 MoE drafters (moe-25-ufs, moe-25-sd, moe-50-ufs, moe-50-sd): the DyMoE drafter
 at that expert budget on that modelled flash, emulated targets only, modes
@@ -287,7 +291,10 @@ def compute_fields(r, v: dict | None) -> dict:
     def ratio(a, b):
         return round(a / b, 3) if b else None
     out = {"draft_real_over_modelled": ratio(r.draft_real_s, r.draft_modelled_s),
-           "draft_cache_hit_rate": ratio(r.draft_hits, r.draft_hits + r.draft_misses)}
+           "draft_cache_hit_rate": ratio(r.draft_hits, r.draft_hits + r.draft_misses),
+           # the drafter's model brought up to the sequence: at misses (on a draft step's path) and
+           # behind hits (while the step's modelled time ran)
+           "draft_caught_up_tokens": r.draft_caught_up, "draft_background_tokens": r.draft_background}
     v = v or dict.fromkeys(VERIFIER_COUNTERS, 0.0)
     out.update(real_over_modelled=ratio(v["tandem_verifier_pass_real_seconds"],
                                         v["tandem_verifier_pass_modelled_seconds"]),

@@ -206,21 +206,60 @@ def run_drafter(d, ops) -> list[np.ndarray]:
     return rows
 
 
-def test_drafter_rows_are_the_models_when_a_miss_follows_hits(draft_pair, draft_path, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["at-misses", "behind-hits"])
+def test_drafter_rows_are_the_models_when_a_miss_follows_hits(draft_pair, draft_path, tmp_path, background):
     """A warm store serves the shared start without touching the model; the new tail's misses
-    make it catch up (the prompt replayed whole, draft steps merged) to the very same rows."""
-    from edge.draft_cache import cached_drafter
+    make it catch up (the prompt replayed whole, draft steps merged) to the very same rows,
+    whether the background thread caught up behind the hits or the misses did it all (the
+    two race here: rows must not depend on who wins)."""
+    from edge.draft_cache import CachedDrafter
     from edge.llama_model import LlamaDrafter
+    from common.rowstore import RowStore, model_identity
     plain, inner = draft_pair
+    store = lambda: RowStore(tmp_path, model_identity(draft_path, "drafter", **LlamaDrafter.ROW_SETTINGS),  # noqa: E731
+                             inner.n_vocab)
     first = draft_script([30, 31, 32, 33])
-    cold = cached_drafter(inner, draft_path, tmp_path, **LlamaDrafter.ROW_SETTINGS)
+    cold = CachedDrafter(inner, store(), background=background)
     assert_same(run_drafter(cold, first), run_drafter(plain, first))
     assert cold.hits == 0
     cold.store.close()
     second = draft_script([30, 31, 900, 901])
-    warm = cached_drafter(inner, draft_path, tmp_path, **LlamaDrafter.ROW_SETTINGS)
+    warm = CachedDrafter(inner, store(), background=background)
     assert_same(run_drafter(warm, second), run_drafter(plain, second))
     assert warm.hits > 0 and warm.misses == 2 + 1, (warm.hits, warm.misses)
+    warm.store.close()
+
+
+def test_the_model_follows_hits_so_a_miss_evaluates_only_its_own_token(draft_pair, draft_path, tmp_path):
+    """Behind a warm prompt and draft steps, the background thread replays them; a miss that
+    comes once it is done evaluates its one new token, not the whole prefix."""
+    from edge.draft_cache import CachedDrafter
+    from edge.llama_model import LlamaDrafter
+    from common.rowstore import RowStore, model_identity
+    plain, inner = draft_pair
+    identity = model_identity(draft_path, "drafter", **LlamaDrafter.ROW_SETTINGS)
+    warm_up = [("prefill", PROMPT)] + [("eval", [t]) for t in (40, 41, 42)]
+    cold = CachedDrafter(inner, RowStore(tmp_path, identity, inner.n_vocab), background=False)
+    run_drafter(cold, warm_up)
+    cold.store.close()
+    d = CachedDrafter(inner, RowStore(tmp_path, identity, inner.n_vocab))
+    try:
+        hits = run_drafter(d, warm_up)
+        assert d.hits == 4 and d.misses == 0
+        assert d.wait_idle(), "the background thread caught up"
+        assert d.background[0] == len(PROMPT) + 3 and d.caught_up[0] == 0
+        row = d.eval([950])
+        assert d.misses == 1 and d.caught_up[0] == 1
+        assert_same(hits + [row], run_drafter(plain, warm_up + [("eval", [950])]))
+        stats = d.stats()
+        assert stats["draft_cache_background_tokens"] == len(PROMPT) + 3
+        assert stats["draft_cache_caught_up_tokens"] == 1
+    finally:
+        d._closing = True
+        if d._worker is not None:
+            d._wake.set()
+            d._worker.join()
+        d.store.close()
 
 
 def test_rows_after_the_first_rejection_are_neither_fetched_nor_computed(plain, raw, identity, tmp_path):
