@@ -235,10 +235,14 @@ def _run_dataset(rows, dataset, prompts, group, target, profile, emulated, n_tok
     first: dict[int, float] = {}       # tokens/s over the prompts the MoE cells ran, for their speedup
     try:
         # Prompt by prompt, every mode in turn: the modes compared share the same moments of the box.
+        # The turn starts one mode later each prompt: at T>0 the first to meet a prompt's text
+        # finds the fewest rows cached (the text changes with lead timing), and no mode should
+        # always be that one.
         for i, p in enumerate(prompts):
             if i == moe_prompts:
                 first = {id(c): c.result.tokens_per_s for c in running}
-            for c in running:
+            turn = i % len(running) if running else 0
+            for c in running[turn:] + running[:turn]:
                 if i >= moe_prompts and id(c) in moe_cells:
                     continue
                 before = verifier_counters(metrics)
