@@ -9,8 +9,9 @@ same cost model the emulated verifier holds its passes to:
     device ──(uplink: RTT/2 + bytes/rate)──▶ balancer ──▶ replica queue
        ▲                                    (least        │ one pass batches every queued
        │                                     sessions,    │ step under the token budget,
-       └──(downlink: RTT/2 + bytes/rate)── admission)     │ one step per session, oldest
-                                                          ▼ first; t = target.forward_s(n, K)
+       └──(downlink: RTT/2 + bytes/rate)── admission)     │ one step per session (its queued
+                                                          │ blocks merged), oldest first;
+                                                          ▼ t = target.forward_s(n, K)
 
 Legend: D devices, R replicas, S sessions on a replica, g = drafted tokens per
 block (gamma), W = blocks in flight (window), a = per-position acceptance,
