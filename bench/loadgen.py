@@ -32,6 +32,7 @@ import numpy as np
 
 from bench.harness import scrape
 from common.procs import Daemon, free_port, start_cloud, start_link
+from common.rates import stream_rate
 from common.rowstore import identity_hash, model_identity
 from edge.drafter import Drafter
 
@@ -241,14 +242,6 @@ def run_sessions(address: str, tok, work: list[Work], cfg, n: int) -> list[dict]
     for t in threads:
         t.join()
     return results
-
-
-def stream_rate(stamps: list[float]) -> float | None:
-    """A session's tokens/s once its stream has started: the tokens after the first arrival
-    over the time from it to the last (a verdict delivers several tokens at one instant).
-    None when everything arrived at once."""
-    later = sum(t > stamps[0] for t in stamps) if stamps else 0
-    return later / (stamps[-1] - stamps[0]) if later else None
 
 
 def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int, tag: str = "load") -> dict:

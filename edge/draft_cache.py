@@ -222,11 +222,15 @@ class CachedDrafter(Drafter):
                  draft_cache_background_s=round(self.background[1], 4))
         return s
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End the background thread (after the model call it is in), leaving the model open."""
         self._closing = True
         if self._worker is not None:
             self._wake.set()
             self._worker.join()
+
+    def close(self) -> None:
+        self.stop()
         self.store.close()
         self.inner.close()
 

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from common.rates import stream_rate
 from kernels import speculation_rate
 from sim import latency
 from sim.admission import Demand, predict
@@ -310,15 +311,6 @@ class Requests:
             raise ValueError("a request needs a prompt of at least one token and at least one token out")
 
 
-def stream_rate(stamps: list[tuple[float, int]]) -> float | None:
-    """As the bench's (bench/loadgen.py): the tokens after the first arrival over the time from
-    it to the last; None when every token came at once."""
-    if not stamps:
-        return None
-    later = sum(n for t, n in stamps if t > stamps[0][0])
-    return later / (stamps[-1][0] - stamps[0][0]) if later else None
-
-
 @dataclass(slots=True)
 class Step:
     """One session's work for one pass: n tokens to evaluate, drafted of them to judge."""
@@ -350,7 +342,7 @@ class Session:
     prefill_left: int = 0            # Requests: prompt tokens still to prefill
     goal: int | None = None          # Requests: tokens the request asks for ...
     generated: int = 0               # ... generated so far
-    stamps: list | None = None       # ... (time, tokens) of each arrival
+    stamps: list | None = None       # ... the time each token arrived
     done: bool = False
 
 
@@ -637,7 +629,7 @@ class Fleet:
             if n <= 0:
                 return
             s.generated += n
-            s.stamps.append((self.env.now, n))
+            s.stamps.extend([self.env.now] * n)
             s.done = s.generated >= s.goal
         s.context += n
         if self.t_start <= self.env.now <= self.t_end:
@@ -686,7 +678,7 @@ def simulate(devices: list[Device], replicas: int, target, mode: str, admission:
 
     requests: the capacity bench's protocol instead (`Requests`; device i's prompt is
     requests.prompt_tokens[i]): the run lasts until every request is done, a session's rate
-    is its stream's (`stream_rate`), the aggregate their sum (the bench's
+    is its stream's (`common.rates.stream_rate`), the aggregate their sum (the bench's
     aggregate_stream_tokens_per_s) and window_s the time the last one ended."""
     t0 = time.process_time()
     if plan_of is plan and not lead:
@@ -709,9 +701,9 @@ def simulate(devices: list[Device], replicas: int, target, mode: str, admission:
     if requests is not None:
         if not all(s.done for s in f.sessions):
             raise RuntimeError(f"requests still running after {REQUEST_HORIZON_S:g} s of model time")
-        window_s = max((s.stamps[-1][0] for s in f.sessions), default=0.0) or 1.0
+        window_s = max((s.stamps[-1] for s in f.sessions), default=0.0) or 1.0
         # one arrival of every token: its whole request's rate stands in, as in the bench
-        rates = [stream_rate(s.stamps) or s.generated / s.stamps[-1][0] for s in f.sessions]
+        rates = [stream_rate(s.stamps) or s.generated / s.stamps[-1] for s in f.sessions]
         aggregate = sum(rates)
     else:
         rates = [s.tokens / window_s for s in f.sessions]

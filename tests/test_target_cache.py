@@ -255,10 +255,7 @@ def test_the_model_follows_hits_so_a_miss_evaluates_only_its_own_token(draft_pai
         assert stats["draft_cache_background_tokens"] == len(PROMPT) + 3
         assert stats["draft_cache_caught_up_tokens"] == 1
     finally:
-        d._closing = True
-        if d._worker is not None:
-            d._wake.set()
-            d._worker.join()
+        d.stop()                               # the model is the module's: left open
         d.store.close()
 
 
