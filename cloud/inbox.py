@@ -76,6 +76,19 @@ class Inbox:
         self._items.appendleft((time.monotonic(), CLOSED))
         self._arrived.set()
 
+    def due(self, sess) -> bool:
+        """Whether the session's next step is due as soon as its current pass ends: a block of
+        its epoch is already queued, or it will lead at once. Asked by the scheduler's thread at
+        the pass end (`Step.follows`), so that the next pass waits the few ms the session takes
+        to queue that step instead of leaving it to the pass after. Reads only: a snapshot of
+        the queue (list() of a deque holds the interpreter lock) and the session's fields."""
+        for _, item in list(self._held) + list(self._items):
+            if item is END or item is CLOSED or isinstance(item, StreamError):
+                return False
+            if item.epoch >= sess.epoch:
+                return True
+        return sess.can_lead() and sess.lead_wait(time.monotonic()) <= 0
+
     async def next(self, sess) -> tuple[float, object]:
         """(arrival time, item): END, CLOSED, a StreamError, LEAD, or a list of drafts
         to verify together (a `more_tail` request always comes alone)."""
@@ -88,8 +101,32 @@ class Inbox:
             if got is None:
                 return time.monotonic(), LEAD
             t, first = got
+        return t, self._group(first)
+
+    def ready(self, sess) -> tuple[float, object] | None:
+        """What `next` would return at once, without waiting: a lead the session takes now,
+        or blocks already queued; None when `next` would wait, or when what is queued ends
+        the stream (the loop meets that through `next`)."""
+        now = time.monotonic()
+        if sess.must_lead():
+            return now, LEAD
+        if self._held or self._items:
+            t, first = self._held[0] if self._held else self._items[0]
+            if first is END or first is CLOSED or isinstance(first, StreamError):
+                return None
+            if self._held:
+                self._held.pop(0)
+            else:
+                self._pop()
+            return t, self._group(first)
+        if sess.can_lead() and sess.lead_wait(now) <= 0:
+            return now, LEAD
+        return None
+
+    def _group(self, first):
+        """`first` and the queued blocks that may join it in one pass."""
         if first is END or first is CLOSED or isinstance(first, StreamError):
-            return t, first
+            return first
         group = [first]
         while not self._held and not first.more_tail and self._items:
             item = self._pop()
@@ -97,7 +134,7 @@ class Inbox:
                 group.append(item[1])
             else:
                 self._held.append(item)
-        return t, group
+        return group
 
     async def _wait(self, sess):
         while True:

@@ -59,7 +59,9 @@ class Step:
     queued_at: float = field(default_factory=time.monotonic)
     chore: Callable[[], object] | None = None
     ready_at: float = 0.0                       # monotonic end of its pass as modelled (0: not emulated)
-    follows: bool = False                       # its session queues its next step as soon as it resolves
+    # its session queues its next step as soon as it resolves; a callable is asked at the
+    # pass end (a pipelined session follows only when its next block is already queued)
+    follows: bool | Callable[[], bool] = False
     judge: Callable | None = None               # which rows its verdict reads (Chunk.judge): unsplit steps only
 
 
@@ -289,10 +291,18 @@ class Scheduler:
             self.modelled_s += stats.modelled_s
             self.over_model += stats.over_model
             self.on_pass(stats)
-        self._expect = {s.seq for s, _ in batch if s.follows and s.done >= len(s.tokens) and not s.future.cancelled()}
+        self._expect = {s.seq for s, _ in batch
+                        if s.done >= len(s.tokens) and not s.future.cancelled() and _follows(s)}
         # their sessions answer at the modelled pass end, then queue ~0.5 ms apart
         self._expect_until = max(hold.ends_at, time.monotonic()) + min(self.follow_max_s,
                                                                      self.follow_s + 0.0005 * len(self._expect))
+
+
+def _follows(s: Step) -> bool:
+    try:
+        return bool(s.follows()) if callable(s.follows) else s.follows
+    except Exception:  # noqa: BLE001 - a session's answer only tunes a wait of a few ms
+        return False
 
 
 def _joined(rows: list[np.ndarray]) -> np.ndarray:

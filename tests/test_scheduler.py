@@ -146,6 +146,32 @@ def test_an_emulated_pass_tells_its_steps_when_it_ends(target):
         target.clear(0)
 
 
+def test_a_callable_follows_is_asked_at_the_pass_end(target):
+    """A pipelined session's step follows only when its next block is already queued: the
+    scheduler asks at the pass end, and holds the next pass for the sessions that said yes
+    (c, queued first, waits to share it with b's next step)."""
+    asked: list[int] = []
+    for s in range(3):
+        target.clear(s)
+    sched = Scheduler(target, follow_s=30.0, follow_max_s=30.0)
+    a = Step(0, 0, tokens(3, 0), 1, follows=lambda: asked.append(0) or False)
+    b = Step(1, 0, tokens(3, 1), 1, follows=lambda: asked.append(1) or True)
+    b2, c = Step(1, 3, [12], 1), Step(2, 0, tokens(2, 2), 1)
+    _follow_up(sched, a, c, 0.05)
+    _follow_up(sched, b, b2, 0.3)
+    sched.submit_many([a, b])
+    sched.start()
+    try:
+        b2.future.result(timeout=120)
+        c.future.result(timeout=120)
+        assert sorted(asked) == [0, 1]
+        assert sched.passes == 2, "c and b's next step shared the second pass"
+    finally:
+        sched.stop()
+        for s in range(3):
+            target.clear(s)
+
+
 def _follow_up(sched: Scheduler, first: Step, nxt: Step, delay_s: float) -> None:
     """When `first` resolves, queue `nxt` after `delay_s` (as a session's event loop would)."""
     def go(_):

@@ -391,3 +391,58 @@ def test_open_waits_for_a_sequence_being_freed():
         b = await asyncio.wait_for(reg.open(make("b")), 1.0)
         assert b.seq == a.seq
     asyncio.run(go())
+
+
+# -- the inbox: what a session takes next, with or without waiting ------------------------------
+def _draft(epoch: int, start: int, toks: list[int]):
+    from proto import tandem_pb2 as pb
+    return pb.Draft(epoch=epoch, start=start, tokens=packing.pack_tokens(toks, packing.token_width(V)))
+
+
+def _inbox_after(items: list, ends: bool = False):
+    """An Inbox whose stream delivers `items`, then stays open (or ends); run inside a loop."""
+    from cloud.inbox import Inbox
+
+    async def stream():
+        for it in items:
+            yield it
+        if not ends:
+            await asyncio.Event().wait()          # the edge keeps its side open
+    return Inbox(stream(), packing.token_width(V), max_draft=8)
+
+
+def test_inbox_ready_takes_queued_blocks_merged_and_never_waits():
+    from cloud.inbox import LEAD
+
+    async def go():
+        s = opened(5)                             # lead off: a session that only verifies
+        inbox = _inbox_after([_draft(0, 3, [5, 6]), _draft(0, 5, [7])])
+        assert inbox.ready(s) is None, "nothing has arrived yet, and ready() does not wait"
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert inbox.due(s), "a block of the session's epoch is queued"
+        t, group = inbox.ready(s)
+        assert [(d.start, len(d.tokens)) for d in group] == [(3, 2 * packing.token_width(V)), (5, packing.token_width(V))]
+        assert inbox.ready(s) is None and not inbox.due(s)
+        led = opened(5, lead=LeadState(on=True, until=100))
+        assert inbox.due(led) and inbox.ready(led)[1] is LEAD, "a session awaiting its branch leads at once"
+        inbox.close()
+    asyncio.run(go())
+
+
+def test_inbox_due_ignores_blocks_of_an_old_epoch_and_the_stream_end():
+    from cloud.inbox import END
+
+    async def go():
+        s = opened(5)
+        s.epoch = 2                               # two breaks since: epoch 1's blocks are dropped unverified
+        inbox = _inbox_after([_draft(1, 3, [5])], ends=True)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not inbox.due(s)
+        got = inbox.ready(s)
+        assert got is not None and got[1][0].epoch == 1, "the stale block comes first (it is dropped later)"
+        assert inbox.ready(s) is None, "the stream's end is left to next()"
+        assert (await inbox.next(s))[1] is END
+        inbox.close()
+    asyncio.run(go())
