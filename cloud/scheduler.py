@@ -74,7 +74,8 @@ def no_rows(n_vocab: int) -> np.ndarray:
 class PassStats:
     tokens: int
     steps: int
-    seconds: float              # wall time of the pass, its emulated hold included
+    seconds: float              # wall time of the pass, its emulated hold included (from when the
+                                # modelled device began it: Scheduler._run)
     real_s: float = 0.0         # the target's real compute in it (llama_decode, row-cache reads)
     modelled_s: float = 0.0     # what the emulated target's model charges for it (0: not emulated)
     cache_hits: int = 0         # rows served from the target's row cache (cloud/target_cache.py)
@@ -103,6 +104,7 @@ class Scheduler:
         self.follow_s, self.follow_max_s = follow_s, follow_max_s
         self._expect: set[int] = set()              # sequences whose next step is due at once
         self._expect_until = 0.0
+        self._model_end = 0.0                       # when the last emulated pass ended as modelled
         self.passes = 0
         # totals over every pass, for the status and logs (read from other threads: plain floats)
         self.real_s = 0.0
@@ -110,6 +112,7 @@ class Scheduler:
         self.over_model = 0
 
     def start(self) -> None:
+        self._model_end = time.monotonic()          # the modelled device starts idle, now
         self._thread.start()
 
     def stop(self) -> None:
@@ -249,7 +252,11 @@ class Scheduler:
                                 judge=s.judge if whole else None))
         # what a GPU's attention reads: each sequence's whole cache once (one chunk per sequence)
         kv_tokens = sum(c.start + len(c.tokens) for c in chunks if c.seq >= 0)
-        hold = Hold(self.emulate if n_tokens else None, n_charged, kv_tokens)
+        # The modelled device starts this pass when the last one ended, or when its first step
+        # came if the queue was empty then: this thread's own wake-up on a busy CPU (ms, at a
+        # pass end where every session answers at once) is not the device's time.
+        began = min(t0, max(self._model_end, min(s.queued_at for s, _ in batch))) if self.emulate else t0
+        hold = Hold(self.emulate if n_tokens else None, n_charged, kv_tokens, start=began)
         hits0, misses0 = self.target.cache_counts()
         with hold:
             t_real = time.perf_counter()
@@ -270,6 +277,7 @@ class Scheduler:
                     _resolve(s.future, e)
                 return
             self.passes += 1                        # before any step resolves: a caller then sees it
+            self._model_end = max(self._model_end, hold.ends_at)
             for (s, n), c in zip(batch, chunks):
                 s.ready_at = hold.ends_at
                 if s.seq >= 0 and c.tokens:
@@ -285,7 +293,7 @@ class Scheduler:
                     _resolve(s.future, _joined(s.rows), ok=True)
         if n_tokens:
             hits, misses = self.target.cache_counts()
-            stats = PassStats(n_tokens, len(batch), time.monotonic() - t0, real_s, hold.modelled_s,
+            stats = PassStats(n_tokens, len(batch), time.monotonic() - began, real_s, hold.modelled_s,
                               hits - hits0, misses - misses0)
             self.real_s += stats.real_s
             self.modelled_s += stats.modelled_s

@@ -158,11 +158,18 @@ class Hold:
     profile then prices only the compute: the hold lasts the modelled compute
     plus the wait, real_s is the compute alone (the wait taken out) and stall_s
     the wait.
+
+    `start`: when the modelled computation began, where that is earlier than this
+    thread got going (a verifier's next pass begins when the last one ends with
+    work queued; the thread that runs it may reach it a few ms later on a busy
+    CPU). The hold ends the modelled time after it; real_s still counts from entry.
     """
 
     def __init__(self, profile: "LatencyProfile | RooflineProfile | None", n_tokens: int,
-                 kv_tokens: int | None = None, stall: "Callable[[], float] | None" = None):
+                 kv_tokens: int | None = None, stall: "Callable[[], float] | None" = None,
+                 start: float | None = None):
         self.profile, self.n, self.kv, self.stall = profile, n_tokens, kv_tokens, stall
+        self.start = start
         self.stall_s = 0.0
 
     def __enter__(self):
@@ -171,7 +178,8 @@ class Hold:
         # when the modelled computation ends (0 without a profile): work that runs beside the
         # hold, such as using a pass's results, can answer no earlier than this
         self.modelled_s = self.profile.forward_s(self.n, self.kv) if self.profile is not None else 0.0
-        self.ends_at = self.t0 + self.modelled_s if self.profile is not None else 0.0
+        began = self.t0 if self.start is None else min(self.start, self.t0)
+        self.ends_at = began + self.modelled_s if self.profile is not None else 0.0
         return self
 
     def __exit__(self, *exc):

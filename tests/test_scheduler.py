@@ -146,6 +146,37 @@ def test_an_emulated_pass_tells_its_steps_when_it_ends(target):
         target.clear(0)
 
 
+def test_an_emulated_pass_starts_when_the_last_one_ended(target):
+    """A step queued while a pass runs starts the modelled device's next pass at that pass's
+    modelled end, however late the scheduler's thread gets to it (here an on_pass that
+    takes 0.25 s stands for a busy CPU); one queued to an idle verifier starts when it came."""
+    import time
+    profile = LatencyProfile("test", 0.3, 0.0, "test")
+    for s in range(2):
+        target.clear(s)
+    passes: list[PassStats] = []
+    sched = Scheduler(target, emulate=profile, on_pass=lambda p: (passes.append(p), time.sleep(0.25)))
+    a, b = Step(0, 0, tokens(4), 1), Step(0, 4, tokens(1, 1), 1)   # one sequence: two passes
+    sched.submit_many([a, b])
+    sched.start()
+    try:
+        b.future.result(timeout=120)
+        assert b.ready_at - a.ready_at == pytest.approx(profile.forward_s(1), abs=1e-6)
+
+        first = Step(1, 0, tokens(3, 2), 1)
+        sched.submit(first).result(timeout=120)
+        time.sleep(max(0.0, first.ready_at - time.monotonic()) + 0.5)   # the device idles
+        late = Step(1, 3, tokens(1, 3), 1)
+        sched.submit(late).result(timeout=120)
+        assert late.ready_at >= late.queued_at + profile.forward_s(1) - 1e-6
+    finally:
+        sched.stop()
+        for s in range(2):
+            target.clear(s)
+    # the second pass lasted its modelled time as the device saw it, not the thread's 0.25 s more
+    assert passes[1].seconds < profile.forward_s(1) + 0.25 - 0.05
+
+
 def test_a_callable_follows_is_asked_at_the_pass_end(target):
     """A pipelined session's step follows only when its next block is already queued: the
     scheduler asks at the pass end, and holds the next pass for the sessions that said yes
