@@ -35,6 +35,7 @@ class Inbox:
         self._room = asyncio.Event()
         self._room.set()
         self._held: list = []          # taken but not mergeable with the last group
+        self._watchers: list[asyncio.Future] = []   # block_due() calls waiting for the next arrival
         self._task = asyncio.ensure_future(self._pump(requests))
 
     async def _pump(self, requests) -> None:
@@ -51,6 +52,10 @@ class Inbox:
     def _put(self, item) -> None:
         self._items.append((time.monotonic(), item))
         self._arrived.set()
+        for w in self._watchers:
+            if not w.done():
+                w.set_result(None)
+        self._watchers.clear()
 
     def _pop(self):
         got = self._items.popleft()
@@ -88,6 +93,15 @@ class Inbox:
             if item.epoch >= sess.epoch:
                 return True
         return sess.can_lead() and sess.lead_wait(time.monotonic()) <= 0
+
+    async def block_due(self, sess) -> None:
+        """Return once a block of the session's epoch is queued (a lead waiting for its pass
+        then gives way to it: `VerifierService._lead_rows`)."""
+        while not any(item is not END and item is not CLOSED and not isinstance(item, StreamError)
+                      and item.epoch >= sess.epoch for _, item in list(self._held) + list(self._items)):
+            w = asyncio.get_running_loop().create_future()
+            self._watchers.append(w)
+            await w
 
     async def next(self, sess) -> tuple[float, object]:
         """(arrival time, item): END, CLOSED, a StreamError, LEAD, or a list of drafts

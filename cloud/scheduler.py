@@ -146,6 +146,16 @@ class Scheduler:
                 self._queue.remove(s)
                 s.future.cancel()
 
+    def withdraw(self, step: Step) -> bool:
+        """Take back a step no pass has started: True when it was still queued (its future is
+        then cancelled), False when a pass already has it."""
+        with self._cv:
+            if step not in self._queue or step.done:
+                return False
+            self._queue.remove(step)
+        step.future.cancel()
+        return True
+
     def set_budget(self, n_tokens: int) -> None:
         """Carry at most `n_tokens` per pass from now on (an SLO's budget), never more than
         the target's batch. Below two prefill chunks a prompt gets half the pass, so

@@ -203,6 +203,29 @@ def test_a_callable_follows_is_asked_at_the_pass_end(target):
             target.clear(s)
 
 
+def test_a_step_no_pass_has_started_can_be_withdrawn(target):
+    """A lead waiting for its pass gives way to the edge's block (cloud/server.py
+    `_lead_rows`): withdrawn while queued, its future is cancelled and it never runs; once a
+    pass has it, it cannot be."""
+    for s in range(2):
+        target.clear(s)
+    passes: list[PassStats] = []
+    sched = Scheduler(target, on_pass=passes.append)
+    a, lead = Step(0, 0, tokens(3), 1), Step(1, 0, tokens(2, 1), 1)
+    sched.submit_many([a, lead])
+    assert sched.withdraw(lead) and lead.future.cancelled()
+    sched.start()
+    try:
+        a.future.result(timeout=120)
+        assert not sched.withdraw(a), "a pass already ran it"
+        assert sched.queued == 0
+    finally:
+        sched.stop()
+        for s in range(2):
+            target.clear(s)
+    assert [p.steps for p in passes] == [1]
+
+
 def _follow_up(sched: Scheduler, first: Step, nxt: Step, delay_s: float) -> None:
     """When `first` resolves, queue `nxt` after `delay_s` (as a session's event loop would)."""
     def go(_):

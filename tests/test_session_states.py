@@ -446,3 +446,26 @@ def test_inbox_due_ignores_blocks_of_an_old_epoch_and_the_stream_end():
         assert (await inbox.next(s))[1] is END
         inbox.close()
     asyncio.run(go())
+
+
+def test_inbox_block_due_waits_for_a_block_of_the_sessions_epoch():
+    """What a waiting lead listens for: a stale block does not end the wait, the live branch's does."""
+    async def go():
+        s = opened(5, lead=LeadState(on=True, until=100))
+        s.epoch = 1
+        feed: asyncio.Queue = asyncio.Queue()
+
+        async def stream():
+            while True:
+                yield await feed.get()
+        from cloud.inbox import Inbox
+        inbox = Inbox(stream(), packing.token_width(V), max_draft=8)
+        waiting = asyncio.ensure_future(inbox.block_due(s))
+        await feed.put(_draft(0, 3, [5]))            # the old branch's block
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        await feed.put(_draft(1, 3, [5, 6]))
+        await asyncio.wait_for(waiting, 5)
+        inbox.close()
+    asyncio.run(go())
