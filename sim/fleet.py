@@ -204,8 +204,6 @@ class Device:
     accept: float
     device: str = "custom"
     workload: str = "custom"
-    gamma: int = 0          # the block length and window its planner chose, where a run measured
-    window: int = 0         # them (0: `plan` picks)
 
 
 def population(n: int, workloads=WORKLOADS, devices=DEVICE_MIX, links=LINK_MIX,

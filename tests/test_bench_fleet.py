@@ -143,13 +143,25 @@ def test_validate_runs_the_capacity_runs_requests_where_it_can():
     request each, prompts prefilled first. A long prompt among them slows the others' streams
     (its chunks share their passes); without the lengths the steady state stands in."""
     row = dict(CAPACITY["rows"][0], tokens_per_session=24)
-    short, _ = bench_fleet.validate({"rows": [dict(row, session_prompt_tokens=[10, 10, 10, 10])]})
-    mixed, _ = bench_fleet.validate({"rows": [dict(row, session_prompt_tokens=[10, 10, 10, 900])]})
+    # one run: with seed 0 the long prompt is prefilled after the short ones, beside their streams
+    short, _ = bench_fleet.validate({"rows": [dict(row, session_prompt_tokens=[10, 10, 10, 10])]}, seeds=1)
+    mixed, _ = bench_fleet.validate({"rows": [dict(row, session_prompt_tokens=[10, 10, 10, 900])]}, seeds=1)
     assert short[0]["protocol"] == mixed[0]["protocol"] == "requests"
     assert short[0]["simulated_p10"] == pytest.approx(1 / TARGETS["qwen3-32b-a100"].forward_s(4, 4 * 20), rel=0.05)
     assert mixed[0]["simulated_p10"] < 0.95 * short[0]["simulated_p10"]
     steady, _ = bench_fleet.validate({"rows": [CAPACITY["rows"][0]]})
     assert steady[0]["protocol"] == "steady"
+
+
+def test_validate_compares_the_models_mean_over_seeds():
+    """The model's figure is the mean of --seeds runs, each a different draw of acceptance."""
+    row = dict(CAPACITY["rows"][1], tokens_per_session=24, session_prompt_tokens=[10, 10, 10, 10])
+    one = [bench_fleet.validate({"rows": [row]}, seed=k, seeds=1)[0][0] for k in range(3)]
+    mean, _ = bench_fleet.validate({"rows": [row]}, seed=0, seeds=3)
+    assert len({r["simulated_tokens_per_s"] for r in one}) > 1, "seeds draw differently"
+    assert mean[0]["seeds"] == 3
+    assert mean[0]["simulated_tokens_per_s"] == pytest.approx(sum(r["simulated_tokens_per_s"] for r in one) / 3)
+    assert mean[0]["simulated_p10"] == pytest.approx(sum(r["simulated_p10"] for r in one) / 3)
 
 
 def test_validate_recomputes_an_older_runs_prompt_lengths():
