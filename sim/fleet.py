@@ -53,9 +53,9 @@ Sessions
 Requests (`Requests`, what `tandem-bench fleet --validate` runs): the capacity
 bench's protocol instead of the steady state. Every device sends one request at
 once; its prompt is prefilled first (the scheduler's rule: decodes first, one
-chunk's room kept for prompts, prompts filling what is left of the budget),
-the prefill's last pass gives its first token, and the session ends after its
-last one. A session's rate is its stream's, as the bench measures it.
+chunk's room kept for prompts, prompts filling what is left of the budget, a
+64-token chunk each a pass), the prefill's last pass gives its first token, and
+the session ends after its last one. A session's rate is its stream's, as the bench measures it.
 
 What the steady state leaves out, on purpose: prompt prefill (sessions are in steady state:
 every device generating all the time, the peak-hour case), link jitter, loss
@@ -95,7 +95,7 @@ MAX_DRAFT = 32              # cloud-verifier --max-draft default: the most draft
 # plus a token. Assumed from the message layout, not measured; at the mix's rates they cost
 # microseconds to milliseconds, far under the round trips.
 BLOCK_BYTES, TOKEN_BYTES, VERDICT_BYTES = 30, 5, 34
-PROMPT_CHUNK = 64           # cloud/scheduler.py: the room a waiting prompt keeps in a pass (2 x 32)
+PROMPT_CHUNK = 64           # cloud/scheduler.py: a prompt's chunk, and the room a waiting one keeps in a pass (2 x 32)
 REQUEST_HORIZON_S = 3600.0  # Requests: model time a run may take at most
 
 
@@ -368,7 +368,8 @@ class Replica:
 
     def _gather(self) -> list[Step]:
         # a waiting prompt keeps one chunk's room from decodes (cloud/scheduler.py)
-        reserve = min(PROMPT_CHUNK, self.budget // 2) if self.prompts else 0
+        chunk = max(1, min(PROMPT_CHUNK, self.budget // 2))
+        reserve = chunk if self.prompts else 0
         taken, keep, room = [], [], self.budget - reserve
         merging: dict[int, int] = {}                # session -> drafts in its group (-1: closed)
         for s in self.queue:
@@ -391,12 +392,13 @@ class Replica:
                 keep.append(s)
                 merging[k] = -1                     # what follows waits for a later pass, in order
         self.queue = keep
-        # prompts fill what the decodes left, oldest first
+        # prompts fill what the decodes left, oldest first, each at most one chunk a pass
+        # (cloud/scheduler.py `_chunk`): several prompts advance side by side
         room += reserve
         for s in self.prompts:
             if room <= 0:
                 break
-            take = min(s.prefill_left, room)
+            take = min(s.prefill_left, chunk, room)
             taken.append(Step(s, take, prefill=True))
             room -= take
         return taken

@@ -59,32 +59,33 @@ def test_the_token_budget_splits_sessions_over_passes():
 
 # -- requests: the capacity bench's protocol -----------------------------------------------------
 def test_a_request_prefills_its_prompt_then_streams_its_tokens():
-    """A 600-token prompt under the 256-token budget: passes of 256, 256 and 88 tokens, the
-    last gives the first token; the 9 others take a one-token pass each. The stream rate
-    leaves the prefill out, as the bench's does."""
+    """A 600-token prompt goes in chunks of 64 tokens a pass, as the scheduler cuts it: nine of
+    64 and one of 24, the last gives the first token; the 9 others take a one-token pass each.
+    The stream rate leaves the prefill out, as the bench's does."""
     r = F.simulate([device()], 1, LIN, "cloud-only", requests=F.Requests((600,), 10))
-    prefill = 2 * LIN.forward_s(256) + LIN.forward_s(88)
+    prefill = 9 * LIN.forward_s(64) + LIN.forward_s(24)
     assert r.window_s == pytest.approx(prefill + 9 * LIN.forward_s(1))
     assert r.rates == pytest.approx([1 / LIN.forward_s(1)])
     assert r.aggregate_tokens_per_s == pytest.approx(r.rates[0])
 
 
 def test_prompts_share_a_pass_and_decodes_go_first():
-    """Two 100-token prompts fit one pass (200 tokens); then both decode together, 2 tokens a
-    pass. With a 700-token prompt beside two 10-token ones: pass 1 takes 10 + 10 + 236, pass
-    2 the two decodes and 254 more of the long prompt, pass 3 the decodes and its last 210
-    (its first token); then 3 tokens a pass until the short ones end, 1 after."""
+    """Two 100-token prompts advance side by side, a chunk of 64 each a pass (128, then 72
+    tokens); then both decode together, 2 tokens a pass. With a 700-token prompt beside two
+    10-token ones: pass 1 takes 10 + 10 + 64, passes 2-10 the two decodes and 64 more of the
+    long prompt, pass 11 the decodes and its last 60 (its first token), pass 12 the short
+    ones' last tokens and the long one's first decode; then 1 token a pass."""
     t = LIN.forward_s
     r = F.simulate([device()] * 2, 1, LIN, "cloud-only", requests=F.Requests((100, 100), 5))
-    assert r.window_s == pytest.approx(t(200) + 4 * t(2))
+    assert r.window_s == pytest.approx(t(128) + t(72) + 4 * t(2))
     assert r.rates == pytest.approx([1 / t(2)] * 2)
     f = F.Fleet([device()] * 3, 1, LIN, "cloud-only", F.Admission(), 0.0, F.REQUEST_HORIZON_S, 0,
                 requests=F.Requests((10, 10, 700), 12))
     f.replicas[0].prompts.sort(key=lambda s: s.prefill_left)   # arrival order: the long prompt last
     f.run()
     rates = sorted(stream_rate(s.stamps) for s in f.sessions)
-    short = 11 / (t(256) + t(212) + 9 * t(3))       # slowed by the long prompt's chunks
-    long = 11 / (9 * t(3) + 2 * t(1))
+    short = 11 / (9 * t(66) + t(62) + t(3))          # slowed by the long prompt's chunks
+    long = 11 / (t(3) + 10 * t(1))
     assert rates == pytest.approx([short, short, long])
 
 
