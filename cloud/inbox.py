@@ -88,7 +88,7 @@ class Inbox:
         to queue that step instead of leaving it to the pass after. Reads only: a snapshot of
         the queue (list() of a deque holds the interpreter lock) and the session's fields."""
         for _, item in list(self._held) + list(self._items):
-            if item is END or item is CLOSED or isinstance(item, StreamError):
+            if item is END or item is CLOSED or isinstance(item, StreamError) or item.handover:
                 return False
             if item.epoch >= sess.epoch:
                 return True
@@ -126,7 +126,7 @@ class Inbox:
             return now, LEAD
         if self._held or self._items:
             t, first = self._held[0] if self._held else self._items[0]
-            if first is END or first is CLOSED or isinstance(first, StreamError):
+            if first is END or first is CLOSED or isinstance(first, StreamError) or first.handover:
                 return None
             if self._held:
                 self._held.pop(0)
@@ -142,7 +142,7 @@ class Inbox:
         if first is END or first is CLOSED or isinstance(first, StreamError):
             return first
         group = [first]
-        while not self._held and not first.more_tail and self._items:
+        while not self._held and not first.more_tail and not first.handover and self._items:
             item = self._pop()
             if continues(group, item[1], self.width, self.max_draft):
                 group.append(item[1])
@@ -179,7 +179,7 @@ def levels(d, width: int) -> int:
 def continues(group: list, d, width: int, max_draft: int) -> bool:
     """May block `d` join `group` in one verify pass? Only a plain block that
     starts where the group ends, of the same epoch, within the draft limit."""
-    if d is END or d is CLOSED or isinstance(d, StreamError) or d.more_tail or d.fixed:
+    if d is END or d is CLOSED or isinstance(d, StreamError) or d.more_tail or d.fixed or d.handover:
         return False
     last = group[-1]
     if last.more_tail or last.want_bonus or d.epoch != last.epoch:

@@ -314,6 +314,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 prepared.append(asyncio.ensure_future(self._answer(sess, *got, lambda: inbox.due(sess), ahead,
                                                                    lambda: inbox.block_due(sess))))
 
+        handed = False                              # the edge goes on with the session elsewhere
         try:
             while True:
                 if self.sessions.closing(sess):
@@ -328,6 +329,9 @@ class VerifierService(pb_grpc.VerifierServicer):
                         await self._closed_under(context, sess)
                     if isinstance(item, StreamError):
                         log.info("session %s: stream ended: %s", sid, item)
+                        break
+                    if item is not LEAD and item[0].handover:
+                        handed = True
                         break
                     answer = self._answer(sess, arrived, item, lambda: inbox.due(sess), ahead,
                                           lambda: inbox.block_due(sess))
@@ -346,7 +350,9 @@ class VerifierService(pb_grpc.VerifierServicer):
                 if task.done() and not task.cancelled():
                     task.exception()           # the stream is over: nobody hears what it raised
             inbox.close()
-            if self.sessions.detach(sess):
+            if handed and self.sessions.hand_over(sess):
+                log.info("session %s: speculation ended, the edge streams on from its cache", sid)
+            elif self.sessions.detach(sess):
                 self._log_closed(sess)
 
     async def _answer(self, sess: Session, arrived: float, item, due, ahead=None,

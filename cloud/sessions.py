@@ -124,6 +124,18 @@ class Registry:
         self._on_close[sess.sid] = on_close
         self._idle_since.pop(sess.sid, None)
 
+    def hand_over(self, sess: Session) -> bool:
+        """STREAMING -> IDLE: the stream is done, but its edge goes on with the session in
+        another call (a cloud-only stream taking it over), so its sequence and cache stay.
+        False (and the session ends) when it was closed meanwhile."""
+        if self.state(sess) is not SessionState.STREAMING:
+            self._release(sess)
+            return False
+        self._state[sess.sid] = SessionState.IDLE
+        self._idle_since[sess.sid] = time.monotonic()
+        self._on_close.pop(sess.sid, None)
+        return True
+
     def detach(self, sess: Session) -> bool:
         """The stream (or a failed Open) is done with the session: it ends. False when
         it had already ended."""

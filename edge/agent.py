@@ -223,12 +223,22 @@ class Agent:
         stream = self.client.speculate(reply.session)
         spec = Speculator(stream, self.drafter, prompt, cfg, codec, reply.token_width, self.eos, planner,
                           device, emit, stats, t0, logits, tree_branches=reply.tree_branches, max_draft=reply.max_draft)
+        handed = False
         try:
             if reply.HasField("lead_token"):
                 spec.take_first_lead(reply.lead_token)
             spec.run()
+        except SwitchToCloudOnly as switch:
+            # Stream the rest from the same session: its cache holds the prompt and every token
+            # so far, where a new session would prefill them all again (measured at 32 sessions:
+            # 15 switched, each re-sending ~100-200 tokens while the others waited on the passes).
+            if switch.session or not stream.hand_over(cfg.stall_timeout_s):
+                raise
+            handed = True
+            raise SwitchToCloudOnly(reply.session) from None
         finally:
             stats.gamma, stats.window = spec.plan.gamma, spec.plan.window
             if planner.blocks:
                 self.learned_accept = planner.accept.value
-            stream.close()
+            if not handed:
+                stream.close()

@@ -14,6 +14,7 @@ Every call of a session carries the same metadata (names: common/metadata.py):
 from __future__ import annotations
 
 import queue
+import time
 import secrets
 import threading
 from dataclasses import dataclass
@@ -201,11 +202,14 @@ class _Reader:
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, daemon=True).start()
 
+    ended = False       # the verifier ended the stream (as against an error)
+
     def _run(self) -> None:
         try:
             for msg in self._call:
                 self._counter.received(msg)
                 self._q.put(msg)
+            self.ended = True
             self._q.put(CloudError(grpc.StatusCode.UNAVAILABLE, "verifier closed the stream"))
         except grpc.RpcError as e:
             self._q.put(_wrap(e))
@@ -242,6 +246,22 @@ class DraftStream:
     def recv(self, timeout: float | None = None) -> pb.Verdict | None:
         """Next verdict; None if none arrives within `timeout` (0: poll)."""
         return self._reader.get(timeout)
+
+    def hand_over(self, timeout_s: float) -> bool:
+        """End the stream but keep the session, to stream the rest of the request from it
+        (`Generate` with its id): True once the verifier has ended the stream within
+        `timeout_s`, the session then idle with its cache. Verdicts still on the way are
+        dropped: a stream taking over starts from what this edge committed."""
+        self.send(pb.Draft(handover=True))
+        self._out.put(self._END)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if self._reader.get(left) is None:
+                    break
+        except CloudError as e:
+            return e.code == grpc.StatusCode.UNAVAILABLE and self._reader.ended
+        return False
 
     def close(self) -> None:
         self._out.put(self._END)

@@ -93,7 +93,7 @@ class OpenReply(_message.Message):
     def __init__(self, session: _Optional[str] = ..., fingerprint: _Optional[str] = ..., n_vocab: _Optional[int] = ..., token_width: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., target: _Optional[str] = ..., emulated: _Optional[bool] = ..., ar_token_s: _Optional[float] = ..., verify_a_s: _Optional[float] = ..., verify_b_s: _Optional[float] = ..., p_top_k: _Optional[int] = ..., p_tail: _Optional[int] = ..., server_s: _Optional[float] = ..., session_key: _Optional[str] = ..., tree_branches: _Optional[int] = ..., lead_token: _Optional[int] = ..., accepts_prompt_zstd: _Optional[bool] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("epoch", "start", "tokens", "fixed", "q", "q_sparse", "want_bonus", "more_tail", "parents")
+    __slots__ = ("epoch", "start", "tokens", "fixed", "q", "q_sparse", "want_bonus", "more_tail", "parents", "handover")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class Draft(_message.Message):
     WANT_BONUS_FIELD_NUMBER: _ClassVar[int]
     MORE_TAIL_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     start: int
     tokens: bytes
@@ -112,7 +113,8 @@ class Draft(_message.Message):
     want_bonus: bool
     more_tail: bool
     parents: bytes
-    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[bytes] = ..., fixed: _Optional[int] = ..., q: _Optional[bytes] = ..., q_sparse: _Optional[_Iterable[bytes]] = ..., want_bonus: _Optional[bool] = ..., more_tail: _Optional[bool] = ..., parents: _Optional[bytes] = ...) -> None: ...
+    handover: bool
+    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[bytes] = ..., fixed: _Optional[int] = ..., q: _Optional[bytes] = ..., q_sparse: _Optional[_Iterable[bytes]] = ..., want_bonus: _Optional[bool] = ..., more_tail: _Optional[bool] = ..., parents: _Optional[bytes] = ..., handover: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("epoch", "start", "accepted", "token", "p_payload", "verify_us", "tail", "lead", "path", "sibling_accept")

@@ -42,11 +42,12 @@ def meta(r):
     return (("tandem-session", r.session), ("tandem-session-key", r.session_key))
 
 
-def open_when_free(stub, tokenizer, deadline_s: float = 30.0) -> pb.OpenReply:
+def open_when_free(stub, tokenizer, deadline_s: float = 30.0, prompt: list[int] | None = None) -> pb.OpenReply:
     end = time.monotonic() + deadline_s
     while True:
         try:
-            return stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=tokenizer.encode(PROMPT)))
+            return stub.Open(pb.OpenRequest(fingerprint=tokenizer.fingerprint,
+                                            prompt=prompt or tokenizer.encode(PROMPT)))
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > end:
                 raise
@@ -147,3 +148,69 @@ def test_metrics_count_passes_tokens_and_refusals(single, tokenizer):
     assert values["tandem_verifier_drafted_tokens_total"] >= 3
     assert values['tandem_verifier_refusals_total{code="FAILED_PRECONDITION"}'] >= 1
     assert "tandem_verifier_pass_seconds_bucket" in text
+
+
+def pass_tokens(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(r"^tandem_verifier_pass_tokens_sum ([0-9.e+-]+)$", text, re.M).group(1))
+
+
+def test_a_hand_over_keeps_the_session_for_a_stream_from_its_cache(single, tokenizer, reference):
+    """An edge that stops speculating hands its session over (a last `handover` draft): the
+    stream ends cleanly, the session stays with its cache, and a Generate naming it streams
+    on from the prompt and accepted tokens without evaluating them again. The tokens are the
+    target's own, as a fresh stream's would be."""
+    stub, port, _ = single
+    prompt = tokenizer.encode("Write a short story about a robot who learns to paint, in three sentences.")
+    ref, _ = reference.greedy(prompt, 12)
+    r = open_when_free(stub, tokenizer, prompt=prompt)
+    block = pb.Draft(epoch=0, start=len(prompt), tokens=packing.pack_tokens(ref[:3], 2))
+    out = list(stub.Speculate(iter([block, pb.Draft(handover=True)]), metadata=meta(r)))
+    assert [v.accepted for v in out] == [3], "the block before the hand-over is answered, then the stream ends"
+    before = pass_tokens(port)
+    got = []
+    for chunk in stub.Generate(pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt=prompt + ref[:3],
+                                                  max_tokens=6, ignore_eos=True, session=r.session),
+                               metadata=meta(r)[1:]):
+        got += list(chunk.tokens)
+    assert got == ref[3:9]
+    # one token a pass at most, each new token's (a fresh stream would prefill the prompt again)
+    assert pass_tokens(port) - before <= 6 < len(prompt)
+    r2 = open_when_free(stub, tokenizer)            # the stream's end freed the slot
+    stub.Close(pb.CloseRequest(session=r2.session), metadata=meta(r2)[1:])
+
+
+def test_the_edge_client_hands_a_session_over_and_streams_on(single, tokenizer, reference):
+    """The edge's side of the same (edge/client.py `DraftStream.hand_over`, what the agent does
+    when its planner switches to streaming mid-request): the stream ends cleanly within the
+    timeout, verdicts still on the way are dropped, and a cloud-only stream continues the
+    session with the session key the client kept."""
+    from edge.baselines import cloud_only
+    from edge.client import VerifierClient
+    from edge.config import GenConfig
+    from edge.stats import GenStats
+    _, _, daemon = single
+    prompt = tokenizer.encode("List three colours of the rainbow, then stop.")
+    ref, _ = reference.greedy(prompt, 10)
+    client = VerifierClient(daemon.address)
+    try:
+        client.wait_ready()
+        end = time.monotonic() + 30
+        while True:
+            try:
+                reply = client.open_result(client.open_async(
+                    pb.OpenRequest(fingerprint=tokenizer.fingerprint, prompt=prompt)))
+                break
+            except Exception:  # noqa: BLE001 - the single slot is still being freed
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        stream = client.speculate(reply.session)
+        stream.send(pb.Draft(epoch=0, start=len(prompt), tokens=packing.pack_tokens(ref[:2], 2)))
+        assert stream.hand_over(timeout_s=30.0)
+        out = cloud_only(client, tokenizer.fingerprint, prompt + ref[:2],
+                         GenConfig(mode="cloud-only", max_tokens=4, stop_at_eos=False),
+                         lambda t: None, GenStats("cloud-only"), time.monotonic(), session=reply.session)
+        assert out == ref[2:6]
+    finally:
+        client.close()
