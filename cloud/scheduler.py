@@ -181,7 +181,14 @@ class Scheduler:
                     return
                 self._await_followers()
                 batch = self._gather()
-            self._run(batch)
+            if not batch:                           # a step withdrawn while the pass waited leaves none
+                continue
+            try:
+                self._run(batch)
+            except Exception as e:  # noqa: BLE001 - one pass's bug must not stop every session's passes
+                log.exception("pass of %d steps failed", len(batch))
+                for s, _ in batch:
+                    _resolve(s.future, e)
 
     def _await_followers(self) -> None:
         """Hold the next pass briefly for the sessions whose steps just resolved and that

@@ -6,6 +6,7 @@ the rules, never by timing."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -224,6 +225,38 @@ def test_a_step_no_pass_has_started_can_be_withdrawn(target):
         for s in range(2):
             target.clear(s)
     assert [p.steps for p in passes] == [1]
+
+
+def test_a_step_withdrawn_while_the_pass_waits_leaves_the_loop_serving(target):
+    """The only queued step is withdrawn while the next pass waits for a follower: the pass
+    has nothing to run, and the loop goes back to waiting instead of dying (it did: every
+    session of a capacity run then stalled)."""
+    for s in range(3):
+        target.clear(s)
+    # emulated, as in the capacity bench: the pass's modelled start is where the empty batch broke it
+    sched = Scheduler(target, follow_s=0.4, follow_max_s=0.4, emulate=LatencyProfile("test", 0.05, 0.0, "test"))
+    a = Step(0, 0, tokens(3), 1, follows=True)      # its session never follows: the wait runs out
+    lead = Step(1, 0, tokens(2, 1), 1)
+
+    def race(_):
+        threading.Timer(0.05, sched.submit, (lead,)).start()
+        threading.Timer(0.15, sched.withdraw, (lead,)).start()
+    a.future.add_done_callback(race)
+    sched.submit(a)
+    sched.start()
+    try:
+        a.future.result(timeout=120)
+        deadline = time.monotonic() + 30
+        while not lead.future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lead.future.cancelled(), "withdrawn before any pass took it"
+        time.sleep(0.5)                             # the follower wait has run out by now
+        later = Step(2, 0, tokens(2, 2), 1)
+        assert sched.submit(later).result(timeout=60).shape == (1, target.n_vocab)
+    finally:
+        sched.stop()
+        for s in range(3):
+            target.clear(s)
 
 
 def _follow_up(sched: Scheduler, first: Step, nxt: Step, delay_s: float) -> None:
