@@ -304,10 +304,15 @@ def validate(capacity: dict, warmup_s: float = 3.0, window_s: float = 20.0, seed
         # an edge whose planner switched to streaming during the run streams in the model too: the
         # model plans once, at idle prices, and would keep it speculating
         fell = row.get("session_fallbacks") or [None] * n
-        devs = [F.Device(link, step, a, row.get("device", "jetson-orin"),
-                         STREAMED if f == "cloud-only" else str(row.get("dataset")))
-                for a, f in zip(accepts, fell)]
         requests = requests_of(row, n, prompts)
+        # where each session's drafts were accepted, position by position, where the run has it:
+        # the model then meets the run's rejections where they fell, not a draw of them
+        paths = row.get("session_accept_path") or []
+        if len(paths) != n or requests is None:
+            paths = [None] * n
+        devs = [F.Device(link, step, a, row.get("device", "jetson-orin"),
+                         STREAMED if f == "cloud-only" else str(row.get("dataset")), path=p)
+                for a, f, p in zip(accepts, fell, paths)]
         runs = [F.simulate(devs, 1, latency.TARGETS[target_name], mode, warmup_s=warmup_s, window_s=window_s,
                            seed=seed + k, plan_of=measured_plan, requests=requests) for k in range(max(1, seeds))]
         simulated = sum(r.aggregate_tokens_per_s for r in runs) / len(runs)

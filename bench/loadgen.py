@@ -224,7 +224,12 @@ def run_sessions(address: str, tok, work: list[Work], cfg, n: int) -> list[dict]
         t0 = time.monotonic()
         try:
             c = agent.generate(w.prompt, cfg, lambda t: stamps.extend([time.monotonic()] * len(t)))
+            # at each position of the output, whether the replayed drafter proposed that token:
+            # where this session's drafts were accepted and rejected (a model replays it)
+            hits = None if drafter is None else "".join(
+                "1" if w.proposals.get(len(w.prompt) + j) == t else "0" for j, t in enumerate(c.tokens))
             results[i] = {"t0": t0, "t1": time.monotonic(), "tokens": len(c.tokens), "stamps": stamps,
+                          "accept_path": hits,
                           "verified": c.stats.verified, "accepted": c.stats.accepted,
                           "fallback": c.stats.fallback, "bytes_up": c.stats.bytes_up,
                           "gamma": c.stats.gamma, "window": c.stats.window,
@@ -232,6 +237,7 @@ def run_sessions(address: str, tok, work: list[Work], cfg, n: int) -> list[dict]
         except Exception as e:  # noqa: BLE001 - a failed session is reported, not fatal to the run
             results[i] = {"t0": t0, "t1": time.monotonic(), "tokens": 0, "stamps": [], "verified": 0,
                           "accepted": 0, "fallback": None, "bytes_up": 0, "bytes_down": 0, "error": str(e),
+                          "accept_path": None,
                           "gamma": 0, "window": 0}
         finally:
             client.close()
@@ -312,6 +318,9 @@ def run_cell(address: str, tok, work: list[Work], cfg, n: int, metrics_port: int
             # each session's stream rate and the block length and window its planner ended on
             "session_tokens_per_s": rates,
             "session_gamma": [r["gamma"] for r in results], "session_window": [r["window"] for r in results],
+            # per session, a "1" or "0" per output position: the drafter's proposal there was the
+            # target's token (bench/fleet.py --validate replays where rejections fell)
+            "session_accept_path": [r["accept_path"] for r in results],
             # what all sessions together sent over their link: a shared link-sim must stay far above it
             "link_up_mbit_s": sum(r["bytes_up"] for r in results) * 8e-6 / span,
             "link_down_mbit_s": sum(r["bytes_down"] for r in results) * 8e-6 / span,

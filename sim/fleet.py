@@ -204,6 +204,10 @@ class Device:
     accept: float
     device: str = "custom"
     workload: str = "custom"
+    # Requests: at each output position, "1" where the drafter's token there is the target's
+    # (what a measured run's session met, `session_accept_path`); positions past it, or
+    # without it, are accepted with probability `accept`
+    path: str | None = None
 
 
 def population(n: int, workloads=WORKLOADS, devices=DEVICE_MIX, links=LINK_MIX,
@@ -337,6 +341,7 @@ class Session:
     draft_id: int = 0                # the block being drafted; a rejection starts another
     leading: bool = False            # the verifier leads until the edge's next block arrives
     overlap: int = 0                 # lead tokens the edge's next drafts must match (decided ahead of them)
+    decided: int = 0                 # Requests: output positions the verifier has decided
     prefill_left: int = 0            # Requests: prompt tokens still to prefill
     goal: int | None = None          # Requests: tokens the request asks for ...
     generated: int = 0               # ... generated so far
@@ -495,6 +500,7 @@ class Fleet:
         not in the verifier's KV cache yet (a streamed token's next step evaluates it; a
         picospec edge's first block carries it)."""
         self._commit(s, 1)
+        s.decided = 1
         if s.done:
             return
         s.carry = True
@@ -560,7 +566,9 @@ class Fleet:
         (its block skips the position); a mismatch kills it: the verifier drops the branch's
         blocks from now on, and the edge starts another once the token reaches it."""
         self._commit(s, 1)
-        if s.rng.random() < s.dev.accept:
+        match = self._accepts(s)
+        s.decided += 1
+        if match:
             s.overlap += 1
             return
         s.epoch_cloud += 1
@@ -593,9 +601,10 @@ class Fleet:
             return                                  # its branch died at a lead token during the pass
         # accepted drafts: each with probability a, until the first rejection
         k = 0
-        while k < step.drafted and s.rng.random() < s.dev.accept:
+        while k < step.drafted and self._accepts(s, k):
             k += 1
         rejected = k < step.drafted
+        s.decided += k + (1 if rejected else 0)     # the accepted drafts and the correction
         if rejected:
             s.epoch_cloud += 1                      # later blocks of this epoch are dropped
             s.overlap = 0
@@ -618,10 +627,20 @@ class Fleet:
             return
         s.in_flight -= 1
         last = s.in_flight == 0 and s.idle          # nothing follows: the verifier adds the bonus
+        s.decided += 1 if last else 0
         self._commit(s, step.drafted + (1 if last else 0))
         s.carry = s.carry or last
         if s.idle:
             self._draft(s)
+
+    @staticmethod
+    def _accepts(s: Session, ahead: int = 0) -> bool:
+        """Whether the edge's draft at the verifier's position + ahead is the target's token:
+        where the device replays a measured session, as it was there; else a draw."""
+        path, pos = s.dev.path, s.decided + ahead
+        if path is not None and s.goal is not None and pos < len(path):
+            return path[pos] == "1"
+        return s.rng.random() < s.dev.accept
 
     def _commit(self, s: Session, n: int) -> None:
         if s.goal is not None:                      # a request stops at its last token

@@ -90,8 +90,11 @@ def test_tiny_real_run_writes_consistent_json(tmp_path):
         assert isinstance(r["loadgen_kept_up"], bool) and r["loadgen_cpu_share"] >= 0
         if r["mode"] == "cloud-only":
             assert r["acceptance_rate"] is None
+            assert r["session_accept_path"] == [None] * r["n_sessions"]
         else:
             assert 0 <= r["acceptance_rate"] <= 1
+            # where each session's drafts matched its output: one mark per token
+            assert all(len(p) == n_tokens and set(p) <= {"0", "1"} for p in r["session_accept_path"])
     assert data["capacity"] == json.loads(json.dumps(capacity(rows, [0.001, 0.002])))
     assert data["capacity"]["emulated:qwen3-32b-a100"]["picospec"] == {"0.001": 2, "0.002": 2}
     assert out.with_suffix(".png").stat().st_size > 1000 and "## Rows" in out.with_suffix(".md").read_text()

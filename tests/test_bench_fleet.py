@@ -164,6 +164,19 @@ def test_validate_compares_the_models_mean_over_seeds():
     assert mean[0]["simulated_p10"] == pytest.approx(sum(r["simulated_p10"] for r in one) / 3)
 
 
+def test_validate_replays_each_sessions_accept_path():
+    """Rows that carry where each session's drafts were accepted are simulated with those
+    outcomes: one session whose drafts all fail runs slower than the same session whose drafts
+    all pass, at the same mean acceptance for the row."""
+    row = dict(CAPACITY["rows"][1], tokens_per_session=24, session_prompt_tokens=[10, 10, 10, 10],
+               session_acceptance=[0.5] * 4)
+    hit, miss = "1" * 40, "1" + "0" * 39
+    good, _ = bench_fleet.validate({"rows": [dict(row, session_accept_path=[hit] * 4)]}, seeds=1)
+    bad, _ = bench_fleet.validate({"rows": [dict(row, session_accept_path=[hit, hit, hit, miss])]}, seeds=1)
+    assert bad[0]["simulated_p10"] < 0.8 * good[0]["simulated_p10"]
+    assert bad[0]["simulated_tokens_per_s"] < good[0]["simulated_tokens_per_s"]
+
+
 def test_validate_recomputes_an_older_runs_prompt_lengths():
     """Rows from before session_prompt_tokens: session i ran prompt i of the dataset as loaded
     for the run's largest N, tokenized as the run did."""

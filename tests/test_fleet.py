@@ -89,6 +89,28 @@ def test_prompts_share_a_pass_and_decodes_go_first():
     assert rates == pytest.approx([short, short, long])
 
 
+def test_a_replayed_session_meets_its_rejections_where_the_run_did():
+    """A device with a measured accept path: stop-and-wait blocks of 4, the first output token
+    from the prompt's pass. A "0" at output position 3 rejects the first block there (two
+    accepted and the correction: 4 tokens), so 6 tokens take two verify passes; with no "0"
+    the first block yields 4 and the bonus (6 tokens), and one suffices. No draw decides:
+    every seed runs the same."""
+    def passes(path: str, seed: int) -> tuple[int, list]:
+        dev = F.Device(IDEAL, 0.0128, 0.5, path=path)
+        f = F.Fleet([dev], 1, LIN, "picospec", F.Admission(), 0.0, F.REQUEST_HORIZON_S, seed,
+                    plan_of=fixed(4, 1), lead=False, requests=F.Requests((20,), 6))
+        f.run()
+        assert f.sessions[0].generated == 6
+        return f.replicas[0].passes, f.sessions[0].stamps
+    rejected = [passes("1110" + "1" * 20, seed) for seed in range(3)]
+    accepted = [passes("1" * 24, seed) for seed in range(3)]
+    assert {p for p, _ in rejected} == {1 + 2} and {p for p, _ in accepted} == {1 + 1}
+    assert rejected[0][1] == rejected[1][1] == rejected[2][1]
+    # without a path, acceptance 0.5 is drawn: seeds differ
+    drawn = {tuple(passes(None, seed)[1]) for seed in range(6)}
+    assert len(drawn) > 1
+
+
 @pytest.mark.parametrize("mode", ["cloud-only", "picospec"])
 def test_every_request_ends_with_exactly_its_tokens(mode):
     devs = [device(accept=a) for a in (0.0, 0.5, 0.9, 1.0)]
