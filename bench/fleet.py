@@ -35,12 +35,12 @@ from bench.report import RESULTS, markdown_table, write_json
 from common.procs import ROOT
 
 DEVICES = 10_000
+VALIDATE_SEEDS = 5          # --validate: model runs averaged per measured row
 SLOS = [10.0, 20.0]
 TARGETS = ["qwen3-32b-a100"]
 # USD per GPU-hour. ASSUMED: typical 2025 on-demand prices of specialist GPU clouds for one
 # A100-80GB SXM (~1.3-2.5) and one H100 SXM (~2-3.5); hyperscalers charge more, reserved
 # capacity less. Pass --gpu-price-per-hour for your own.
-VALIDATE_SEEDS = 5          # --validate: model runs averaged per measured row
 GPU_PRICE_PER_HOUR = {"a100-80gb": 2.0, "h100-sxm": 3.0}
 COLUMNS = ["target", "mode", "slo_tokens_per_s", "sessions_per_replica", "replicas", "gpus", "p10_tokens_per_s",
            "p50_tokens_per_s", "aggregate_tokens_per_s", "picospec_share", "tokens_per_pass", "utilisation",

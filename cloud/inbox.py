@@ -27,6 +27,11 @@ class StreamError(Exception):
     """Reading the edge's stream failed (it went away, or sent garbage)."""
 
 
+def _ends(item) -> bool:
+    """An inbox item that ends the stream rather than asking for work."""
+    return item is END or item is CLOSED or isinstance(item, StreamError)
+
+
 class Inbox:
     def __init__(self, requests, width: int, max_draft: int, capacity: int = 64):
         self.width, self.max_draft, self.capacity = width, max_draft, capacity
@@ -81,24 +86,30 @@ class Inbox:
         self._items.appendleft((time.monotonic(), CLOSED))
         self._arrived.set()
 
+    def _next_for(self, sess):
+        """The first queued item the session will act on (stale blocks are dropped unread):
+        a block of its epoch, a hand-over, something that ends the stream, or None. Reads
+        only: a snapshot of the queue (list() of a deque holds the interpreter lock), so the
+        scheduler's thread may ask too."""
+        for _, item in list(self._held) + list(self._items):
+            if _ends(item) or item.handover or item.epoch >= sess.epoch:
+                return item
+        return None
+
     def due(self, sess) -> bool:
         """Whether the session's next step is due as soon as its current pass ends: a block of
         its epoch is already queued, or it will lead at once. Asked by the scheduler's thread at
         the pass end (`Step.follows`), so that the next pass waits the few ms the session takes
-        to queue that step instead of leaving it to the pass after. Reads only: a snapshot of
-        the queue (list() of a deque holds the interpreter lock) and the session's fields."""
-        for _, item in list(self._held) + list(self._items):
-            if item is END or item is CLOSED or isinstance(item, StreamError) or item.handover:
-                return False
-            if item.epoch >= sess.epoch:
-                return True
+        to queue that step instead of leaving it to the pass after."""
+        item = self._next_for(sess)
+        if item is not None:
+            return not (_ends(item) or item.handover)
         return sess.can_lead() and sess.lead_wait(time.monotonic()) <= 0
 
     async def block_due(self, sess) -> None:
-        """Return once a block of the session's epoch is queued (a lead waiting for its pass
-        then gives way to it: `VerifierService._lead_rows`)."""
-        while not any(item is not END and item is not CLOSED and not isinstance(item, StreamError)
-                      and item.epoch >= sess.epoch for _, item in list(self._held) + list(self._items)):
+        """Return once the edge's next block (or its hand-over) is queued: a lead waiting for
+        its pass then gives way to it (`VerifierService._lead_rows`)."""
+        while (item := self._next_for(sess)) is None or _ends(item):
             w = asyncio.get_running_loop().create_future()
             self._watchers.append(w)
             await w
@@ -126,7 +137,7 @@ class Inbox:
             return now, LEAD
         if self._held or self._items:
             t, first = self._held[0] if self._held else self._items[0]
-            if first is END or first is CLOSED or isinstance(first, StreamError) or first.handover:
+            if _ends(first) or first.handover:
                 return None
             if self._held:
                 self._held.pop(0)
@@ -139,7 +150,7 @@ class Inbox:
 
     def _group(self, first):
         """`first` and the queued blocks that may join it in one pass."""
-        if first is END or first is CLOSED or isinstance(first, StreamError):
+        if _ends(first):
             return first
         group = [first]
         while not self._held and not first.more_tail and not first.handover and self._items:
@@ -179,7 +190,7 @@ def levels(d, width: int) -> int:
 def continues(group: list, d, width: int, max_draft: int) -> bool:
     """May block `d` join `group` in one verify pass? Only a plain block that
     starts where the group ends, of the same epoch, within the draft limit."""
-    if d is END or d is CLOSED or isinstance(d, StreamError) or d.more_tail or d.fixed or d.handover:
+    if _ends(d) or d.more_tail or d.fixed or d.handover:
         return False
     last = group[-1]
     if last.more_tail or last.want_bonus or d.epoch != last.epoch:

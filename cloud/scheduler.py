@@ -150,9 +150,11 @@ class Scheduler:
         """Take back a step no pass has started: True when it was still queued (its future is
         then cancelled), False when a pass already has it."""
         with self._cv:
-            if step not in self._queue or step.done:
+            # by identity: Step's generated __eq__ would compare every field of every queued step
+            at = next((i for i, s in enumerate(self._queue) if s is step), None)
+            if at is None or step.done:
                 return False
-            self._queue.remove(step)
+            del self._queue[at]
         step.future.cancel()
         return True
 

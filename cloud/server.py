@@ -14,6 +14,7 @@ methods: a session's state changes on this one thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
@@ -144,16 +145,16 @@ class VerifierService(pb_grpc.VerifierServicer):
             return no_rows(self.info.n_vocab)
         return await asyncio.wrap_future(self.sched.submit(step))
 
-    async def _lead_rows(self, step: Step, block_due) -> np.ndarray | None:
+    async def _lead_rows(self, sess: Session, step: Step, inbox: Inbox | None) -> np.ndarray | None:
         """A lead step's rows, or None when the edge's block arrived while the step still
         waited for a pass: the step is withdrawn and the block verified in that pass instead.
         A lead token decided first would take the pass's slot for one token and push the block,
         which decides several, to the pass after (measured at 32 sessions: a session's first
         verdict came a whole pass late)."""
-        if not step.tokens or block_due is None:
+        if not step.tokens or inbox is None or sess.must_lead():   # a fixed lead schedule never gives way
             return await self._rows(step)
         rows = asyncio.wrap_future(self.sched.submit(step))
-        came = asyncio.ensure_future(block_due())
+        came = asyncio.ensure_future(inbox.block_due(sess))
         try:
             await asyncio.wait({rows, came}, return_when=asyncio.FIRST_COMPLETED)
             if not rows.done() and self.sched.withdraw(step):
@@ -311,8 +312,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 await asyncio.sleep(wait)
             got = inbox.ready(sess) if not prepared and not self.sessions.closing(sess) else None
             if got is not None:
-                prepared.append(asyncio.ensure_future(self._answer(sess, *got, lambda: inbox.due(sess), ahead,
-                                                                   lambda: inbox.block_due(sess))))
+                prepared.append(asyncio.ensure_future(self._answer(sess, *got, inbox, ahead)))
 
         handed = False                              # the edge goes on with the session elsewhere
         try:
@@ -333,8 +333,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                     if item is not LEAD and item[0].handover:
                         handed = True
                         break
-                    answer = self._answer(sess, arrived, item, lambda: inbox.due(sess), ahead,
-                                          lambda: inbox.block_due(sess))
+                    answer = self._answer(sess, arrived, item, inbox, ahead)
                 try:
                     for verdict in await answer:
                         yield verdict
@@ -355,16 +354,17 @@ class VerifierService(pb_grpc.VerifierServicer):
             elif self.sessions.detach(sess):
                 self._log_closed(sess)
 
-    async def _answer(self, sess: Session, arrived: float, item, due, ahead=None,
-                      block_due=None) -> list[pb.Verdict]:
-        """The verdicts for one inbox item: a lead token, or blocks to verify. due() says, at
-        the pass end, whether the session's next step follows at once (`Inbox.due`);
-        ahead(end), once the item is applied, may queue the next one before the pass's end;
-        block_due() returns when the edge's block arrives (a lead still queued gives way)."""
+    async def _answer(self, sess: Session, arrived: float, item, inbox: Inbox | None = None,
+                      ahead=None) -> list[pb.Verdict]:
+        """The verdicts for one inbox item: a lead token, or blocks to verify. `inbox`, the
+        stream's: a verify step asks it at the pass end whether the session's next step follows
+        at once (`Inbox.due`), a lead step gives way when it brings the edge's block
+        (`Inbox.block_due`). ahead(end), once the item is applied, may queue the next item's
+        step before the pass's end."""
         if item is LEAD:
             work, before = sess.lead_step(), len(sess.tokens)
             work.step.follows = True       # a leading session leads on at once: see Scheduler._await_followers
-            rows = await self._lead_rows(work.step, None if sess.must_lead() else block_due)
+            rows = await self._lead_rows(sess, work.step, inbox)
             if rows is None:
                 return []                  # the branch's block came first: it takes the pass
             v = sess.apply_lead(work, rows)
@@ -374,12 +374,13 @@ class VerifierService(pb_grpc.VerifierServicer):
             return [pb.Verdict(epoch=v.epoch, start=v.start, token=v.token, lead=True, verify_us=int(v.verify_s * 1e6))]
         self.metrics.bytes_in.inc(sum(d.ByteSize() for d in item))
         sess.block_arrived(arrived, item[0].epoch)
-        verdicts = await self._verify(sess, item, due, ahead)
+        verdicts = await self._verify(sess, item, inbox, ahead)
         for verdict in verdicts:
             self.metrics.bytes_out.inc(verdict.ByteSize())
         return verdicts
 
-    async def _verify(self, sess: Session, group: list[pb.Draft], due=False, ahead=None) -> list[pb.Verdict]:
+    async def _verify(self, sess: Session, group: list[pb.Draft], inbox: Inbox | None = None,
+                      ahead=None) -> list[pb.Verdict]:
         """Verify queued blocks in one pass (a pass costs about the same for 5
         tokens as for 15) and answer each block as if it had been alone."""
         d0 = group[0]
@@ -388,14 +389,14 @@ class VerifierService(pb_grpc.VerifierServicer):
             return [pb.Verdict(epoch=v.epoch, start=v.start, tail=v.tail)]
         blocks = [packing.unpack_tokens(d.tokens, self.width) for d in group]
         if any(d.parents for d in group):
-            return await self._verify_tree(sess, group, blocks, due, ahead)
+            return await self._verify_tree(sess, group, blocks, inbox, ahead)
         q_u8 = [x for d in group for x in (packing.unpack_u8(d.q) if d.q else [])]
         q_sparse = [packing.unpack_sparse(b, self.width, 8) for d in group for b in d.q_sparse]
         work = sess.verify_step(d0.epoch, d0.start, [t for b in blocks for t in b], d0.fixed, q_u8, q_sparse,
                                 group[-1].want_bonus)
         if work is None:
             return []
-        work.step.follows = due
+        work.step.follows = _follows(sess, inbox)
         before = len(sess.tokens)
         v = sess.apply_chain(work, await self._rows(work.step))
         self._served(sess, [work.step], before)
@@ -406,7 +407,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         return split_verdict(v, group, [len(b) - d.fixed for d, b in zip(group, blocks)])
 
     async def _verify_tree(self, sess: Session, group: list[pb.Draft], blocks: list[list[int]],
-                           due=False, ahead=None) -> list[pb.Verdict]:
+                           inbox: Inbox | None = None, ahead=None) -> list[pb.Verdict]:
         """Blocks of which at least one is a tree: merged into one tree (each block below the
         previous block's main-chain leaf), verified in one pass with its branches."""
         d0 = group[0]
@@ -423,7 +424,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         work = sess.verify_tree_step(d0.epoch, d0.start, tree, q_sparse, group[-1].want_bonus, self.scratch)
         if work is None:
             return []
-        work.steps[0].follows = due
+        work.steps[0].follows = _follows(sess, inbox)
         before = len(sess.tokens)
         v = sess.apply_tree(work, list(await asyncio.gather(*(self._rows(s) for s in work.steps))))
         self._served(sess, work.steps, before)
@@ -522,6 +523,12 @@ class VerifierService(pb_grpc.VerifierServicer):
         log.info("session %s closed: client=%s blocks=%d drafted=%d accepted=%d acceptance=%.2f leads=%d "
                  "tokens=%d %.1f s", sess.sid, sess.client, c.blocks, c.drafted, c.accepted, rate, c.leads,
                  len(sess.tokens), time.monotonic() - sess.opened)
+
+
+def _follows(sess: Session, inbox: Inbox | None):
+    """A verify step's `Step.follows`: asked at the pass end, as only then is it known whether
+    the session's next block has come."""
+    return functools.partial(inbox.due, sess) if inbox is not None else False
 
 
 def split_verdict(v, group: list[pb.Draft], levels: list[int]) -> list[pb.Verdict]:

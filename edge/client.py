@@ -14,9 +14,9 @@ Every call of a session carries the same metadata (names: common/metadata.py):
 from __future__ import annotations
 
 import queue
-import time
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc

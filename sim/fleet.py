@@ -341,7 +341,7 @@ class Session:
     draft_id: int = 0                # the block being drafted; a rejection starts another
     leading: bool = False            # the verifier leads until the edge's next block arrives
     overlap: int = 0                 # lead tokens the edge's next drafts must match (decided ahead of them)
-    decided: int = 0                 # Requests: output positions the verifier has decided
+    decided: int = 0                 # output positions the verifier has decided (a path's index)
     prefill_left: int = 0            # Requests: prompt tokens still to prefill
     goal: int | None = None          # Requests: tokens the request asks for ...
     generated: int = 0               # ... generated so far
@@ -599,7 +599,8 @@ class Fleet:
             return
         if step.epoch != s.epoch_cloud:
             return                                  # its branch died at a lead token during the pass
-        # accepted drafts: each with probability a, until the first rejection
+        # accepted drafts, until the first rejection: as the device's measured path has them,
+        # else each with probability a
         k = 0
         while k < step.drafted and self._accepts(s, k):
             k += 1
