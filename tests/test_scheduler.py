@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -151,8 +152,7 @@ def test_an_emulated_pass_starts_when_the_last_one_ended(target):
     """A step queued while a pass runs starts the modelled device's next pass at that pass's
     modelled end, however late the scheduler's thread gets to it (here an on_pass that
     takes 0.25 s stands for a busy CPU); one queued to an idle verifier starts when it came."""
-    import time
-    profile = LatencyProfile("test", 0.3, 0.0, "test")
+    profile = LatencyProfile("test", 0.5, 0.0, "test")   # far above a 1-4 token real pass
     for s in range(2):
         target.clear(s)
     passes: list[PassStats] = []
@@ -228,29 +228,27 @@ def test_a_step_no_pass_has_started_can_be_withdrawn(target):
 
 
 def test_a_step_withdrawn_while_the_pass_waits_leaves_the_loop_serving(target):
-    """The only queued step is withdrawn while the next pass waits for a follower: the pass
-    has nothing to run, and the loop goes back to waiting instead of dying (it did: every
-    session of a capacity run then stalled)."""
+    """The only queued step is withdrawn while the next pass waits for followers (as the
+    event loop withdraws a lead whose edge's block came): the pass has nothing to run, and
+    the loop goes back to waiting instead of dying (it did: every session of a capacity run
+    then stalled). The withdrawal is made inside that wait, so no timing decides the order."""
     for s in range(3):
         target.clear(s)
-    # emulated, as in the capacity bench: the pass's modelled start is where the empty batch broke it
-    sched = Scheduler(target, follow_s=0.4, follow_max_s=0.4, emulate=LatencyProfile("test", 0.05, 0.0, "test"))
-    a = Step(0, 0, tokens(3), 1, follows=True)      # its session never follows: the wait runs out
     lead = Step(1, 0, tokens(2, 1), 1)
 
-    def race(_):
-        threading.Timer(0.05, sched.submit, (lead,)).start()
-        threading.Timer(0.15, sched.withdraw, (lead,)).start()
-    a.future.add_done_callback(race)
-    sched.submit(a)
+    class WithdrawnWhileWaiting(Scheduler):
+        def _await_followers(self) -> None:
+            if not lead.future.done():
+                assert self.withdraw(lead)          # the condition's lock is reentrant
+            super()._await_followers()
+
+    # emulated, as in the capacity bench: the pass's modelled start is where the empty batch broke it
+    sched = WithdrawnWhileWaiting(target, emulate=LatencyProfile("test", 0.05, 0.0, "test"))
+    sched.submit(lead)
     sched.start()
     try:
-        a.future.result(timeout=120)
-        deadline = time.monotonic() + 30
-        while not lead.future.done() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert lead.future.cancelled(), "withdrawn before any pass took it"
-        time.sleep(0.5)                             # the follower wait has run out by now
+        with pytest.raises(futures.CancelledError):       # withdrawn before any pass took it
+            lead.future.result(timeout=60)
         later = Step(2, 0, tokens(2, 2), 1)
         assert sched.submit(later).result(timeout=60).shape == (1, target.n_vocab)
     finally:

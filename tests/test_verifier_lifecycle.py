@@ -16,6 +16,7 @@ import pytest
 
 from common.procs import start_cloud
 from kernels import packing
+from tests.conftest import first_divergence
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 
@@ -150,9 +151,23 @@ def test_metrics_count_passes_tokens_and_refusals(single, tokenizer):
     assert "tandem_verifier_pass_seconds_bucket" in text
 
 
-def pass_tokens(port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return float(re.search(r"^tandem_verifier_pass_tokens_sum ([0-9.e+-]+)$", text, re.M).group(1))
+def pass_tokens(port: int, at_least: float = 0.0, deadline_s: float = 30.0) -> float:
+    """Tokens the verifier's passes evaluated so far; with `at_least`, polled until the count
+    has reached it (a pass is counted just after its steps are answered)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        n = float(re.search(r"^tandem_verifier_pass_tokens_sum ([0-9.e+-]+)$", text, re.M).group(1))
+        if n >= at_least or time.monotonic() > end:
+            return n
+        time.sleep(0.01)
+
+
+def agrees(got: list[int], ref: list[int], gaps: list[float], tie: float = 1e-3) -> bool:
+    """`got` is the reference's greedy output, up to a position where the reference's top two
+    logits are within `tie` (another build or batch shape may pick either there)."""
+    i = first_divergence(got, ref)
+    return len(got) == len(ref) and (i is None or gaps[i] < tie)
 
 
 def test_a_hand_over_keeps_the_session_for_a_stream_from_its_cache(single, tokenizer, reference):
@@ -162,18 +177,20 @@ def test_a_hand_over_keeps_the_session_for_a_stream_from_its_cache(single, token
     target's own, as a fresh stream's would be."""
     stub, port, _ = single
     prompt = tokenizer.encode("Write a short story about a robot who learns to paint, in three sentences.")
-    ref, _ = reference.greedy(prompt, 12)
+    ref, gaps = reference.greedy(prompt, 12)
+    start = pass_tokens(port)
     r = open_when_free(stub, tokenizer, prompt=prompt)
     block = pb.Draft(epoch=0, start=len(prompt), tokens=packing.pack_tokens(ref[:3], 2))
     out = list(stub.Speculate(iter([block, pb.Draft(handover=True)]), metadata=meta(r)))
-    assert [v.accepted for v in out] == [3], "the block before the hand-over is answered, then the stream ends"
-    before = pass_tokens(port)
+    assert len(out) == 1 and (out[0].accepted == 3 or min(gaps[:3]) < 1e-3), \
+        "the block before the hand-over is answered, then the stream ends"
+    before = pass_tokens(port, at_least=start + len(prompt) + 3)    # the prompt's and the block's passes
     got = []
     for chunk in stub.Generate(pb.GenerateRequest(fingerprint=tokenizer.fingerprint, prompt=prompt + ref[:3],
                                                   max_tokens=6, ignore_eos=True, session=r.session),
                                metadata=meta(r)[1:]):
         got += list(chunk.tokens)
-    assert got == ref[3:9]
+    assert agrees(got, ref[3:9], gaps[3:9])
     # one token a pass at most, each new token's (a fresh stream would prefill the prompt again)
     assert pass_tokens(port) - before <= 6 < len(prompt)
     r2 = open_when_free(stub, tokenizer)            # the stream's end freed the slot
@@ -191,7 +208,7 @@ def test_the_edge_client_hands_a_session_over_and_streams_on(single, tokenizer, 
     from edge.stats import GenStats
     _, _, daemon = single
     prompt = tokenizer.encode("List three colours of the rainbow, then stop.")
-    ref, _ = reference.greedy(prompt, 10)
+    ref, gaps = reference.greedy(prompt, 10)
     client = VerifierClient(daemon.address)
     try:
         client.wait_ready()
@@ -211,6 +228,6 @@ def test_the_edge_client_hands_a_session_over_and_streams_on(single, tokenizer, 
         out = cloud_only(client, tokenizer.fingerprint, prompt + ref[:2],
                          GenConfig(mode="cloud-only", max_tokens=4, stop_at_eos=False),
                          lambda t: None, GenStats("cloud-only"), time.monotonic(), session=reply.session)
-        assert out == ref[2:6]
+        assert agrees(out, ref[2:6], gaps[2:6])
     finally:
         client.close()
